@@ -1,0 +1,464 @@
+"""Every option of every recipe, in one place: pydantic models, YAML loading, CLI overrides.
+
+Each section is a pydantic model with `extra="forbid"`; a field's `description` is its only
+help text: the CLI options of `os-train sft` and `os-train grpo` are generated from these
+fields (`learning_rate` -> `--learning-rate`), so help is written once and cannot drift.
+
+Precedence: field defaults < YAML file (`--config`) < CLI options. A YAML file may nest keys
+under their section (`training: {learning_rate: 1e-4}`) or give them flat (`learning_rate: 1e-4`).
+
+Field names are unique across sections, so a flat name maps to exactly one section.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opensloth.errors import UserError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SFT_FORMATS = ("chat", "prompt-completion", "text", "openmath-reasoning")
+GRPO_FORMATS = ("dapo-math", "gsm8k", "prompt-answer")
+
+
+def _flags(*flags: str) -> dict:
+    """Extra CLI spellings of a field (short aliases, TRL names)."""
+    return {"flags": list(flags)}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    model: str = Field(
+        description="Hub name or local path: a base model, or a saved LoRA adapter directory "
+        "whose training then continues.",
+        json_schema_extra=_flags("-m"),
+    )
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto: unsloth when CUDA is present and it imports, else hf (transformers + PEFT)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype. auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    load_in_4bit: bool = Field(False, description="Load the base model in 4 bits (QLoRA). CUDA only.")
+    full_finetune: bool = Field(False, description="Train every weight instead of a LoRA adapter.")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Recompute activations in backward to save memory. auto: on for CUDA, off on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+
+
+class LoraConfig(Section):
+    lora_r: int = Field(16, gt=0, description="LoRA rank.", json_schema_extra=_flags("-r"))
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_LINEAR),
+        description="Comma-separated module names that get LoRA. Default: every linear projection.",
+    )
+
+
+class DataConfig(Section):
+    dataset: Optional[str] = Field(
+        None,
+        description="Hub dataset name, a local .json/.jsonl/.csv/.parquet file, a saved dataset "
+        "directory, or a directory written by `os-train data`.",
+        json_schema_extra=_flags("-d"),
+    )
+    dataset_split: str = Field("train", description="Split to load from a hub or saved dataset.")
+    dataset_config: Optional[str] = Field(None, description="Dataset configuration name (hub datasets).")
+    format: Optional[str] = Field(
+        None,
+        description="Row format. sft: chat, prompt-completion, text, openmath-reasoning; "
+        "grpo: dapo-math, gsm8k, prompt-answer. Default: detected from the columns.",
+    )
+    num_samples: Optional[int] = Field(None, gt=0, description="Use this many rows, selected with --seed.")
+    chat_template: str = Field(
+        "auto",
+        description="auto, model (the tokenizer's own), chatml, reasoning, or a path to a Jinja file. "
+        "auto: reasoning for math formats and --task math, else the model's own (chatml if it has none).",
+    )
+    system_prompt: Optional[str] = Field(None, description="System prompt (default: the template's own).")
+    max_seq_length: int = Field(2048, gt=0, description="Truncate tokenized rows to this many tokens.")
+    cache_dir: Optional[Path] = Field(
+        None, description="Where prepared datasets are cached. Default: $OPENSLOTH_CACHE or ~/.cache/opensloth."
+    )
+    overwrite_cache: bool = Field(False, description="Rebuild the prepared dataset even if cached.")
+    skip_bad_rows: bool = Field(False, description="Drop malformed rows (reported) instead of stopping.")
+    eval_dataset: Optional[str] = Field(None, description="Held-out dataset (same kinds as --dataset).")
+    eval_split_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of the train set for evaluation."
+    )
+
+
+class TrainingConfig(Section):
+    output_dir: Path = Field(Path("outputs/run"), description="Where the adapter, logs and checkpoints go.",
+                             json_schema_extra=_flags("-o"))
+    overwrite: bool = Field(False, description="Allow writing into a non-empty output dir.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.", json_schema_extra=_flags("-lr"))
+    max_steps: int = Field(-1, description="Optimizer steps; -1 means use --num-train-epochs.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the dataset when --max-steps is -1.")
+    per_device_train_batch_size: int = Field(
+        2, gt=0, description="Sequences per micro-batch on each worker.", json_schema_extra=_flags("-b")
+    )
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps with linear warm-up.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(42, description="Seed for data selection, shuffling, sampling and init.")
+    logging_steps: int = Field(1, gt=0, description="Log metrics every this many steps.")
+    save_steps: int = Field(0, ge=0, description="Save a checkpoint every this many steps (0: only at the end).")
+    save_total_limit: Optional[int] = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps (0: never).")
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in --output-dir.")
+    resume_from: Optional[Path] = Field(None, description="Continue from this checkpoint directory.")
+    save_merged: bool = Field(False, description="Also save the LoRA merged into 16-bit base weights.")
+
+
+class DistributedConfig(Section):
+    devices: str = Field(
+        "auto",
+        description="auto (every visible GPU, else one CPU worker), GPU ids like 0,1,3, cpu, or cpu:N.",
+    )
+    launcher: Literal["process", "tmux"] = Field(
+        "process", description="process: child processes with rank-prefixed output; tmux: one pane per worker."
+    )
+    master_port: Optional[int] = Field(None, gt=0, lt=65536, description="Rendezvous port (default: a free one).")
+    collective_timeout: int = Field(
+        600, gt=0, description="Seconds before a stuck collective (all-reduce, barrier) fails the job."
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu"):
+            return value
+        if value.startswith("cpu:") and value[4:].isdigit() and int(value[4:]) > 0:
+            return value
+        ids = value.split(",")
+        if all(i.strip().isdigit() for i in ids) and len(set(ids)) == len(ids):
+            return ",".join(i.strip() for i in ids)
+        raise ValueError("expected auto, cpu, cpu:N (N > 0) or distinct GPU ids like 0,1,3")
+
+
+class LoggingConfig(Section):
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Comma-separated: tensorboard, wandb, none."
+    )
+    run_name: Optional[str] = Field(None, description="Run name for TensorBoard and wandb.")
+    print_sample_every: int = Field(10, ge=0, description="Print one prompt with its completions every N steps.")
+    debug: bool = Field(False, description="Show full tracebacks for user errors.")
+
+
+class SFTConfig(Section):
+    packing: bool = Field(False, description="Pack several rows into each sequence.")
+    assistant_only_loss: bool = Field(True, description="Train on assistant tokens only.")
+
+
+class GRPOConfig(Section):
+    task: Optional[str] = Field(None, description="Reward preset: math, code, general, reasoning.")
+    rewards: list[str] = Field(default_factory=list, description="Comma-separated reward names (os list-rewards).")
+    reward_weights: list[float] = Field(default_factory=list, description="Comma-separated weight per reward.")
+    reward_modules: list[Path] = Field(
+        default_factory=list, description="Python file with custom rewards (repeatable).",
+        json_schema_extra=_flags("--reward-module"),
+    )
+    group_size: int = Field(8, description="Completions per prompt (G).", json_schema_extra=_flags("--num-generations"))
+    rollout_batch_size: int = Field(8, gt=0, description="Prompts per step, across all workers.")
+    epochs_per_rollout_batch: int = Field(1, gt=0, description="Passes of updates over each rollout batch.")
+    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"] = Field(
+        "grpo_clip", description="Policy-gradient loss: no_baseline, reinforce_with_baseline, grpo_clip."
+    )
+    loss_agg: Literal["seq_mean", "token_mean", "constant"] = Field(
+        "token_mean",
+        description="seq_mean (GRPO), token_mean (DAPO, TRL's default), constant (Dr. GRPO: / max new tokens).",
+    )
+    epsilon: float = Field(0.2, gt=0, description="Lower clip range: rho >= 1 - epsilon.")
+    epsilon_high: Optional[float] = Field(None, gt=0, description="Upper clip range (default: --epsilon).")
+    beta: float = Field(0.04, ge=0, description="KL weight to the reference policy (0 skips the reference).")
+    std_normalization: bool = Field(True, description="Divide advantages by the group std (off: Dr. GRPO).")
+    advantage_eps: float = Field(1e-4, gt=0, description="Added to the group std before dividing.")
+    filter_zero_std: bool = Field(False, description="Drop groups whose rewards are all equal (DAPO).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    min_p: float = Field(0.0, ge=0, lt=1, description="Min-p sampling threshold (0: off).")
+    max_new_tokens: int = Field(
+        256, gt=0, description="Completion length limit.", json_schema_extra=_flags("--max-completion-length")
+    )
+    max_prompt_length: Optional[int] = Field(None, gt=0, description="Drop prompts longer than this (tokens).")
+    prompt_length_percentile: float = Field(
+        0.9, gt=0, le=1, description="Drop prompts longer than this percentile of the dataset's prompt lengths."
+    )
+    rollout_engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Generation engine. auto: vllm if installed and usable, else hf."
+    )
+    vllm_memory_utilization: Optional[float] = Field(
+        None, gt=0, lt=1, description="vLLM's memory share (GPU memory, or RAM on CPU). Default per device kind."
+    )
+    vllm_importance_sampling: bool = Field(
+        True, description="Correct the vLLM/train log-prob mismatch with truncated importance sampling."
+    )
+    vllm_importance_sampling_cap: float = Field(3.0, gt=0, description="Cap on the importance-sampling ratio.")
+    logprob_chunk_size: int = Field(
+        1024, gt=0, description="Tokens per chunk when computing log-probs (memory vs speed)."
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError("GRPO compares completions within a group: --group-size must be at least 2")
+        return value
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+class SFTRunConfig(RunConfig):
+    recipe: Literal["sft"] = "sft"
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @model_validator(mode="after")
+    def _check_format(self) -> "SFTRunConfig":
+        if self.data.format is not None and self.data.format not in SFT_FORMATS:
+            raise ValueError(f"--format {self.data.format!r} is not an SFT format; choose one of {', '.join(SFT_FORMATS)}")
+        return self
+
+
+class GRPORunConfig(RunConfig):
+    recipe: Literal["grpo"] = "grpo"
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> "GRPORunConfig":
+        if self.data.format is not None and self.data.format not in GRPO_FORMATS:
+            raise ValueError(f"--format {self.data.format!r} is not a GRPO format; choose one of {', '.join(GRPO_FORMATS)}")
+        g = self.grpo
+        if g.reward_weights and g.rewards and len(g.reward_weights) != len(g.rewards):
+            raise ValueError(
+                f"--reward-weights has {len(g.reward_weights)} values but --rewards names {len(g.rewards)} rewards"
+            )
+        return self
+
+
+# Per-recipe defaults that differ from the section defaults.
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"output_dir": "outputs/sft", "learning_rate": 2e-4},
+    "grpo": {"output_dir": "outputs/grpo", "learning_rate": 5e-6, "per_device_train_batch_size": 8},
+}
+RUN_CONFIGS: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "grpo": GRPORunConfig}
+
+
+def sections(run_cls: type[RunConfig]) -> dict[str, type[Section]]:
+    """Section name -> section model, for one recipe's config."""
+    out = {}
+    for name, field in run_cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            out[name] = ann
+    return out
+
+
+def field_index(run_cls: type[RunConfig]) -> dict[str, tuple[str, Any]]:
+    """Flat field name -> (section name, pydantic FieldInfo). Names are unique across sections."""
+    index: dict[str, tuple[str, Any]] = {}
+    for section, model in sections(run_cls).items():
+        for name, info in model.model_fields.items():
+            assert name not in index, f"config field {name!r} is defined twice"
+            index[name] = (section, info)
+    return index
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _nest(run_cls: type[RunConfig], flat: dict[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+    """Turn {'learning_rate': 1e-4, 'training': {...}} into {'training': {'learning_rate': 1e-4, ...}}."""
+    index = field_index(run_cls)
+    section_names = set(sections(run_cls))
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        key_norm = str(key).replace("-", "_")
+        if key_norm == "recipe":
+            continue
+        if key_norm in section_names and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                sub_norm = str(sub_key).replace("-", "_")
+                if sub_norm not in sections(run_cls)[key_norm].model_fields:
+                    _unknown_key(f"{key_norm}.{sub_key}", sub_norm, index, origin)
+                nested.setdefault(key_norm, {})[sub_norm] = sub_value
+        elif key_norm in index:
+            nested.setdefault(index[key_norm][0], {})[key_norm] = value
+        else:
+            _unknown_key(str(key), key_norm, index, origin)
+    return nested
+
+
+def _unknown_key(shown: str, key: str, index: dict, origin: str) -> None:
+    close = difflib.get_close_matches(key, list(index), n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UserError(f"Unknown option {shown!r} in {origin}.{hint} See --help for every option.")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with clear errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file not found: {path}. Pass an existing YAML file to --config.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must hold a mapping of option: value, not a {type(data).__name__}.")
+    return data
+
+
+def resolve_config(
+    recipe: str, yaml_path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None
+) -> RunConfig:
+    """Build a validated run config: recipe defaults < YAML file < CLI overrides.
+
+    Args:
+        recipe: "sft" or "grpo".
+        yaml_path: optional YAML file (nested by section or flat).
+        overrides: flat field name -> value, as given on the command line (None values ignored).
+
+    Raises:
+        UserError: unknown keys, or values that fail validation (names the option, value and rule).
+    """
+    run_cls = RUN_CONFIGS[recipe]
+    merged: dict[str, dict[str, Any]] = {}
+    layers = [(_nest(run_cls, RECIPE_DEFAULTS[recipe], "defaults"))]
+    if yaml_path is not None:
+        layers.append(_nest(run_cls, load_yaml(yaml_path), str(yaml_path)))
+    if overrides:
+        layers.append(_nest(run_cls, {k: v for k, v in overrides.items() if v is not None}, "the command line"))
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    if "model" not in merged.get("model", {}):
+        raise UserError("Missing required option --model: a hub model name or a local model/adapter directory.")
+    try:
+        return run_cls.model_validate(merged)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, run_cls)) from None
+
+
+def format_validation_error(exc: ValidationError, run_cls: type[RunConfig]) -> str:
+    """One line per problem: the option, its YAML key, the value given and what is allowed."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
+        field = loc[1] if len(loc) > 1 else (loc[0] if loc else "")
+        key = ".".join(loc[:2]) if len(loc) > 1 else field
+        msg = err["msg"].removeprefix("Value error, ")
+        if field and field in field_index(run_cls):
+            lines.append(f"Invalid value for {flag_name(field)} ({key}): {err.get('input')!r}. {msg}.")
+        else:
+            lines.append(f"Invalid configuration: {msg}.")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (nested by section); `--config` reads it back."""
+    data = json.loads(cfg.model_dump_json())
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI options generated from the fields (used by opensloth.cli).
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli_type(annotation: Any) -> tuple[Any, bool]:
+    """Map a field annotation to (typer type, is_list_of_paths). Lists are comma-separated strings."""
+    origin = get_origin(annotation)
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if origin is Literal:
+        return str, False
+    if origin in (list, tuple):
+        if args and args[0] is Path:
+            return list[Path], True
+        return str, False
+    if args and origin is not None:  # Optional[X]
+        return _cli_type(args[0])
+    if annotation in (int, float, str, bool, Path):
+        return annotation, False
+    return str, False
+
+
+def config_cli_parameters(recipe: str) -> list[inspect.Parameter]:
+    """Typer parameters, one per config field, all defaulting to None (= not given)."""
+    import typer
+
+    run_cls = RUN_CONFIGS[recipe]
+    params = []
+    for name, (section, info) in field_index(run_cls).items():
+        cli_type, _ = _cli_type(info.annotation)
+        extra = (info.json_schema_extra or {}).get("flags", [])
+        if cli_type is bool:
+            decls = [f"{flag_name(name)}/--no-{name.replace('_', '-')}"]
+        else:
+            decls = [flag_name(name), *extra]
+        default = info.get_default(call_default_factory=True) if not info.is_required() else None
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+        if choices:
+            help_text = f"{info.description} [choices: {', '.join(map(str, choices))}]"
+        else:
+            help_text = info.description or ""
+        if recipe in RECIPE_DEFAULTS and name in RECIPE_DEFAULTS[recipe]:
+            default = RECIPE_DEFAULTS[recipe][name]
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) if default else None
+        if default is not None and default != "" and cli_type is not bool:
+            help_text += f" [default: {default}]"
+        elif cli_type is bool:
+            help_text += f" [default: {'on' if default else 'off'}]"
+        option = typer.Option(None, *decls, help=help_text, rich_help_panel=section.capitalize(),
+                              show_default=False)
+        annotation = Optional[cli_type] if cli_type is not list[Path] else Optional[list[Path]]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def overrides_from_cli(recipe: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Turn raw CLI values into field values: split comma-separated lists, drop unset ones."""
+    index = field_index(RUN_CONFIGS[recipe])
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in index or value is None:
+            continue
+        annotation = index[name][1].annotation
+        if get_origin(annotation) in (list, tuple) and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and not value:
+            continue
+        out[name] = value
+    return out
