@@ -1,0 +1,129 @@
+"""Config: precedence (defaults < YAML < CLI), validation messages, unknown keys, generated CLI options."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from opensloth.cli.train import app
+from opensloth.config import (
+    GRPORunConfig,
+    SFTRunConfig,
+    config_to_yaml,
+    dump_config,
+    field_index,
+    resolve_config,
+)
+from opensloth.errors import UserError
+
+
+def test_recipe_defaults_then_yaml_then_cli(tmp_path: Path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"training": {"learning_rate": 1e-3, "max_steps": 7}, "lora_r": 4}))
+    cfg = resolve_config("sft", cfg_file, {"model": "m", "max_steps": 9})
+    assert isinstance(cfg, SFTRunConfig)
+    assert cfg.training.learning_rate == 1e-3  # YAML beats the recipe default (2e-4)
+    assert cfg.training.max_steps == 9  # CLI beats YAML
+    assert cfg.lora.lora_r == 4  # flat YAML keys map to their section
+    assert cfg.training.output_dir == Path("outputs/sft")  # recipe default
+
+
+def test_grpo_defaults_differ_from_sft():
+    cfg = resolve_config("grpo", None, {"model": "m"})
+    assert isinstance(cfg, GRPORunConfig)
+    assert cfg.training.learning_rate == 5e-6
+    assert cfg.training.output_dir == Path("outputs/grpo")
+    assert cfg.grpo.loss_agg == "token_mean"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"learning_rate": -1.0}, "--learning-rate (training.learning_rate): -1.0. Input should be greater than 0"),
+        ({"devices": "0,0"}, "--devices (distributed.devices): '0,0'"),
+        ({"lr_scheduler_type": "warp"}, "--lr-scheduler-type (training.lr_scheduler_type): 'warp'"),
+        ({"lora_dropout": 1.5}, "--lora-dropout (lora.lora_dropout): 1.5"),
+    ],
+)
+def test_validation_error_names_option_value_and_rule(overrides, expected):
+    with pytest.raises(UserError) as info:
+        resolve_config("sft", None, {"model": "m", **overrides})
+    assert expected in str(info.value)
+
+
+def test_group_size_one_rejected_with_reason():
+    with pytest.raises(UserError, match="at least 2"):
+        resolve_config("grpo", None, {"model": "m", "group_size": 1})
+
+
+def test_sft_rejects_grpo_format_and_lists_choices():
+    with pytest.raises(UserError, match="openmath-reasoning"):
+        resolve_config("sft", None, {"model": "m", "format": "gsm8k"})
+
+
+def test_reward_weights_must_match_rewards():
+    with pytest.raises(UserError, match="--reward-weights has 1 values but --rewards names 2"):
+        resolve_config("grpo", None, {"model": "m", "rewards": ["a", "b"], "reward_weights": [1.0]})
+
+
+def test_unknown_yaml_key_suggests_close_match(tmp_path: Path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("learning_rat: 0.1\n")
+    with pytest.raises(UserError, match="Did you mean: learning_rate"):
+        resolve_config("sft", cfg_file, {"model": "m"})
+
+
+def test_unknown_nested_key(tmp_path: Path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("training:\n  max_stepz: 3\n")
+    with pytest.raises(UserError, match="training.max_stepz"):
+        resolve_config("sft", cfg_file, {"model": "m"})
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        resolve_config("sft", bad, {"model": "m"})
+    with pytest.raises(UserError, match="Config file not found"):
+        resolve_config("sft", tmp_path / "nope.yaml", {"model": "m"})
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(UserError, match="mapping"):
+        resolve_config("sft", tmp_path / "list.yaml", {"model": "m"})
+
+
+def test_missing_model_is_a_clear_error():
+    with pytest.raises(UserError, match="Missing required option --model"):
+        resolve_config("sft", None, {})
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path):
+    cfg = resolve_config("grpo", None, {"model": "m", "rewards": ["math_answer"], "beta": 0.0})
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = resolve_config("grpo", tmp_path / "config.yaml", {})
+    assert again == cfg
+    assert "beta: 0.0" in config_to_yaml(cfg)
+
+
+def test_field_names_unique_and_every_field_has_help():
+    for run_cls in (SFTRunConfig, GRPORunConfig):
+        for name, (_, info) in field_index(run_cls).items():
+            assert info.description, f"{name} has no description (it is the --help text)"
+
+
+def test_cli_options_generated_and_overrides_parse():
+    runner = CliRunner()
+    result = runner.invoke(app, ["grpo", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--learning-rate", "--num-generations", "--max-completion-length", "--no-std-normalization",
+                 "--reward-module", "--loss-agg", "--per-device-train-batch-size"):
+        assert flag in result.output
+
+
+def test_cli_validation_error_exit_code_and_single_message():
+    runner = CliRunner()
+    result = runner.invoke(app, ["sft", "--model", "m", "--learning-rate", "-1"])
+    assert result.exit_code == 2
+    assert "Invalid value for --learning-rate" in result.output
+    assert "Traceback" not in result.output
