@@ -430,7 +430,7 @@ def config_cli_parameters(recipe: str) -> list[inspect.Parameter]:
         default = info.get_default(call_default_factory=True) if not info.is_required() else None
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
         if choices:
-            help_text = f"{info.description} [choices: {', '.join(map(str, choices))}]"
+            help_text = f"{info.description} (choices: {', '.join(map(str, choices))})"
         else:
             help_text = info.description or ""
         if recipe in RECIPE_DEFAULTS and name in RECIPE_DEFAULTS[recipe]:
@@ -438,9 +438,9 @@ def config_cli_parameters(recipe: str) -> list[inspect.Parameter]:
         if isinstance(default, list):
             default = ",".join(map(str, default)) if default else None
         if default is not None and default != "" and cli_type is not bool:
-            help_text += f" [default: {default}]"
+            help_text += f" (default: {default})"
         elif cli_type is bool:
-            help_text += f" [default: {'on' if default else 'off'}]"
+            help_text += f" (default: {'on' if default else 'off'})"
         option = typer.Option(None, *decls, help=help_text, rich_help_panel=section.capitalize(),
                               show_default=False)
         annotation = Optional[cli_type] if cli_type is not list[Path] else Optional[list[Path]]

@@ -10,6 +10,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
 
 # Commands are added below, one function each; keep them thin (parse, validate, dispatch).

@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
 data_app = typer.Typer(help="Prepare (download, format, tokenize, cache, shard) a dataset without training.",
                        no_args_is_help=True)
