@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from opensloth.config import RunConfig, config_cli_parameters, overrides_from_cli, resolve_config
 from opensloth.errors import UserError
@@ -19,8 +20,9 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> None:
     """Print one clear error line (no traceback) and exit non-zero."""
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
+    # SystemExit (not typer.Exit) so plain scripts that reuse `user_errors` exit cleanly too.
+    raise SystemExit(code)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -36,7 +38,7 @@ def user_errors(fn: Callable) -> Callable:
             fail(str(exc))
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/]")
-            raise typer.Exit(130)
+            raise SystemExit(130)
 
     return wrapper
 

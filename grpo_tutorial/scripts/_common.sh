@@ -1,0 +1,50 @@
+# Shared pre-flight for the tutorial scripts: sourced, not run. Every setting is an environment
+# variable with a default; EXTRA_ARGS is passed through to the os-train command unchanged.
+set -euo pipefail
+
+if [ ! -f "scripts/_common.sh" ] || [ ! -d "prepare_dataset" ]; then
+    echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2
+    exit 2
+fi
+if ! command -v os-train >/dev/null 2>&1; then
+    echo "Error: os-train is not on PATH. Install OpenSloth first: pip install -e .  (from the repository root)" >&2
+    exit 2
+fi
+
+MODEL="${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}"
+SFT_DATASET="${SFT_DATASET:-unsloth/OpenMathReasoning-mini}"
+GRPO_DATASET="${GRPO_DATASET:-open-r1/DAPO-Math-17k-Processed}"
+SFT_SAMPLES="${SFT_SAMPLES:-1000}"
+GRPO_SAMPLES="${GRPO_SAMPLES:-2000}"
+OUTPUT_ROOT="${OUTPUT_ROOT:-outputs}"
+MAX_STEPS="${MAX_STEPS:--1}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+
+# The hub datasets keep their rows in a named split / config; local files have one split, "train".
+if [ "$SFT_DATASET" = "unsloth/OpenMathReasoning-mini" ]; then SFT_SPLIT_ARGS="--dataset-split cot"; else SFT_SPLIT_ARGS=""; fi
+if [ "$GRPO_DATASET" = "open-r1/DAPO-Math-17k-Processed" ]; then GRPO_CONFIG_ARGS="--dataset-config en"; else GRPO_CONFIG_ARGS=""; fi
+
+GPUS_PRESENT="$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+GPU_COUNT="${GPU_COUNT:-$GPUS_PRESENT}"
+if ! [[ "$GPU_COUNT" =~ ^[0-9]+$ ]]; then
+    echo "Error: GPU_COUNT must be a whole number, got '$GPU_COUNT'." >&2
+    exit 2
+fi
+if [ "$GPU_COUNT" -gt "$GPUS_PRESENT" ]; then
+    echo "Error: GPU_COUNT=$GPU_COUNT but this machine has $GPUS_PRESENT GPU(s). Set GPU_COUNT to at most $GPUS_PRESENT." >&2
+    exit 2
+fi
+if [ "$GPU_COUNT" -eq 0 ]; then
+    DEVICES="cpu"
+    NUM_WORKERS=1
+else
+    DEVICES="$(seq -s, 0 $((GPU_COUNT - 1)))"
+    NUM_WORKERS="$GPU_COUNT"
+fi
+
+SFT_OUTPUT="$OUTPUT_ROOT/sft_qwen_reasoning_model"
+GRPO_OUTPUT="$OUTPUT_ROOT/grpo_final_model"
+SFT_PREPARED="$OUTPUT_ROOT/data/sft_prepared"
+GRPO_PREPARED="$OUTPUT_ROOT/data/grpo_prepared"
+
+echo "model=$MODEL devices=$DEVICES output_root=$OUTPUT_ROOT max_steps=$MAX_STEPS"
