@@ -1,1 +1,245 @@
+"""What every training command goes through: devices, output-dir guard, data prep, workers.
 
+`launch_training(cfg, dry_run)` (os-train sft / grpo):
+1. resolve `--devices` into one entry per worker and check the batch splits evenly;
+2. refuse a non-empty output dir unless --overwrite or --resume (nothing is ever deleted);
+3. load the tokenizer and prepare the data ONCE, here in the parent, sharded for the workers;
+4. print the plan; `--dry-run` prints the resolved config and the plan and stops here,
+   without preparing data or writing anything;
+5. write output_dir/config.yaml and run the recipe: a single CPU worker runs in this process
+   (plain tracebacks, Ctrl-C friendly); otherwise one worker process per device
+   (`opensloth.launch.procs`). Both paths call the same `recipes.<recipe>.run(cfg, ctx)`.
+
+GPU workers always run as child processes, each seeing only its own GPU
+(CUDA_VISIBLE_DEVICES): a process that sees several GPUs makes the HF Trainer fall back to
+DataParallel and libraries that assume cuda:0 pick the wrong device.
+
+`prepare_only(cfg, output_path, num_workers)` (os-train data sft / grpo): steps 1 and 3 plus
+the statistics, and a copy of the prepared directory at --output-path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from opensloth.config import RunConfig, config_to_yaml, dump_config
+from opensloth.errors import UserError
+from opensloth.launch.procs import Device, WorkerFailed, run_workers
+
+__all__ = ["launch_training", "prepare_only", "resolve_devices", "check_output_dir", "WorkerFailed"]
+
+console = Console()
+
+
+def _visible_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_devices(spec: str, gpu_count: Optional[int] = None) -> list[Device]:
+    """`--devices` -> one entry per worker: GPU ids, or "cpu" repeated.
+
+    Args:
+        spec: auto (every visible GPU, else one CPU worker), cpu, cpu:N, or ids like "0,1,3"
+            (already validated by config.py).
+        gpu_count: GPUs visible here (default: asks torch).
+
+    Raises:
+        UserError: GPU ids that are not visible here (names the visible ones).
+    """
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return ["cpu"]
+    if spec.startswith("cpu:"):
+        return ["cpu"] * int(spec[4:])
+    count = _visible_gpu_count() if gpu_count is None else gpu_count
+    if spec == "auto":
+        return list(range(count)) or ["cpu"]
+    ids = [int(i) for i in spec.split(",")]
+    if count == 0:
+        raise UserError(f"--devices {spec}: no CUDA GPU is visible here. "
+                        "Use --devices cpu (one CPU worker) or cpu:N (N CPU workers).")
+    missing = [i for i in ids if i >= count]
+    if missing:
+        raise UserError(f"--devices {spec}: no GPU with id {', '.join(map(str, missing))}. "
+                        f"Visible GPUs: {', '.join(map(str, range(count)))} (ids count from 0 among "
+                        "CUDA_VISIBLE_DEVICES). Use --devices auto for all of them.")
+    return ids
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """Refuse to train into a non-empty output dir unless --overwrite or --resume; deletes nothing."""
+    t = cfg.training
+    out = Path(t.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a directory. Choose another --output-dir.")
+    if out.is_dir() and any(out.iterdir()) and not (t.overwrite or t.resume or t.resume_from):
+        raise UserError(f"--output-dir {out} is not empty. Pass --overwrite to write into it (its files are "
+                        "kept unless the run replaces them), --resume to continue that run, "
+                        "or choose another --output-dir.")
+
+
+def check_batch(cfg: RunConfig, world_size: int) -> None:
+    """GRPO splits each step's prompts evenly across workers: the count must divide."""
+    if cfg.recipe == "grpo" and cfg.grpo.rollout_batch_size % world_size:
+        raise UserError(f"--rollout-batch-size {cfg.grpo.rollout_batch_size} prompts cannot be split evenly "
+                        f"across {world_size} workers. Use a multiple of {world_size}, or change --devices.")
+
+
+def global_batch(cfg: RunConfig, world_size: int) -> str:
+    """The batch one optimizer step sees, across every worker, in words."""
+    t = cfg.training
+    if cfg.recipe == "grpo":
+        g = cfg.grpo
+        return (f"{g.rollout_batch_size} prompts x {g.group_size} completions = "
+                f"{g.rollout_batch_size * g.group_size} per step ({g.rollout_batch_size // world_size} prompts "
+                "per worker)")
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+    return (f"{per_step} sequences per step ({t.per_device_train_batch_size} per micro-batch x "
+            f"{t.gradient_accumulation_steps} accumulation x {world_size} workers)")
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    """The tokenizer of --model (a base model or a saved adapter directory), loaded in the parent."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {cfg.model.model}: cannot load its tokenizer ({exc}). Pass a hub model "
+                        "name or a local model / adapter directory that contains a tokenizer.") from None
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any, num_shards: int) -> Any:
+    """Prepare (or reuse from the cache) the recipe's dataset, split into `num_shards` shards."""
+    from opensloth import data
+
+    prepare = data.prepare_sft_dataset if cfg.recipe == "sft" else data.prepare_grpo_dataset
+    return prepare(cfg, tokenizer, num_shards)
+
+
+def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> None:
+    """The devices, workers, data, output dir and global batch, as a small table."""
+    world = len(devices)
+    table = Table(title=f"os-train {cfg.recipe}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    shown = "cpu" if devices[0] == "cpu" else "GPU " + ",".join(map(str, devices))
+    table.add_row("devices", f"{shown} ({world} worker{'s' if world > 1 else ''}, "
+                  f"{'in this process' if devices == ['cpu'] else cfg.distributed.launcher + ' launcher'})")
+    table.add_row("model", cfg.model.model)
+    if prepared is None:
+        table.add_row("data", f"{cfg.data.dataset} (not prepared in a dry run)")
+    else:
+        hit = "cache hit" if prepared.cache_hit else "prepared now (cache miss)"
+        table.add_row("data", f"{prepared.num_rows} rows, {prepared.num_shards} shards, {hit}: {prepared.path}")
+    table.add_row("output dir", str(cfg.training.output_dir))
+    table.add_row("global batch", global_batch(cfg, world))
+    console.print(table)
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of an in-process run."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_in_process(cfg: RunConfig, prepared_path: Path) -> None:
+    """One CPU worker, here: the same `run(cfg, ctx)` a worker process calls, without a process group."""
+    import torch
+
+    from opensloth.distributed import WorkerContext
+    from opensloth.launch.worker import run_recipe
+
+    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                        prepared_data_path=Path(prepared_path))
+    # The HF Trainer (SFT) would otherwise take a visible GPU although --devices says cpu.
+    with _env(ACCELERATE_USE_CPU="true"):
+        run_recipe(cfg, ctx)
+
+
+def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
+    """Run `os-train sft|grpo`: plan, prepare data once, train on every requested device.
+
+    Raises:
+        UserError: bad devices, non-empty output dir, bad data; WorkerFailed (a UserError)
+            when a worker fails, naming its rank and error.
+    """
+    devices = resolve_devices(cfg.distributed.devices)
+    check_batch(cfg, len(devices))
+    check_output_dir(cfg)
+    if dry_run:
+        console.print(config_to_yaml(cfg), markup=False, highlight=False)
+        print_plan(cfg, devices)
+        return
+
+    tokenizer = load_tokenizer(cfg)
+    prepared = prepare_data(cfg, tokenizer, num_shards=len(devices))
+    print_plan(cfg, devices, prepared)
+    out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.yaml"
+    dump_config(cfg, config_path)
+
+    if devices == ["cpu"]:
+        run_in_process(cfg, prepared.path)
+    else:
+        run_workers(cfg.recipe, config_path, prepared.path, devices,
+                    launcher=cfg.distributed.launcher, master_port=cfg.distributed.master_port)
+
+
+def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None, num_workers: Optional[int] = None) -> None:
+    """Run `os-train data sft|grpo`: prepare (or reuse) the dataset, print its statistics, copy it.
+
+    Args:
+        cfg: the resolved config (model for the tokenizer, data section).
+        output_path: also copy the prepared directory here (pass it to --dataset later).
+        num_workers: shards to write (default: the worker count of --devices).
+    """
+    if num_workers is not None and num_workers < 1:
+        raise UserError(f"--num-workers {num_workers}: must be at least 1.")
+    shards = num_workers or len(resolve_devices(cfg.distributed.devices))
+    if output_path is not None:
+        output_path = Path(output_path)
+        if output_path.exists() and (not output_path.is_dir() or any(output_path.iterdir())):
+            raise UserError(f"--output-path {output_path} already exists and is not empty. "
+                            "Choose a new directory (nothing was written).")
+    tokenizer = load_tokenizer(cfg)
+    prepared = prepare_data(cfg, tokenizer, num_shards=shards)
+
+    table = Table(title=f"os-train data {cfg.recipe}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("cache", f"{'hit' if prepared.cache_hit else 'miss (prepared now)'}: {prepared.path}")
+    table.add_row("fingerprint", str(prepared.fingerprint))
+    table.add_row("rows", str(prepared.num_rows))
+    table.add_row("shards", f"{prepared.num_shards} (one per worker)")
+    for key, value in sorted(prepared.stats.items()):
+        table.add_row(str(key), str(value))
+    if output_path is not None:
+        # Copy beside the target, then rename: an interrupted copy never looks like a prepared dir.
+        tmp = output_path.with_name(output_path.name + ".tmp-copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(prepared.path, tmp)
+        if output_path.exists():
+            output_path.rmdir()  # empty, checked above
+        tmp.rename(output_path)
+        table.add_row("saved to", f"{output_path} (pass it to --dataset)")
+    console.print(table)

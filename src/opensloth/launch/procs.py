@@ -1,0 +1,276 @@
+"""Start one worker process per device and watch them until all succeed or one fails.
+
+Each worker runs `python -m opensloth.launch.worker` in its own session (process group), so
+the launcher can stop a worker together with anything it spawned, and a terminal Ctrl-C
+reaches only the launcher, which then stops every worker itself.
+
+Failure policy: the first worker to exit non-zero (or be killed) fails the job. The others
+get SIGTERM, then SIGKILL after a grace period; the launcher raises `WorkerFailed` naming the
+rank and its error (from the worker's error file, else its exit signal) and shows that rank's
+last output lines. Workers also die with the launcher (PR_SET_PDEATHSIG, see worker.py), and
+every collective has a timeout, so no process outlives a failed job.
+
+Output (launcher "process"): every line is prefixed with its rank; rank 0's lines are shown
+live, the other ranks' are kept (last lines) and shown only if that rank fails.
+Launcher "tmux": one pane per worker in a new tmux session; the launcher watches exit-code
+files written by each pane.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from opensloth.errors import UserError
+from opensloth.launch.worker import ERROR_FILE_ENV, PARENT_PID_ENV
+
+Device = Union[int, str]  # a GPU id as the user sees it, or "cpu"
+TAIL_LINES = 40
+GRACE_SECONDS = 5.0
+
+
+class WorkerFailed(UserError):
+    """A worker raised or died; the message names the rank and its error.
+
+    A UserError so the CLI prints this one message (the worker's own traceback is already
+    shown above it) instead of the launcher's traceback, which says nothing about the cause.
+    """
+
+
+@dataclass
+class Worker:
+    rank: int
+    proc: subprocess.Popen
+    error_file: Path
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    reader: Optional[threading.Thread] = None
+
+
+def free_port() -> int:
+    """A TCP port free right now on this machine (for MASTER_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(rank: int, world_size: int, device: Device, port: int, error_file: Path) -> dict[str, str]:
+    """The environment of one worker: torchrun's variables plus its pinned device."""
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1",
+        **{PARENT_PID_ENV: str(os.getpid()), ERROR_FILE_ENV: str(error_file)},
+    )
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        # Share the cores instead of every worker starting one thread per core.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [v.strip() for v in visible.split(",")] if visible else None
+        env["CUDA_VISIBLE_DEVICES"] = ids[int(device)] if ids else str(device)
+    return env
+
+
+def worker_command(recipe: str, config_path: Path, prepared_path: Path) -> list[str]:
+    return [sys.executable, "-m", "opensloth.launch.worker", "--recipe", recipe,
+            "--config", str(config_path), "--prepared", str(prepared_path)]
+
+
+def _pump(worker: Worker, show: bool, lock: threading.Lock) -> None:
+    """Copy a worker's output lines, prefixed with its rank, to our stdout (if `show`) and its tail."""
+    assert worker.proc.stdout is not None
+    for raw in iter(worker.proc.stdout.readline, b""):
+        line = f"[rank{worker.rank}] " + raw.decode(errors="replace").rstrip("\n")
+        worker.tail.append(line)
+        if show:
+            with lock:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM every live worker's process group, then SIGKILL whatever is left after `grace` s."""
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        # Also sweeps grandchildren left in the group after the worker itself exited.
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def describe_failure(rank: int, returncode: int, error_file: Path) -> tuple[str, bool]:
+    """(one-line description of why `rank` failed, whether it was a user error)."""
+    if error_file.is_file():
+        try:
+            record = json.loads(error_file.read_text())
+            if record.get("user_error"):
+                return record["message"], True
+            return f"worker rank {rank} failed: {record['type']}: {record['message']}", False
+        except (OSError, ValueError, KeyError):
+            pass
+    if returncode > 128 and returncode - 128 in signal.valid_signals():  # a shell's report (tmux)
+        returncode = 128 - returncode
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (the out-of-memory killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return f"worker rank {rank} was killed by {name}{hint}", False
+    return f"worker rank {rank} exited with status {returncode}", False
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM to the launcher: leave through the `finally` that stops the workers."""
+    raise SystemExit(128 + signum)
+
+
+def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: list[Device],
+                launcher: str = "process", master_port: Optional[int] = None) -> None:
+    """Run one worker per device to completion; raise WorkerFailed as soon as one fails.
+
+    Args:
+        recipe: "sft" or "grpo".
+        config_path: the resolved config YAML the workers read.
+        prepared_path: the PreparedDataset directory.
+        devices: one entry per worker: a GPU id (as visible to the launcher) or "cpu".
+        launcher: "process" (child processes, rank-prefixed output) or "tmux" (one pane each).
+        master_port: rendezvous port; default a free one.
+    """
+    if launcher == "tmux":
+        return run_workers_tmux(recipe, config_path, prepared_path, devices, master_port)
+    world_size, port = len(devices), master_port or free_port()
+    errors_dir = Path(tempfile.mkdtemp(prefix="opensloth-workers-"))
+    workers: list[Worker] = []
+    exits: "collections.deque[tuple[int, int]]" = collections.deque()
+    exited = threading.Event()
+    lock = threading.Lock()
+    previous_term = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for rank, device in enumerate(devices):
+            error_file = errors_dir / f"rank{rank}.json"
+            proc = subprocess.Popen(
+                worker_command(recipe, config_path, prepared_path),
+                env=worker_env(rank, world_size, device, port, error_file),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            worker = Worker(rank, proc, error_file)
+            worker.reader = threading.Thread(target=_pump, args=(worker, rank == 0, lock), daemon=True)
+            worker.reader.start()
+            workers.append(worker)
+
+            def wait(w: Worker = worker) -> None:
+                code = w.proc.wait()
+                w.reader.join(timeout=2)  # its last lines, e.g. the traceback, before we report
+                exits.append((w.rank, code))
+                exited.set()
+
+            threading.Thread(target=wait, daemon=True).start()
+
+        done: set[int] = set()
+        while len(done) < world_size:
+            exited.wait(timeout=0.5)
+            exited.clear()
+            while exits:
+                rank, code = exits.popleft()
+                done.add(rank)
+                if code != 0:
+                    _fail(workers, rank, code, lock)
+    finally:
+        stop_all([w.proc for w in workers])
+        if in_main:
+            signal.signal(signal.SIGTERM, previous_term)
+        shutil.rmtree(errors_dir, ignore_errors=True)
+
+
+def _fail(workers: list[Worker], rank: int, code: int, lock: threading.Lock) -> None:
+    """Stop the others, show the failing rank's last lines (rank 0's were shown live), raise."""
+    stop_all([w.proc for w in workers])
+    worker = workers[rank]
+    message, user_error = describe_failure(rank, code, worker.error_file)
+    if rank != 0 and worker.tail:
+        with lock:
+            sys.stderr.write("\n".join(worker.tail) + "\n")
+            sys.stderr.flush()
+    if user_error:
+        raise UserError(message)
+    raise WorkerFailed(f"{message}. The other workers were stopped.")
+
+
+def run_workers_tmux(recipe: str, config_path: Path, prepared_path: Path, devices: list[Device],
+                     master_port: Optional[int] = None) -> None:
+    """One tmux pane per worker (tiled); watch exit-code files; kill the session on failure."""
+    if shutil.which("tmux") is None:
+        raise UserError("--launcher tmux needs tmux, which is not installed here. "
+                        "Install it (apt-get install tmux) or use --launcher process.")
+    world_size, port = len(devices), master_port or free_port()
+    state = Path(tempfile.mkdtemp(prefix="opensloth-tmux-"))
+    session = f"opensloth-{os.getpid()}"
+    for rank, device in enumerate(devices):
+        env = worker_env(rank, world_size, device, port, state / f"rank{rank}.json")
+        env.pop(PARENT_PID_ENV)  # the pane's shell is the worker's parent, not us
+        exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in
+                           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                            "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES", ERROR_FILE_ENV)
+                           if k in env)
+        if "OMP_NUM_THREADS" in env:
+            exports += f" OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+        # The pane keeps its shell after the worker exits, so its output stays readable.
+        cmd = (f"env {exports} {shlex.join(worker_command(recipe, config_path, prepared_path))}; "
+               f"echo $? > {shlex.quote(str(state / f'rank{rank}.exit'))}; exec $SHELL")
+        if rank == 0:
+            subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True)
+        else:
+            subprocess.run(["tmux", "split-window", "-t", session, cmd], check=True)
+            subprocess.run(["tmux", "select-layout", "-t", session, "tiled"], check=True)
+    sys.stdout.write(f"Workers run in tmux session {session}: attach with `tmux attach -t {session}`.\n")
+    sys.stdout.flush()
+    try:
+        while True:
+            codes = {}
+            for rank in range(world_size):
+                exit_file = state / f"rank{rank}.exit"
+                if exit_file.is_file() and exit_file.read_text().strip():
+                    codes[rank] = int(exit_file.read_text().strip())
+            failed = [r for r, c in codes.items() if c != 0]
+            if failed:
+                rank = failed[0]
+                message, user_error = describe_failure(rank, codes[rank], state / f"rank{rank}.json")
+                if user_error:
+                    raise UserError(message)
+                raise WorkerFailed(f"{message}. The other workers were stopped; tmux session {session} closed.")
+            if len(codes) == world_size:
+                return
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)

@@ -1,0 +1,169 @@
+"""Worker entry point: `python -m opensloth.launch.worker --recipe sft|grpo --config cfg.yaml --prepared DIR`.
+
+One process per device. It reads its place in the job from the torchrun variables (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the same command runs under our own
+launcher and under `torchrun --nproc_per_node N -m opensloth.launch.worker ...` (several
+machines: see docs/multi_gpu.md). It pins its device, joins the process group and calls
+`opensloth.recipes.<recipe>.run(cfg, ctx)`.
+
+On failure it writes a small JSON error file (path in $OPENSLOTH_ERROR_FILE, set by our
+launcher) so the parent can name the failing rank and its error, then exits at once without
+tearing down the process group: a teardown that talks to a dead peer could hang.
+
+Testing hook: OPENSLOTH_FAULT_INJECT="rank=1,step=1[,kind=raise|kill|hang]" makes that rank
+fail just before its optimizer step number `step` (1-based, counted over every optimizer in the
+process): `raise` raises RuntimeError, `kill` sends itself SIGKILL (like the OOM killer),
+`hang` sleeps forever (its peers then hit the collective timeout). Used by
+tests/test_launch_failures.py; never set it in a real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from opensloth.config import RunConfig, resolve_config
+from opensloth.distributed import WorkerContext, init_distributed
+from opensloth.errors import UserError
+
+FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
+ERROR_FILE_ENV = "OPENSLOTH_ERROR_FILE"
+PARENT_PID_ENV = "OPENSLOTH_PARENT_PID"
+
+
+def parse_fault_spec(spec: str) -> dict[str, str]:
+    """"rank=1,step=2,kind=raise" -> {"rank": "1", "step": "2", "kind": "raise"} (kind defaults to raise)."""
+    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    fields.setdefault("kind", "raise")
+    if not {"rank", "step"} <= set(fields) or fields["kind"] not in ("raise", "kill", "hang"):
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected rank=R,step=S[,kind=raise|kill|hang]")
+    return fields
+
+
+def install_fault_injection(rank: int) -> Optional[Callable[[], None]]:
+    """Arm the testing hook described in the module docstring; returns a function that disarms it."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fault = parse_fault_spec(spec)
+    if int(fault["rank"]) != rank:
+        return None
+    target, seen = int(fault["step"]), [0]
+
+    def pre_step(optimizer, args, kwargs):
+        seen[0] += 1
+        if seen[0] != target:
+            return
+        if fault["kind"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault["kind"] == "hang":
+            while True:
+                time.sleep(1)
+        raise RuntimeError(f"injected fault on rank {rank} at optimizer step {target} ({FAULT_ENV})")
+
+    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(pre_step)
+    return handle.remove
+
+
+def run_recipe(cfg: RunConfig, ctx: WorkerContext) -> None:
+    """Import `opensloth.recipes.<recipe>` and run it in this worker (both launch paths call this)."""
+    recipe = importlib.import_module(f"opensloth.recipes.{cfg.recipe}")
+    disarm = install_fault_injection(ctx.rank)
+    try:
+        recipe.run(cfg, ctx)
+    finally:
+        if disarm is not None:
+            disarm()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker if the launcher dies, so no worker outlives a killed job."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def write_error_file(rank: int, exc: BaseException) -> None:
+    """Record this worker's error for the launcher ($OPENSLOTH_ERROR_FILE), atomically."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    record = {
+        "rank": rank,
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "user_error": isinstance(exc, UserError),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
+def use_cuda_for(cfg: RunConfig) -> bool:
+    return torch.cuda.is_available() and not cfg.distributed.devices.startswith("cpu")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m opensloth.launch.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", required=True, choices=["sft", "grpo"])
+    parser.add_argument("--config", required=True, type=Path, help="YAML config (e.g. output_dir/config.yaml).")
+    parser.add_argument("--prepared", type=Path, default=None,
+                        help="Prepared dataset directory (os-train data ... --output-path). Default: --dataset.")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        cfg = resolve_config(args.recipe, args.config)
+        prepared = args.prepared or (Path(cfg.data.dataset) if cfg.data.dataset else None)
+        if prepared is None or not prepared.is_dir():
+            raise UserError(f"--prepared {prepared}: not a directory. Prepare the data first with "
+                            f"`os-train data {args.recipe} ... --output-path DIR --num-workers N` and pass DIR.")
+        ctx = init_distributed(use_cuda_for(cfg), cfg.distributed.collective_timeout, prepared)
+        if ctx.is_main and PARENT_PID_ENV not in os.environ:
+            # Under torchrun no launcher wrote the resolved config: keep it beside the outputs.
+            from opensloth.config import dump_config
+
+            cfg.training.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, cfg.training.output_dir / "config.yaml")
+        run_recipe(cfg, ctx)
+    except KeyboardInterrupt:
+        os._exit(130)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        write_error_file(rank, exc)
+        raise
+    except BaseException as exc:  # noqa: BLE001 - report every failure to the launcher, then leave
+        write_error_file(rank, exc)
+        if isinstance(exc, UserError):
+            sys.stderr.write(f"Error: {exc}\n")
+        else:
+            traceback.print_exception(exc, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # os._exit: skip process-group teardown and atexit hooks that may block on a dead peer.
+        os._exit(2 if isinstance(exc, UserError) else 1)
+    from opensloth.distributed import cleanup
+
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
