@@ -1,0 +1,509 @@
+"""GRPO recipe: sample prompts, generate a group of completions each, score, update. One file.
+
+Reads top to bottom like a single-file RL script. `run(cfg, ctx)` is called in every worker
+after the process group is up (see `opensloth.launch`); the data was prepared by the parent.
+
+One training step (what `--max-steps` counts and what is logged once):
+
+    1. sample   `rollout_batch_size` prompts in all (each worker takes rollout_batch_size / world
+                from its own shard of the prepared dataset);
+    2. generate `group_size` completions per prompt with the rollout engine (LoRA active);
+    3. score    with the reward set (weighted sum; a failing reward counts as 0 and is reported);
+    4. advantages per group: A = (r - mean) / (std + eps), or r - mean with --no-std-normalization;
+    5. filter   (--filter-zero-std) drop groups whose rewards are all equal: their advantage is 0;
+    6. old and reference log-probs, once per rollout batch, without gradients;
+    7. update   --epochs-per-rollout-batch passes over the batch; each pass is cut into optimizer
+                mini-batches and each mini-batch into micro-batches (see below);
+    8. log      metrics reduced across workers; a sample now and then; evaluation every --eval-steps.
+
+Micro-batches and optimizer steps. A micro-batch is `--per-device-train-batch-size` sequences
+(one forward/backward). An optimizer mini-batch is `--gradient-accumulation-steps` micro-batches
+per worker, so one optimizer step sees per_device_train_batch_size x gradient_accumulation_steps
+x world_size sequences, as in TRL. A pass over a rollout batch of N sequences per worker therefore
+makes ceil(N / (per_device_train_batch_size x gradient_accumulation_steps)) optimizer steps; with
+the defaults chosen so that this is 1 the update is exactly on-policy. Every loss is divided by
+counts of the whole optimizer mini-batch summed over workers (tokens for token_mean, sequences for
+seq_mean and constant), so the gradients of the micro-batches, summed locally and then summed
+across workers (one flat all-reduce of the LoRA gradients), are exactly the gradient of the
+mini-batch loss; clipping and the optimizer step follow.
+
+Old log-probs. With one optimizer step per rollout batch the policy that generated is the policy
+being updated, so old = current.detach() and rho = 1 (the clipped objective's gradient is then the
+plain policy gradient). With more than one update per rollout batch (--epochs-per-rollout-batch > 1
+or several mini-batches per pass) the old log-probs are computed once, before the first update.
+
+Deviations from the papers (and from TRL), stated so nobody has to discover them:
+  - DAPO's dynamic sampling re-samples until the batch is full; --filter-zero-std only drops the
+    zero-std groups, so a step may update on fewer sequences (counted in `frac_reward_zero_std`
+    and `num_filtered_sequences`), and skips the update when every group is filtered.
+  - The KL term is the k3 estimator added per token inside the aggregation (as TRL and DeepSeekMath
+    do), not a KL penalty folded into the reward as in PPO-RLHF.
+  - Log-probs for the loss are taken at the sampling temperature (logits / temperature, as TRL),
+    so rho compares the same distributions that generated the completions.
+  - Per-step sampling is from each worker's shard, reshuffled each pass over it; the global batch
+    is the union of the workers' draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from opensloth.config import GRPORunConfig
+from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
+from opensloth.errors import UserError
+
+logger = logging.getLogger("opensloth")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers (pure or nearly): the loop below reads better without their details.
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_sampler(num_rows: int, per_step: int, seed: int) -> Iterator[list[int]]:
+    """Yield `per_step` row indices at a time, reshuffling at each pass over the rows.
+
+    A step that crosses the end of a pass takes the rest of this pass and the start of the next,
+    so every prompt is seen once per pass.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < per_step:
+            order += torch.randperm(num_rows, generator=generator).tolist()
+        yield order[:per_step]
+        order = order[per_step:]
+
+
+def split_evenly(n: int, parts: int) -> list[slice]:
+    """Cut range(n) into `parts` contiguous slices whose sizes differ by at most one (some may be empty)."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+def schedule_lr(step: int, total: int, warmup: int, kind: str) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based) of `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)  # linear
+
+
+@dataclass
+class Batch:
+    """One rollout batch on this worker, flattened to sequences (B = local prompts x G).
+
+    Attributes:
+        input_ids: (B, P + T) left-padded prompt then right-padded completion.
+        attention_mask: (B, P + T) 1 on real tokens.
+        completion_mask: (B, T) 1 on completion tokens up to and including EOS.
+        advantages: (B,) group-relative advantages.
+        rewards: (B,) total reward of each completion.
+        old_log_probs: (B, T) or None (then old = current.detach()).
+        ref_log_probs: (B, T) or None (beta 0).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    old_log_probs: Optional[torch.Tensor] = None
+    ref_log_probs: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: Any) -> "Batch":
+        """Rows `index` (a slice or a (k,) index tensor) of every field."""
+        return Batch(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe: __init__ checks, setup() builds, train() loops, save() and cleanup() finish.
+# ---------------------------------------------------------------------------------------------
+
+
+class GRPORecipe:
+    """GRPO with LoRA (or full fine-tuning) on one worker of a possibly multi-worker job."""
+
+    def __init__(self, cfg: GRPORunConfig, ctx: WorkerContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        g, t = cfg.grpo, cfg.training
+        # Reject flag combinations before any model is loaded.
+        if g.rollout_batch_size % ctx.world_size:
+            raise UserError(
+                f"--rollout-batch-size {g.rollout_batch_size} must be a multiple of the number of workers "
+                f"({ctx.world_size}): each worker generates for an equal share of the prompts."
+            )
+        if g.loss_type == "no_baseline" and g.filter_zero_std:
+            raise UserError(
+                "--filter-zero-std drops groups whose advantage is zero, but --loss-type no_baseline uses raw "
+                "rewards, not advantages. Use --loss-type reinforce_with_baseline or grpo_clip, or drop the flag."
+            )
+        if t.resume or t.resume_from is not None:
+            raise UserError("--resume / --resume-from are not supported by the GRPO recipe yet; start a new run "
+                            "with --model pointing at the saved adapter to continue training from it.")
+        if g.rollout_engine == "vllm":
+            raise UserError("--rollout-engine vllm is not available in this build; use --rollout-engine hf.")
+        if not cfg.model.full_finetune and not any(True for _ in cfg.lora.target_modules):
+            raise UserError("--target-modules is empty: LoRA needs at least one module (or use --full-finetune).")
+        self.local_prompts = g.rollout_batch_size // ctx.world_size
+        self.minibatch_size = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        self.global_step = 0
+        self.optimizer_step = 0
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Data, model + tokenizer, reference, optimizer, LR schedule, rollout engine, rewards, logger."""
+        from opensloth.data import load_prepared
+        from opensloth.models import load_model_and_tokenizer
+        from opensloth.rewards import resolve_rewards
+        from opensloth.rollout.hf import HFRolloutEngine
+        from opensloth.tracking import MetricsLogger
+
+        cfg, ctx, g, t = self.cfg, self.ctx, self.cfg.grpo, self.cfg.training
+        torch.manual_seed(t.seed + ctx.rank)
+
+        if ctx.prepared_data_path is None:
+            raise RuntimeError("the launcher must prepare the data and set ctx.prepared_data_path")
+        self.data = load_prepared(ctx.prepared_data_path)
+        self.train_rows = self.data.load_shard(ctx.rank)
+        self.eval_rows = self.data.load_eval() if t.eval_steps > 0 else None
+        if len(self.train_rows) == 0:
+            raise UserError("No prompts left after filtering (see the data prep report): raise "
+                            "--max-prompt-length / --prompt-length-percentile or use a larger --dataset.")
+        self.sampler = prompt_sampler(len(self.train_rows), self.local_prompts, t.seed + 1000 * ctx.rank)
+
+        # Rewards before the model: a bad --rewards or --reward-module fails fast.
+        self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
+
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # The reference policy: with LoRA it is the base model with the adapter disabled (no copy);
+        # a full fine-tune needs a frozen copy of the starting weights.
+        self.ref_model = None
+        if g.beta > 0 and cfg.model.full_finetune:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+        self.total_steps = self._count_steps()
+        updates_per_pass = math.ceil(self.local_prompts * g.group_size / self.minibatch_size)
+        self.updates_per_rollout = updates_per_pass * g.epochs_per_rollout_batch
+        total_updates = self.total_steps * self.updates_per_rollout
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        warmup = math.ceil(t.warmup_ratio * total_updates)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: schedule_lr(s, total_updates, warmup, t.lr_scheduler_type)
+        )
+
+        self.engine = HFRolloutEngine(self.model, self.tokenizer, device=ctx.device)
+        self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main)
+        logger.info("GRPO: %d steps, %d prompts x %d completions per step, %d optimizer updates per step",
+                    self.total_steps, g.rollout_batch_size, g.group_size, self.updates_per_rollout)
+
+    def _count_steps(self) -> int:
+        t, g = self.cfg.training, self.cfg.grpo
+        if t.max_steps > 0:
+            return t.max_steps
+        return max(1, math.ceil(t.num_train_epochs * self.data.num_rows / g.rollout_batch_size))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        from opensloth.grpo.core import compute_group_advantages
+
+        cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
+        for step in range(1, self.total_steps + 1):
+            self.global_step = step
+            step_start = time.perf_counter()
+
+            # 1. Sample this worker's prompts for the step.
+            rows = self.train_rows.select(next(self.sampler))
+
+            # 2. Generate G completions per prompt with the current policy (LoRA active).
+            self.model.eval()
+            with torch.no_grad():
+                rollout = self.engine.generate(
+                    [list(ids) for ids in rows["prompt_ids"]],
+                    num_return_sequences=g.group_size,
+                    max_new_tokens=g.max_new_tokens,
+                    temperature=g.temperature,
+                    top_p=g.top_p,
+                    min_p=g.min_p,
+                    do_sample=True,
+                )
+            gen_time = time.perf_counter() - step_start
+
+            # 3. Score every completion; columns repeat G times so row i of a column matches completion i.
+            scores = self.score(rows, rollout.completions_text, g.group_size)
+            rewards = torch.as_tensor(scores.total, dtype=torch.float32)  # (B,)
+
+            # 4. Group-relative advantages (groups are contiguous: completions of one prompt).
+            advantages, _, adv_meta = compute_group_advantages(
+                rewards, g.group_size, normalize_by_std=g.std_normalization, eps=g.advantage_eps
+            )
+            if g.loss_type == "no_baseline":
+                advantages = rewards.clone()
+
+            batch = Batch(
+                input_ids=rollout.input_ids.to(self.ctx.device),
+                attention_mask=rollout.attention_mask.to(self.ctx.device),
+                completion_mask=rollout.completion_mask.to(self.ctx.device),
+                advantages=advantages.to(self.ctx.device),
+                rewards=rewards.to(self.ctx.device),
+            )
+
+            # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal.
+            num_before = len(batch)
+            if g.filter_zero_std:
+                group_std = rewards.view(-1, g.group_size).std(dim=1)  # (B / G,)
+                keep = (group_std > 0).repeat_interleave(g.group_size).nonzero().squeeze(1)
+                batch = batch.select(keep.to(self.ctx.device))
+
+            # 6 + 7. Old and reference log-probs, then the policy updates.
+            self.model.train()
+            update_metrics = self.update(batch)
+
+            # 8. Log (reduced across workers), print a sample, evaluate now and then.
+            step_time = time.perf_counter() - step_start
+            completion_lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
+            num_tokens = float(rollout.attention_mask.sum())
+            metrics = {
+                "reward": rewards.mean().item(),
+                "reward_std": rewards.view(-1, g.group_size).std(dim=1).mean().item(),
+                "frac_reward_zero_std": float(adv_meta["frac_zero_std"]),
+                "completions/mean_length": completion_lengths.mean().item(),
+                "completions/min_length": completion_lengths.min().item(),
+                "completions/max_length": completion_lengths.max().item(),
+                "completions/clipped_ratio": (~rollout.is_eos_terminated).float().mean().item(),
+                "num_filtered_sequences": float(num_before - len(batch)),
+                "learning_rate": self.scheduler.get_last_lr()[0],
+                "step_time": step_time,
+                "generation_time": gen_time,
+                "tokens_per_second": num_tokens / step_time,
+                **{k: v for k, v in scores.metrics.items() if not math.isnan(float(v))},
+                **update_metrics,
+            }
+            metrics = reduce_metrics(metrics)
+            if step % t.logging_steps == 0 or step == self.total_steps:
+                self.metrics_logger.log(step, metrics)
+            if cfg.logging.print_sample_every and step % cfg.logging.print_sample_every == 0 and self.ctx.is_main:
+                self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
+            if t.eval_steps and (step % t.eval_steps == 0 or step == self.total_steps):
+                self.metrics_logger.log(step, self.evaluate())
+
+    def score(self, rows: Any, completions: list[str], group_size: int) -> Any:
+        """Reward every completion; prompt i's columns are repeated for its G completions."""
+        prompts = [p for p in rows["prompt"] for _ in range(group_size)]
+        skip = {"prompt", "prompt_ids", "prompt_text"}
+        columns = {name: [v for v in rows[name] for _ in range(group_size)]
+                   for name in rows.column_names if name not in skip}
+        return self.rewards.score(prompts, completions, columns)
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """Old/ref log-probs, then epochs x mini-batches of clipped policy-gradient updates.
+
+        Returns:
+            Means over the optimizer steps of loss, grad_norm, kl, entropy and clip ratios (this
+            worker's values; the caller reduces them across workers).
+        """
+        from opensloth.grpo.core import aggregate_loss, compute_kl_k3, compute_policy_loss
+
+        g, t = self.cfg.grpo, self.cfg.training
+        # Every worker must run the same number of optimizer steps (each one ends in an all-reduce),
+        # even when --filter-zero-std left them different numbers of sequences.
+        n_max = int(all_reduce_scalars([float(len(batch))], op="max")[0])
+        if n_max == 0:
+            return {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
+                    "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "skipped_update": 1.0}
+        num_minibatches = math.ceil(n_max / self.minibatch_size)
+        off_policy = num_minibatches * g.epochs_per_rollout_batch > 1
+
+        # Old log-probs once per rollout batch (only needed when later updates are off-policy),
+        # reference log-probs with the adapter disabled (beta 0 skips the extra forward).
+        with torch.no_grad():
+            if off_policy and g.loss_type == "grpo_clip" and len(batch):
+                batch.old_log_probs = self.log_probs(batch, self.model)[0]
+            if g.beta > 0 and len(batch):
+                batch.ref_log_probs = self.reference_log_probs(batch)
+
+        sums: dict[str, float] = {}
+        for _epoch in range(g.epochs_per_rollout_batch):
+            order = torch.randperm(len(batch)) if num_minibatches > 1 else torch.arange(len(batch))
+            for part in split_evenly(len(batch), num_minibatches):
+                minibatch = batch.select(order[part].to(batch.input_ids.device))
+                # Global counts of this optimizer mini-batch: the loss normaliser on every worker.
+                n_seq, n_tok = all_reduce_scalars(
+                    [float(len(minibatch)), float(minibatch.completion_mask.sum())], op="sum"
+                )
+                stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0,
+                         "clip": 0.0}
+                for start in range(0, len(minibatch), t.per_device_train_batch_size):
+                    micro = minibatch.select(slice(start, start + t.per_device_train_batch_size))
+                    log_probs, entropy = self.log_probs(micro, self.model)  # (b, T) each
+                    old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
+                    per_token, clip_meta = compute_policy_loss(
+                        g.loss_type, log_probs, old, micro.advantages, epsilon_low=g.epsilon,
+                        epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
+                    )
+                    mask = micro.completion_mask
+                    if micro.ref_log_probs is not None:
+                        kl = compute_kl_k3(log_probs, micro.ref_log_probs)  # (b, T)
+                        per_token = per_token + g.beta * kl
+                        stats["kl"] += float((kl.detach() * mask).sum())
+                    loss = aggregate_loss(per_token, mask, g.loss_agg, num_sequences=n_seq, num_tokens=n_tok,
+                                          max_new_tokens=g.max_new_tokens)
+                    loss.backward()
+                    stats["loss"] += loss.item()
+                    stats["entropy"] += float((entropy.detach() * mask).sum())
+                    for key, meta_key in (("clip_low", "clip_low"), ("clip_high", "clip_high"), ("clip", "clip")):
+                        stats[key] += float((clip_meta[meta_key].float() * mask).sum())
+                # Sum the gradients over workers (each is already its share of the global mean),
+                # clip the global norm, step.
+                all_reduce_gradients(self.params, op="sum")
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_step += 1
+                # Token sums -> global token means (each worker contributes its share).
+                tok = max(n_tok, 1.0)
+                step_stats = {
+                    "loss": stats["loss"],
+                    "grad_norm": float(grad_norm),
+                    "kl": stats["kl"] / tok,
+                    "entropy": stats["entropy"] / tok,
+                    "clip_ratio/low_mean": stats["clip_low"] / tok,
+                    "clip_ratio/high_mean": stats["clip_high"] / tok,
+                    "clip_ratio": stats["clip"] / tok,
+                }
+                for key, value in step_stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        n_updates = num_minibatches * g.epochs_per_rollout_batch
+        out = {key: value / n_updates for key, value in sums.items()}
+        # Per-worker shares of global sums: the caller's mean-reduce would divide them by the
+        # world size, so scale up here (grad_norm is already global on every worker).
+        for key in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+            out[key] *= self.ctx.world_size
+        out["skipped_update"] = 0.0
+        return out
+
+    def log_probs(self, batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies of the completion tokens, (b, T) each."""
+        from opensloth.grpo.core import compute_token_log_probs
+
+        return compute_token_log_probs(
+            model, batch.input_ids, batch.attention_mask, num_completion_tokens=batch.completion_mask.shape[1],
+            temperature=self.cfg.grpo.temperature, chunk_size=self.cfg.grpo.logprob_chunk_size,
+        )
+
+    def reference_log_probs(self, batch: Batch) -> torch.Tensor:
+        """Log-probs under the starting policy: the base model with the LoRA adapter disabled."""
+        if self.ref_model is not None:
+            return self.log_probs(batch, self.ref_model)[0]
+        disable = getattr(self.model, "disable_adapter", None)
+        with (disable() if disable is not None else contextlib.nullcontext()):
+            return self.log_probs(batch, self.model)[0]
+
+    # -- evaluation and samples ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions on this worker's share of the held-out set; sums reduced across workers.
+
+        Reports eval/rewards/<name>/mean, eval/accuracy (the math_answer reward's mean), eval/format_rate
+        (math_format's mean) and eval/mean_length.
+        """
+        if self.eval_rows is None or len(self.eval_rows) == 0:
+            return {}
+        rows = self.eval_rows.shard(self.ctx.world_size, self.ctx.rank, contiguous=True)
+        self.model.eval()
+        totals: dict[str, float] = {}
+        bs = max(1, self.cfg.grpo.rollout_batch_size * self.cfg.grpo.group_size // self.ctx.world_size)
+        for start in range(0, len(rows), bs):
+            chunk = rows.select(range(start, min(start + bs, len(rows))))
+            rollout = self.engine.generate([list(ids) for ids in chunk["prompt_ids"]], num_return_sequences=1,
+                                           max_new_tokens=self.cfg.grpo.max_new_tokens, do_sample=False)
+            scores = self.score(chunk, rollout.completions_text, 1)
+            for name, values in scores.per_reward.items():
+                totals[f"eval/rewards/{name}/mean"] = totals.get(f"eval/rewards/{name}/mean", 0.0) + sum(
+                    float(v) for v in values if v is not None)
+            totals["eval/reward"] = totals.get("eval/reward", 0.0) + float(torch.as_tensor(scores.total).sum())
+            totals["eval/mean_length"] = totals.get("eval/mean_length", 0.0) + float(rollout.completion_mask.sum())
+            totals["count"] = totals.get("count", 0.0) + len(chunk)
+        keys = sorted(totals)
+        reduced = dict(zip(keys, all_reduce_scalars([totals[k] for k in keys], op="sum")))
+        count = max(reduced.pop("count"), 1.0)
+        out = {k: v / count for k, v in reduced.items()}
+        if "eval/rewards/math_answer/mean" in out:
+            out["eval/accuracy"] = out["eval/rewards/math_answer/mean"]
+        if "eval/rewards/math_format/mean" in out:
+            out["eval/format_rate"] = out["eval/rewards/math_format/mean"]
+        if self.ctx.is_main:
+            from opensloth.distributed import print0
+
+            print0("[bold]eval[/] step {}: ".format(self.global_step)
+                   + ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in out.items()))
+        return out
+
+    def print_sample(self, prompt: str, completions: list[str], scores: Any) -> None:
+        """One prompt, its G completions and their scores, as a rich table (rank 0)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"step {self.global_step}: {prompt[-200:]}", show_lines=True)
+        names = list(scores.per_reward)
+        table.add_column("completion", overflow="fold")
+        for name in names:
+            table.add_column(name, justify="right")
+        table.add_column("total", justify="right")
+        totals = torch.as_tensor(scores.total).tolist()
+        for i, text in enumerate(completions):
+            values = [scores.per_reward[n][i] for n in names]
+            table.add_row(text[:500], *["-" if v is None else f"{v:.2f}" for v in values], f"{totals[i]:.2f}")
+        Console().print(table)
+
+    # -- save and cleanup ----------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Rank 0 writes the adapter (or full model), tokenizer and chat template to --output-dir."""
+        from opensloth.models import save_model
+
+        if self.ctx.is_main:
+            save_model(self.model, self.tokenizer, self.cfg.training.output_dir)
+
+    def cleanup(self) -> None:
+        close = getattr(getattr(self, "metrics_logger", None), "close", None)
+        if close is not None:
+            close()
+
+
+def run(cfg: GRPORunConfig, ctx: WorkerContext) -> None:
+    """Entry point called by the launcher in every worker."""
+    recipe = GRPORecipe(cfg, ctx)
+    recipe.setup()
+    try:
+        recipe.train()
+        recipe.save()
+    finally:
+        recipe.cleanup()
