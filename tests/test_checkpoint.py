@@ -1,0 +1,195 @@
+"""Checkpoints: exact resume after SIGKILL, atomic saves, rotation, corrupt ones skipped.
+
+The training loop below is a small real one (tiny Qwen2 + PEFT LoRA with dropout, AdamW, a
+linear schedule, a shuffled data order): everything whose state a checkpoint must carry.
+It runs in a subprocess so it can be killed with SIGKILL like an OOM-killed job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from opensloth import checkpoint as ck
+from opensloth.errors import UserError
+
+LOOP = textwrap.dedent(
+    """
+    import json, os, random, signal, sys
+    from pathlib import Path
+    import numpy as np, torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM, get_linear_schedule_with_warmup
+    from opensloth import checkpoint as ck
+
+    out, total, save_steps, kill_at, resume, limit = (
+        Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1",
+        int(sys.argv[6]))
+    torch.manual_seed(0); random.seed(0); np.random.seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
+                                                               target_modules=["q_proj", "v_proj"]))
+    data = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = get_linear_schedule_with_warmup(opt, 2, total)
+    step, epoch, pos, order = 0, 0, 0, None
+    path = ck.resolve_resume(out, resume, None)
+    if path is not None:
+        got = ck.load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+        step = got["step"]; epoch, pos, order = got["state"]["epoch"], got["state"]["pos"], got["state"]["order"]
+    log = open(out / "losses.jsonl", "a")
+    while step < total:
+        if order is None or pos >= len(order):
+            order, pos, epoch = np.random.permutation(len(data)).tolist(), 0, epoch + 1
+        batch = data[order[pos:pos + 3]]; pos += 3
+        # python's RNG picks a crop: its state must survive the resume too.
+        batch = batch[:, : random.randint(8, 16)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward(); opt.step(); sched.step(); opt.zero_grad(); step += 1
+        log.write(json.dumps({"step": step, "loss": loss.item()}) + "\\n"); log.flush()
+        if save_steps and step % save_steps == 0:
+            ck.save_checkpoint(out, step, model=model, optimizer=opt, scheduler=sched,
+                               state={"epoch": epoch, "pos": pos, "order": order}, save_total_limit=limit)
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    torch.save(ck.trainable_state_dict(model), out / "final.pt")
+    """
+)
+
+
+def run_loop(tmp_path: Path, out: Path, total: int, save_steps: int, kill_at: int = -1,
+             resume: bool = False, limit: int = 2) -> subprocess.CompletedProcess:
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, str(script), str(out), str(total), str(save_steps), str(kill_at),
+                           "1" if resume else "0", str(limit)], capture_output=True, text=True, timeout=300)
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}  # a resumed step overwrites the killed run's value
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("full")
+    out = tmp / "run"
+    proc = run_loop(tmp, out, total=7, save_steps=2)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    # Killed right after step 5: the newest checkpoint is checkpoint-4, so step 5 is redone.
+    killed = run_loop(tmp_path, out, total=7, save_steps=2, kill_at=5)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "final.pt").exists()
+    assert ck.find_latest_checkpoint(out).name == "checkpoint-4"
+
+    resumed = run_loop(tmp_path, out, total=7, save_steps=2, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    want, got = torch.load(uninterrupted / "final.pt"), torch.load(out / "final.pt")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    want_losses, got_losses = losses(uninterrupted), losses(out)
+    assert [got_losses[s] for s in (5, 6, 7)] == [want_losses[s] for s in (5, 6, 7)]
+
+
+def test_rotation_keeps_newest_complete(uninterrupted):
+    names = [p.name for p in ck.list_checkpoints(uninterrupted)]
+    assert names == ["checkpoint-4", "checkpoint-6"]  # save_total_limit=2 of 2, 4, 6
+    for ckpt in ck.list_checkpoints(uninterrupted):
+        assert ck.verify_checkpoint(ckpt) is None
+        assert (ckpt / "adapter" / "adapter_config.json").is_file()  # usable as --model too
+
+
+def test_save_killed_midway_never_corrupts_newest_good(tmp_path):
+    """SIGKILL inside torch.save of checkpoint-4: checkpoint-2 stays the newest complete one."""
+    out = tmp_path / "run"
+    killer = tmp_path / "killer.py"
+    # Wrap torch.save so that the 3rd file written in the second checkpoint kills the process.
+    killer.write_text(textwrap.dedent(
+        """
+        import os, signal, runpy, sys, torch
+        real_save, calls = torch.save, {"n": 0}
+        def save(obj, f, *a, **k):
+            calls["n"] += 1
+            real_save(obj, f, *a, **k)
+            if calls["n"] == 7:  # 4 files per checkpoint: mid-way through the second one
+                os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = save
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        """))
+    (tmp_path / "loop.py").write_text(LOOP)
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(killer), str(tmp_path / "loop.py"), str(out), "6", "2", "-1",
+                           "0", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p.name for p in ck.list_checkpoints(out)] == ["checkpoint-2"]
+    assert list(ck.checkpoints_root(out).glob(".tmp-*")), "the killed save left its temp dir"
+    assert ck.find_latest_checkpoint(out).name == "checkpoint-2"
+
+    # Resuming from it works and the stale temp dir is cleaned at the next save.
+    resumed = run_loop(tmp_path, out, total=4, save_steps=2, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [p.name for p in ck.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert not list(ck.checkpoints_root(out).glob(".tmp-*"))
+
+
+def test_corrupt_or_partial_checkpoints_are_skipped(tmp_path, uninterrupted, caplog):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    newest = out / "checkpoints" / "checkpoint-6"
+    with open(newest / "optimizer.pt", "r+b") as fh:  # flip one byte
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    partial = out / "checkpoints" / "checkpoint-8"
+    partial.mkdir()
+    (partial / "trainable.pt").write_bytes(b"half")
+    with caplog.at_level("WARNING", logger="opensloth"):
+        assert ck.find_latest_checkpoint(out).name == "checkpoint-4"
+    assert "checkpoint-8" in caplog.text and "interrupted" in caplog.text
+    assert "checkpoint-6" in caplog.text and "checksum" in caplog.text
+    with pytest.raises(UserError, match="--resume-from"):
+        ck.resolve_resume(out, False, newest)
+    with pytest.raises(UserError, match="no such directory"):
+        ck.resolve_resume(out, False, out / "nope")
+    assert ck.resolve_resume(tmp_path / "empty", True, None) is None  # --resume with nothing: fresh start
+
+
+def test_rng_roundtrip():
+    import random
+
+    import numpy as np
+
+    state = ck.capture_rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_stop_signal_sets_flag_then_second_sigint_raises():
+    with ck.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and ck.stop_requested(stop)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
