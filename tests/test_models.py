@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from opensloth.config import LoraConfig, ModelConfig
+from opensloth.errors import UserError
+from opensloth.models import load_model_and_tokenizer, merge_and_save, save_model
 from opensloth.models.tiny import REASONING_TAGS, build_tiny_model
 
 # ---------------------------------------------------------------- tiny model factory
@@ -104,3 +110,126 @@ def test_qwen_chat_template_adds_default_system(qwen_tokenizer):
                                               add_generation_prompt=True)
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------- load_model_and_tokenizer / save_model
+
+CPU = torch.device("cpu")
+
+
+def _load(model, lora=None, **kwargs):
+    return load_model_and_tokenizer(ModelConfig(model=str(model), **kwargs), lora or LoraConfig(lora_r=4), CPU)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_on_every_linear_projection_by_default(tiny_model_dir):
+    model, tokenizer = _load(tiny_model_dir, backend="auto")  # auto on a CPU machine is hf
+    assert isinstance(model, PeftModel) and model.training
+    trainable = _trainable(model)
+    assert trainable and all("lora_" in n for n in trainable)
+    targeted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert next(model.parameters()).dtype == torch.float32  # dtype auto on the CPU
+    assert tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_full_finetune_trains_every_weight(tiny_model_dir):
+    model, _ = _load(tiny_model_dir, full_finetune=True)
+    assert not isinstance(model, PeftModel)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_target_module_lists_valid_ones(tiny_model_dir):
+    with pytest.raises(UserError, match=r"--target-modules qkv .*Linear modules it has: down_proj, gate_proj"):
+        _load(tiny_model_dir, LoraConfig(target_modules=["q_proj", "qkv"]))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("/no/such/model", "no such directory"),
+    ("./missing_model", "no such directory"),
+])
+def test_bad_model_path_is_a_user_error(bad, message):
+    with pytest.raises(UserError, match=message):
+        _load(bad)
+
+
+def test_non_model_dir_and_file_are_user_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(UserError, match="not a model directory"):
+        _load(tmp_path)
+    with pytest.raises(UserError, match="is a file"):
+        _load(tmp_path / "notes.txt")
+
+
+def test_gpu_only_options_refused_on_cpu(tiny_model_dir):
+    with pytest.raises(UserError, match="--load-in-4bit needs a CUDA GPU"):
+        _load(tiny_model_dir, load_in_4bit=True)
+    with pytest.raises(UserError, match="--backend unsloth needs a CUDA GPU"):
+        _load(tiny_model_dir, backend="unsloth")
+    with pytest.raises(UserError, match="--dtype float16"):
+        _load(tiny_model_dir, dtype="float16")
+
+
+def test_saved_adapter_reloads_with_peft_and_continues_training(tiny_model_dir, tmp_path):
+    model, tokenizer = _load(tiny_model_dir)
+    # Train a few steps so the adapter differs from its zero-initialised start.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tokenizer(["<SOLUTION>7</SOLUTION>"] * 2, return_tensors="pt")
+    for _ in range(3):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = save_model(model, tokenizer, tmp_path / "run")
+    (out / "metrics.jsonl").write_text("{}\n")
+    save_model(model, tokenizer, out)  # saving again keeps the other files, leaves no temp dir
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
+            "metrics.jsonl"} <= files
+    assert not any(name.startswith(".saving-") for name in files)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+
+    # 1. Plain PEFT, as a user would load it.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+    generated = reloaded.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > batch["input_ids"].shape[1]
+    assert AutoTokenizer.from_pretrained(out).chat_template == tokenizer.chat_template
+
+    # 2. --model <adapter dir>: same weights, still trainable, lora options ignored.
+    continued, _ = _load(out, LoraConfig(lora_r=2))
+    assert isinstance(continued, PeftModel)
+    assert continued.peft_config["default"].r == 4
+    assert set(_trainable(continued)) == set(_trainable(model))
+    continued.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(continued(**batch).logits, expected)
+
+    # 3. For inference: nothing trainable.
+    frozen, _ = load_model_and_tokenizer(ModelConfig(model=str(out)), LoraConfig(), CPU, for_training=False)
+    assert not frozen.training and not _trainable(frozen)
+
+    with pytest.raises(UserError, match="is a LoRA adapter; --full-finetune needs a full model"):
+        _load(out, full_finetune=True)
+
+    # 4. Merged export equals the adapter model.
+    merged_dir = merge_and_save(out, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_full_model_save_reloads(tiny_model_dir, tmp_path):
+    model, tokenizer = _load(tiny_model_dir, full_finetune=True)
+    out = save_model(model, tokenizer, tmp_path / "full")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    reloaded, _ = _load(out, full_finetune=True)
+    for (name, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), name
