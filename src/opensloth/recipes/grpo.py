@@ -56,6 +56,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from opensloth.checkpoint import StopSignal, load_checkpoint, resolve_resume, save_checkpoint, stop_requested
 from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
 from opensloth.errors import UserError
@@ -158,9 +159,6 @@ class GRPORecipe:
                 "--filter-zero-std drops groups whose advantage is zero, but --loss-type no_baseline uses raw "
                 "rewards, not advantages. Use --loss-type reinforce_with_baseline or grpo_clip, or drop the flag."
             )
-        if t.resume or t.resume_from is not None:
-            raise UserError("--resume / --resume-from are not supported by the GRPO recipe yet; start a new run "
-                            "with --model pointing at the saved adapter to continue training from it.")
         if g.rollout_engine == "vllm":
             raise UserError("--rollout-engine vllm is not available in this build; use --rollout-engine hf.")
         if not cfg.model.full_finetune and not any(True for _ in cfg.lora.target_modules):
@@ -169,6 +167,7 @@ class GRPORecipe:
         self.minibatch_size = t.per_device_train_batch_size * t.gradient_accumulation_steps
         self.global_step = 0
         self.optimizer_step = 0
+        self.stopped = False
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -216,6 +215,18 @@ class GRPORecipe:
 
         self.engine = HFRolloutEngine(self.model, self.tokenizer, device=ctx.device)
         self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main)
+
+        # Resume last: loading a checkpoint restores the RNG streams, which nothing above may consume.
+        self.start_step = 1
+        resume_from = resolve_resume(t.output_dir, t.resume, t.resume_from)
+        if resume_from is not None:
+            saved = load_checkpoint(resume_from, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, rank=ctx.rank, world_size=ctx.world_size)
+            self.start_step = saved["step"] + 1
+            self.optimizer_step = saved["state"].get("optimizer_step", 0)
+            for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
+                next(self.sampler)
+            logger.info("Resumed from %s at step %d", resume_from, self.start_step)
         logger.info("GRPO: %d steps, %d prompts x %d completions per step, %d optimizer updates per step",
                     self.total_steps, g.rollout_batch_size, g.group_size, self.updates_per_rollout)
 
@@ -228,87 +239,105 @@ class GRPORecipe:
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self) -> None:
+        """Steps start_step..total_steps (one rollout batch each), with checkpoints."""
+        cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
+        with StopSignal() as stop:
+            for step in range(self.start_step, self.total_steps + 1):
+                self.global_step = step
+                self.train_step(step)
+                # Checkpoint every --save-steps, and at once when Ctrl-C/SIGTERM reached any worker.
+                stopping = stop_requested(stop)
+                if (t.save_steps and step % t.save_steps == 0 and step < self.total_steps) or stopping:
+                    self.save_checkpoint(step)
+                if stopping:
+                    logger.warning("Stopped at step %d; continue with --resume.", step)
+                    self.stopped = True
+                    break
+
+    def train_step(self, step: int) -> None:
+        """One GRPO step: sample, generate, score, advantages, filter, update, log."""
         from opensloth.grpo.core import compute_group_advantages
 
         cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
-        for step in range(1, self.total_steps + 1):
-            self.global_step = step
-            step_start = time.perf_counter()
+        step_start = time.perf_counter()
 
-            # 1. Sample this worker's prompts for the step.
-            rows = self.train_rows.select(next(self.sampler))
+        # 1. Sample this worker's prompts for the step.
+        rows = self.train_rows.select(next(self.sampler))
 
-            # 2. Generate G completions per prompt with the current policy (LoRA active).
-            self.model.eval()
-            with torch.no_grad():
-                rollout = self.engine.generate(
-                    [list(ids) for ids in rows["prompt_ids"]],
-                    num_return_sequences=g.group_size,
-                    max_new_tokens=g.max_new_tokens,
-                    temperature=g.temperature,
-                    top_p=g.top_p,
-                    min_p=g.min_p,
-                    do_sample=True,
-                )
-            gen_time = time.perf_counter() - step_start
-
-            # 3. Score every completion; columns repeat G times so row i of a column matches completion i.
-            scores = self.score(rows, rollout.completions_text, g.group_size)
-            rewards = torch.as_tensor(scores.total, dtype=torch.float32)  # (B,)
-
-            # 4. Group-relative advantages (groups are contiguous: completions of one prompt).
-            advantages, _, adv_meta = compute_group_advantages(
-                rewards, g.group_size, normalize_by_std=g.std_normalization, eps=g.advantage_eps
+        # 2. Generate G completions per prompt with the current policy (LoRA active).
+        self.model.eval()
+        with torch.no_grad():
+            rollout = self.engine.generate(
+                [list(ids) for ids in rows["prompt_ids"]],
+                num_return_sequences=g.group_size,
+                max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                min_p=g.min_p,
+                do_sample=True,
             )
-            if g.loss_type == "no_baseline":
-                advantages = rewards.clone()
+        gen_time = time.perf_counter() - step_start
 
-            batch = Batch(
-                input_ids=rollout.input_ids.to(self.ctx.device),
-                attention_mask=rollout.attention_mask.to(self.ctx.device),
-                completion_mask=rollout.completion_mask.to(self.ctx.device),
-                advantages=advantages.to(self.ctx.device),
-                rewards=rewards.to(self.ctx.device),
-            )
+        # 3. Score every completion; columns repeat G times so row i of a column matches completion i.
+        scores = self.score(rows, rollout.completions_text, g.group_size)
+        rewards = torch.as_tensor(scores.total, dtype=torch.float32)  # (B,)
 
-            # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal.
-            num_before = len(batch)
-            if g.filter_zero_std:
-                group_std = rewards.view(-1, g.group_size).std(dim=1)  # (B / G,)
-                keep = (group_std > 0).repeat_interleave(g.group_size).nonzero().squeeze(1)
-                batch = batch.select(keep.to(self.ctx.device))
+        # 4. Group-relative advantages (groups are contiguous: completions of one prompt).
+        advantages, _, adv_meta = compute_group_advantages(
+            rewards, g.group_size, normalize_by_std=g.std_normalization, eps=g.advantage_eps
+        )
+        if g.loss_type == "no_baseline":
+            advantages = rewards.clone()
 
-            # 6 + 7. Old and reference log-probs, then the policy updates.
-            self.model.train()
-            update_metrics = self.update(batch)
+        batch = Batch(
+            input_ids=rollout.input_ids.to(self.ctx.device),
+            attention_mask=rollout.attention_mask.to(self.ctx.device),
+            completion_mask=rollout.completion_mask.to(self.ctx.device),
+            advantages=advantages.to(self.ctx.device),
+            rewards=rewards.to(self.ctx.device),
+        )
 
-            # 8. Log (reduced across workers), print a sample, evaluate now and then.
-            step_time = time.perf_counter() - step_start
-            completion_lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
-            num_tokens = float(rollout.attention_mask.sum())
-            metrics = {
-                "reward": rewards.mean().item(),
-                "reward_std": rewards.view(-1, g.group_size).std(dim=1).mean().item(),
-                "frac_reward_zero_std": float(adv_meta["frac_zero_std"]),
-                "completions/mean_length": completion_lengths.mean().item(),
-                "completions/min_length": completion_lengths.min().item(),
-                "completions/max_length": completion_lengths.max().item(),
-                "completions/clipped_ratio": (~rollout.is_eos_terminated).float().mean().item(),
-                "num_filtered_sequences": float(num_before - len(batch)),
-                "learning_rate": self.scheduler.get_last_lr()[0],
-                "step_time": step_time,
-                "generation_time": gen_time,
-                "tokens_per_second": num_tokens / step_time,
-                **{k: v for k, v in scores.metrics.items() if not math.isnan(float(v))},
-                **update_metrics,
-            }
-            metrics = reduce_metrics(metrics)
-            if step % t.logging_steps == 0 or step == self.total_steps:
-                self.metrics_logger.log(step, metrics)
-            if cfg.logging.print_sample_every and step % cfg.logging.print_sample_every == 0 and self.ctx.is_main:
-                self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
-            if t.eval_steps and (step % t.eval_steps == 0 or step == self.total_steps):
-                self.metrics_logger.log(step, self.evaluate())
+        # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal.
+        num_before = len(batch)
+        if g.filter_zero_std:
+            group_std = rewards.view(-1, g.group_size).std(dim=1)  # (B / G,)
+            keep = (group_std > 0).repeat_interleave(g.group_size).nonzero().squeeze(1)
+            batch = batch.select(keep.to(self.ctx.device))
+
+        # 6 + 7. Old and reference log-probs, then the policy updates.
+        learning_rate = self.scheduler.get_last_lr()[0]  # the rate of this step's first update
+        self.model.train()
+        update_metrics = self.update(batch)
+
+        # 8. Log (reduced across workers), print a sample, evaluate now and then.
+        step_time = time.perf_counter() - step_start
+        completion_lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
+        num_tokens = float(rollout.attention_mask.sum())
+        metrics = {
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.view(-1, g.group_size).std(dim=1).mean().item(),
+            "frac_reward_zero_std": float(adv_meta["frac_zero_std"]),
+            "completions/mean_length": completion_lengths.mean().item(),
+            "completions/min_length": completion_lengths.min().item(),
+            "completions/max_length": completion_lengths.max().item(),
+            "completions/clipped_ratio": (~rollout.is_eos_terminated).float().mean().item(),
+            "num_filtered_sequences": float(num_before - len(batch)),
+            "learning_rate": learning_rate,
+            "step_time": step_time,
+            "generation_time": gen_time,
+            "tokens_per_second": num_tokens / step_time,
+            **scores.metrics,
+            **update_metrics,
+        }
+        metrics = reduce_metrics(metrics)
+        if cfg.logging.print_sample_every and step % cfg.logging.print_sample_every == 0 and self.ctx.is_main:
+            self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
+        last = step == self.total_steps
+        evaluate = t.eval_steps > 0 and (step % t.eval_steps == 0 or last)
+        if evaluate:
+            metrics.update(self.evaluate())
+        if evaluate or step % t.logging_steps == 0 or last:
+            self.metrics_logger.log(step, metrics)
 
     def score(self, rows: Any, completions: list[str], group_size: int) -> Any:
         """Reward every completion; prompt i's columns are repeated for its G completions."""
@@ -484,6 +513,12 @@ class GRPORecipe:
         Console().print(table)
 
     # -- save and cleanup ----------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> None:
+        """Weights, optimizer, scheduler, RNG and loop position (every worker calls it)."""
+        save_checkpoint(self.cfg.training.output_dir, step, model=self.model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, state={"optimizer_step": self.optimizer_step},
+                        save_total_limit=self.cfg.training.save_total_limit, tokenizer=self.tokenizer)
 
     def save(self) -> None:
         """Rank 0 writes the adapter (or full model), tokenizer and chat template to --output-dir."""
