@@ -108,14 +108,17 @@ def global_batch(cfg: RunConfig, world_size: int) -> str:
 
 
 def load_tokenizer(cfg: RunConfig) -> Any:
-    """The tokenizer of --model (a base model or a saved adapter directory), loaded in the parent."""
-    from transformers import AutoTokenizer
+    """The tokenizer of --model (a base model, or a saved adapter directory: its own tokenizer if it
+    kept one, else its base model's), loaded in the parent: cheap, and data prep needs it."""
+    from opensloth import models
+    from opensloth.models.loading import check_model_path, read_adapter_config
 
-    try:
-        return AutoTokenizer.from_pretrained(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--model {cfg.model.model}: cannot load its tokenizer ({exc}). Pass a hub model "
-                        "name or a local model / adapter directory that contains a tokenizer.") from None
+    name = check_model_path(cfg.model.model)
+    adapter = read_adapter_config(name)
+    has_own = (Path(name) / "tokenizer_config.json").is_file() or (Path(name) / "tokenizer.json").is_file()
+    if adapter and not has_own and adapter.get("base_model_name_or_path"):
+        name = adapter["base_model_name_or_path"]
+    return models.load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Any, num_shards: int) -> Any:
