@@ -1,0 +1,247 @@
+"""Metrics: metrics.jsonl + TensorBoard (+ wandb), a training-curves PNG, and the progress bar.
+
+Every recipe logs the same way: one `MetricsLogger.log(step, metrics)` per logging step, on
+rank 0 only (other ranks get a logger that does nothing, so recipes need no rank checks).
+Keys are namespaced like TensorBoard tags (`train/loss`, `rewards/math/mean`); the plain
+names `loss` and `learning_rate` are kept for the SFT recipe, as TRL logs them.
+
+Example:
+    >>> logger = MetricsLogger("out", report_to=["tensorboard"], run_name=None, is_main=True)
+    >>> logger.log(1, {"loss": 2.3, "learning_rate": 1e-4})   # appends {"step": 1, ...}
+    >>> logger.close(); plot_metrics("out")                    # -> out/training_curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Self
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+
+
+class MetricsLogger:
+    """Writes each logged step to metrics.jsonl, TensorBoard and (if asked) wandb.
+
+    Args:
+        output_dir: run directory; metrics.jsonl and TensorBoard events go here (events under `runs/`).
+        report_to: any of "tensorboard", "wandb", "none". metrics.jsonl is always written.
+        run_name: TensorBoard subdirectory and wandb run name (default: the output dir's name).
+        is_main: only the main process writes; others ignore every call.
+    """
+
+    def __init__(self, output_dir: str | Path, report_to: Iterable[str] = ("tensorboard",),
+                 run_name: str | None = None, is_main: bool = True):
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.run_name = run_name or self.output_dir.name
+        self._tb = None
+        self._wandb = None
+        self._file = None
+        if not is_main:
+            return
+        report_to = set(report_to) - {"none"}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # Line-buffered so the file is readable while training; closed in close().
+        self._file = open(self.output_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "runs" / self.run_name))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("--report-to wandb needs wandb: pip install -e '.[wandb]'") from err
+            # WANDB_MODE=offline works without an account; the run is synced later with `wandb sync`.
+            self._wandb = wandb.init(name=self.run_name, dir=str(self.output_dir), reinit=True)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record `metrics` (name -> number) for optimizer step `step`; non-finite and non-numeric values pass
+        through to metrics.jsonl as given (JSON null for NaN) but are not sent to TensorBoard."""
+        if not self.is_main:
+            return
+        values = {k: _to_python(v) for k, v in metrics.items()}
+        record = {"step": int(step), **values}
+        self._file.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+        numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(key, value, global_step=step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _to_python(value: Any) -> Any:
+    """Tensors and numpy scalars -> Python numbers; NaN/inf -> None (JSON has no NaN)."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl, in order; a torn last line (run killed mid-write) is skipped."""
+    path = Path(output_dir) / METRICS_FILE
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+# Curves worth drawing, in panel order, each matched by the first key that exists in the log.
+CURVE_KEYS = [
+    ("loss", ["loss", "train/loss"]),
+    ("reward", ["reward", "rewards/total/mean", "train/reward"]),
+    ("KL", ["kl", "train/kl"]),
+    ("completion length", ["completions/mean_length", "completion_length", "train/completion_length"]),
+    ("eval accuracy", ["eval/accuracy", "eval_accuracy"]),
+    ("eval loss", ["eval_loss", "eval/loss"]),
+    ("learning rate", ["learning_rate", "train/learning_rate"]),
+]
+
+
+def plot_metrics(output_dir: str | Path, keys: list[tuple[str, list[str]]] | None = None) -> Path | None:
+    """Draw training_curves.png from metrics.jsonl: one panel per curve that was logged.
+
+    Returns:
+        The PNG path, or None when nothing plottable was logged.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a training job
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(output_dir)
+    panels = []
+    for title, candidates in keys or CURVE_KEYS:
+        for key in candidates:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                panels.append((title, key, points))
+                break
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, key, points) in zip(axes.flat, panels):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+        ax.set_title(f"{title} ({key})", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(output_dir) / CURVES_FILE
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class TrainingProgress:
+    """One rich progress bar: step/total, elapsed, remaining and the key metrics (rank 0 only).
+
+    Example:
+        >>> with TrainingProgress(total=100, is_main=True) as bar:
+        ...     bar.update(1, {"loss": 2.1})
+    """
+
+    def __init__(self, total: int, is_main: bool = True, description: str = "train",
+                 console: Console | None = None, show_keys: Iterable[str] | None = None):
+        self.is_main = is_main
+        self.total = total
+        self.show_keys = list(show_keys) if show_keys is not None else None
+        self._progress = None
+        self._task = None
+        self._start = time.perf_counter()
+        if not is_main:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=total, metrics="")
+
+    def __enter__(self) -> Self:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Move the bar to `step` and show `metrics` (the show_keys ones, or all numeric ones)."""
+        if self._progress is None:
+            return
+        shown = ""
+        if metrics:
+            keys = self.show_keys if self.show_keys is not None else list(metrics)
+            shown = "  ".join(_fmt(k, metrics[k]) for k in keys if k in metrics and _is_number(metrics[k]))
+        self._progress.update(self._task, completed=step, metrics=shown)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(_to_python(value), (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(key: str, value: Any) -> str:
+    value = _to_python(value)
+    short = key.rsplit("/", 1)[-1] if key.count("/") == 1 else key
+    return f"{short}={value:.4g}" if isinstance(value, float) else f"{short}={value}"

@@ -1,0 +1,67 @@
+"""tracking: metrics.jsonl, TensorBoard events, the curves PNG, the progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import torch
+from rich.console import Console
+
+from opensloth.tracking import MetricsLogger, TrainingProgress, plot_metrics, read_metrics
+
+
+def test_metrics_jsonl_and_tensorboard(tmp_path):
+    with MetricsLogger(tmp_path, report_to=["tensorboard"], run_name="r1", is_main=True) as logger:
+        logger.log(1, {"loss": torch.tensor(2.5), "learning_rate": 1e-3, "rewards/math/mean": 0.25})
+        logger.log(2, {"loss": float("nan"), "note": "text"})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [
+        {"step": 1, "loss": 2.5, "learning_rate": 1e-3, "rewards/math/mean": 0.25},
+        {"step": 2, "loss": None, "note": "text"},
+    ]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "r1"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "learning_rate", "rewards/math/mean"}
+    assert [e.value for e in events.Scalars("loss")] == [2.5]  # NaN not sent
+
+
+def test_non_main_rank_writes_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path / "out", report_to=["tensorboard"], is_main=False)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "out").exists()
+
+
+def test_appends_across_runs_and_skips_torn_line(tmp_path):
+    for step in (1, 2):
+        with MetricsLogger(tmp_path, report_to=["none"]) as logger:
+            logger.log(step, {"loss": 1.0 / step})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a run killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plot_metrics_draws_logged_curves(tmp_path):
+    assert plot_metrics(tmp_path) is None  # nothing logged yet
+    with MetricsLogger(tmp_path, report_to=["none"]) as logger:
+        for step in range(1, 6):
+            logger.log(step, {"loss": 1.0 / step, "kl": 0.01 * step})
+    path = plot_metrics(tmp_path)
+    assert path == tmp_path / "training_curves.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_shows_step_and_metrics():
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=False, width=150)
+    with TrainingProgress(total=10, console=console, show_keys=["loss", "train/kl"]) as bar:
+        bar.update(3, {"loss": 0.123456, "train/kl": 0.5, "ignored": 1.0})
+    text = buffer.getvalue()
+    assert "3/10" in text and "loss=0.1235" in text and "kl=0.5" in text and "ignored" not in text
+    silent = TrainingProgress(total=10, is_main=False)
+    silent.update(1, {"loss": 1.0})
+    silent.close()
