@@ -39,7 +39,8 @@ from opensloth.launch.worker import ERROR_FILE_ENV, PARENT_PID_ENV
 
 Device = Union[int, str]  # a GPU id as the user sees it, or "cpu"
 TAIL_LINES = 40
-GRACE_SECONDS = 5.0
+GRACE_SECONDS = 5.0  # after a failure: the survivors only need to notice and exit
+INTERRUPT_GRACE_SECONDS = 60.0  # SIGTERM to the launcher: time to finish the step and checkpoint
 
 
 class WorkerFailed(UserError):
@@ -126,6 +127,25 @@ def stop_all(procs: list[subprocess.Popen], grace: float = GRACE_SECONDS) -> Non
         proc.wait()
 
 
+def stop_gracefully(procs: list[subprocess.Popen], timeout: Optional[float]) -> None:
+    """Ctrl-C: ask the workers to stop (SIGTERM: the recipes save a checkpoint at the end of the
+    step, then exit), wait for them, and kill them if a second Ctrl-C comes or `timeout` passes."""
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+    sys.stderr.write("Stopping the workers: they save a checkpoint after the current step "
+                     "(Ctrl-C again to kill them now).\n")
+    sys.stderr.flush()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        pass
+    finally:
+        stop_all(procs, grace=0.0)
+
+
 def describe_failure(rank: int, returncode: int, error_file: Path) -> tuple[str, bool]:
     """(one-line description of why `rank` failed, whether it was a user error)."""
     if error_file.is_file():
@@ -205,6 +225,12 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
                 done.add(rank)
                 if code != 0:
                     _fail(workers, rank, code, lock)
+    except KeyboardInterrupt:
+        stop_gracefully([w.proc for w in workers], timeout=None)
+        raise
+    except SystemExit:  # SIGTERM to the launcher
+        stop_gracefully([w.proc for w in workers], timeout=INTERRUPT_GRACE_SECONDS)
+        raise
     finally:
         stop_all([w.proc for w in workers])
         if in_main:
