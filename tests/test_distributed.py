@@ -127,3 +127,35 @@ def test_helpers_are_identity_without_a_process_group():
     assert D.reduce_metrics({"a": torch.tensor(2.0)}) == {"a": 2.0}
     assert D.broadcast_object([1]) == [1]
     D.barrier()
+
+
+def _stuck_worker(rank: int, port: int, out_dir: str) -> None:
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    D.init_distributed(use_cuda=False, collective_timeout=3)
+    if rank == 1:
+        time.sleep(20)  # never joins the all-reduce below, and stays alive
+        return
+    start = time.monotonic()
+    try:
+        D.all_reduce_scalars([1.0])
+        outcome = "returned"
+    except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError (DistBackendError) on timeout
+        outcome = type(exc).__name__
+    with open(os.path.join(out_dir, "stuck.txt"), "w") as f:
+        f.write(f"{outcome} {time.monotonic() - start:.1f}")
+    os._exit(0)  # do not wait for rank 1
+
+
+def test_a_stuck_collective_times_out(tmp_path):
+    ctx = mp.spawn(_stuck_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    try:
+        ctx.processes[0].join(timeout=60)
+        outcome, seconds = (tmp_path / "stuck.txt").read_text().split()
+    finally:
+        for proc in ctx.processes:
+            proc.kill()
+    assert outcome != "returned"
+    assert 2.5 <= float(seconds) < 15
