@@ -1,0 +1,280 @@
+"""RewardFunction, the reward registry, presets and custom reward modules.
+
+A reward follows TRL's calling convention, so a TRL reward function works unchanged:
+
+    fn(prompts, completions, **columns) -> list[float | None]
+
+`prompts[i]` and `completions[i]` belong together (a prompt is repeated once per completion of
+its group); every other dataset column arrives as a keyword argument holding one value per
+completion (`answer=[...]`). A prompt is a string or a list of chat messages; a completion is a
+string or a list of messages (`[{"role": "assistant", "content": "..."}]`). `None` means "not
+applicable to this sample": it is left out of that reward's mean and counts as 0 in the total.
+
+Registry: built-ins register themselves when `opensloth.rewards` is imported; user files are
+imported with `load_reward_module(path)` (`--reward-module`), and every `RewardFunction`
+instance or TRL-style function (one with a `completions` parameter and `**kwargs`) defined at
+their top level becomes available by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from opensloth.errors import UserError
+
+BUILTIN = "built-in"
+
+# Task presets: --task NAME expands to these rewards (in this order).
+PRESETS: dict[str, list[str]] = {
+    "math": ["math_format", "math_answer", "math_number"],
+    "code": ["code_correctness", "length_penalty"],
+    "general": ["length_penalty"],
+    "reasoning": ["math_format", "length_penalty"],
+}
+
+
+class RewardFunction:
+    """A named reward: `__call__(prompts, completions, **columns) -> list[float | None]`.
+
+    Subclass it and implement `score`, or wrap a plain TRL-style function with
+    `register_reward_function`.
+
+    Attributes:
+        name: registry name (what `--rewards` takes).
+        description: one line for `os list-rewards`.
+        source: "built-in", or the file the reward came from (set when registered).
+        self_limited: True when the reward bounds its own running time (e.g. math_answer's
+            per-check limit, the code sandbox), so RewardSet may call it in the caller's thread;
+            other rewards run in a worker thread with a time limit.
+        wants_scores: True when the reward reads the other rewards' scores for the same batch
+            (keyword argument `reward_scores: dict[name, list]`); RewardSet calls it last.
+    """
+
+    name: str = ""
+    description: str = ""
+    source: Optional[str] = None  # filled in on registration
+    self_limited: bool = False
+    wants_scores: bool = False
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list:
+        return self.score(prompts, completions, **columns)
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<reward {self.name} ({self.source})>"
+
+
+class FunctionReward(RewardFunction):
+    """Adapts a plain TRL-style reward function to a RewardFunction."""
+
+    def __init__(self, fn: Callable, name: Optional[str] = None, description: Optional[str] = None,
+                 source: Optional[str] = None):
+        self.fn = fn
+        self.name = name or fn.__name__
+        doc = inspect.getdoc(fn) or ""
+        self.description = description if description is not None else (doc.splitlines() or [""])[0]
+        self.source = source or _source_of(fn)
+
+    def score(self, prompts, completions, **columns):
+        return self.fn(prompts=prompts, completions=completions, **columns)
+
+
+def _source_of(obj: Any) -> str:
+    try:
+        path = inspect.getsourcefile(obj)
+    except TypeError:
+        path = None
+    if path and Path(path).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return BUILTIN
+    return str(path) if path else "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Text helpers: both completion shapes everywhere.
+# ---------------------------------------------------------------------------------------------
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal parts: [{"type": "text", "text": ...}]
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return str(content)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one completion: a string, or the assistant content of a message list.
+
+    >>> completion_text([{"role": "assistant", "content": "42"}])
+    '42'
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return _content_text(completion.get("content"))
+    if isinstance(completion, (list, tuple)):
+        messages = [m for m in completion if isinstance(m, dict)]
+        assistant = [m for m in messages if m.get("role", "assistant") == "assistant"] or messages
+        return "".join(_content_text(m.get("content")) for m in assistant)
+    return "" if completion is None else str(completion)
+
+
+def prompt_text(prompt: Any) -> str:
+    """The text of one prompt: a string, or the content of the last message of a chat."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[-1], dict):
+        return _content_text(prompt[-1].get("content"))
+    return "" if prompt is None else str(prompt)
+
+
+def reference_answers(columns: dict[str, Any], n: int) -> list[Any]:
+    """The `answer` column, else TRL's `solution` column, else Nones (reward not applicable)."""
+    for key in ("answer", "solution"):
+        if columns.get(key) is not None:
+            return list(columns[key])
+    return [None] * n
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry.
+# ---------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, RewardFunction] = {}
+_LOADED_MODULES: dict[Path, list[str]] = {}
+
+
+def register_reward_function(fn: Any = None, *, name: Optional[str] = None, description: Optional[str] = None,
+                             source: Optional[str] = None):
+    """Register a reward under its name; works on RewardFunction instances and plain functions.
+
+    Usable directly (`register_reward_function(my_fn)`) or as a decorator, with or without
+    arguments (`@register_reward_function(name="brevity")`).
+
+    Raises:
+        UserError: another reward from a different source already has this name.
+    """
+    if fn is None:
+        return lambda f: register_reward_function(f, name=name, description=description, source=source)
+    reward = fn if isinstance(fn, RewardFunction) else FunctionReward(fn, name, description, source)
+    if isinstance(fn, RewardFunction):
+        reward.name = name or reward.name or type(fn).__name__
+        if description is not None:
+            reward.description = description
+        reward.source = source or reward.source or _source_of(type(fn))
+    _add(reward)
+    return fn
+
+
+def _add(reward: RewardFunction) -> None:
+    if not reward.name.isidentifier():
+        raise UserError(f"Reward name {reward.name!r} (from {reward.source}) must be a Python identifier.")
+    old = _REGISTRY.get(reward.name)
+    if old is not None and old is not reward and old.source != reward.source:
+        raise UserError(
+            f"Two rewards are named {reward.name!r}: one from {old.source}, one from {reward.source}. "
+            "Rename one of them (RewardFunction.name, or register_reward_function(fn, name=...))."
+        )
+    _REGISTRY[reward.name] = reward
+
+
+def get_reward_functions(names: Sequence[str]) -> list[RewardFunction]:
+    """Look rewards up by name.
+
+    Raises:
+        UserError: an unknown name; the message lists every registered reward.
+    """
+    out = []
+    for name in names:
+        if name not in _REGISTRY:
+            raise UserError(
+                f"Unknown reward {name!r} in --rewards. Available: {', '.join(sorted(_REGISTRY))}. "
+                "Add your own with --reward-module FILE.py; see them with `os list-rewards`."
+            )
+        out.append(_REGISTRY[name])
+    return out
+
+
+def list_reward_functions() -> list[RewardFunction]:
+    """Every registered reward: built-ins first, then custom ones, each group by name."""
+    return sorted(_REGISTRY.values(), key=lambda r: (r.source != BUILTIN, r.source, r.name))
+
+
+def _looks_like_trl_reward(obj: Any) -> bool:
+    """A plain function taking `completions` and `**kwargs`: TRL's reward signature."""
+    if not inspect.isfunction(obj):
+        return False
+    params = inspect.signature(obj).parameters
+    return "completions" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def load_reward_module(path: Path | str) -> list[str]:
+    """Import a user's reward file and register what it defines (`--reward-module`).
+
+    Registered: every RewardFunction instance at the file's top level, every function it
+    registers itself with `register_reward_function`, and every public top-level function with
+    TRL's reward signature (a `completions` parameter and `**kwargs`). Loading a file twice is a
+    no-op.
+
+    Returns:
+        The names the file made available.
+
+    Raises:
+        UserError: the file is missing, has a syntax error or fails while importing (the
+            message names the file and line), or a name clashes with another reward.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file() or path.suffix != ".py":
+        raise UserError(f"--reward-module {path}: not a Python file. Pass the path of a .py file with rewards.")
+    path = path.resolve()
+    if path in _LOADED_MODULES:
+        return list(_LOADED_MODULES[path])
+    module_name = f"opensloth_user_rewards_{len(_LOADED_MODULES)}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    before = set(_REGISTRY)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except UserError:
+        sys.modules.pop(module_name, None)
+        raise
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        raise UserError(f"--reward-module {exc.filename or path}, line {exc.lineno}: syntax error: {exc.msg}.") from None
+    except Exception as exc:  # the user's code: report where in their file it failed
+        sys.modules.pop(module_name, None)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path]
+        where = f", line {frames[-1].lineno}" if frames else ""
+        raise UserError(
+            f"--reward-module {path}{where}: importing it raised {type(exc).__name__}: {exc}"
+        ) from None
+    names = sorted(set(_REGISTRY) - before)
+    for name in names:  # registered while the file ran: it is their source
+        _REGISTRY[name].source = str(path)
+    for attr, obj in vars(module).items():
+        if attr.startswith("_"):
+            continue
+        if isinstance(obj, RewardFunction):
+            if _REGISTRY.get(obj.name) is obj:
+                continue  # registered already (by the file itself, or a re-exported built-in)
+            obj.source = str(path)
+            obj.name = obj.name or attr
+            _add(obj)
+            names.append(obj.name)
+        elif _looks_like_trl_reward(obj) and not any(
+            isinstance(r, FunctionReward) and r.fn is obj for r in _REGISTRY.values()
+        ):
+            _add(FunctionReward(obj, attr, source=str(path)))
+            names.append(attr)
+    _LOADED_MODULES[path] = sorted(set(names))
+    return list(_LOADED_MODULES[path])

@@ -1,0 +1,292 @@
+"""Math rewards: the reasoning format, the answer (math-verify) and the number in the answer.
+
+The reasoning format, taught by SFT and rewarded here:
+
+    <start_working_out> ... working ... <end_working_out><SOLUTION> answer </SOLUTION>
+
+The opening tag may be missing from a completion: the reasoning chat template ends the
+generation prompt with it, so the model never writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import select
+import subprocess
+import sys
+import threading
+from typing import Any, Optional
+
+from opensloth.rewards.base import RewardFunction, completion_text, reference_answers, register_reward_function
+
+logger = logging.getLogger(__name__)
+
+WORK_START, WORK_END = "<start_working_out>", "<end_working_out>"
+SOLUTION_START, SOLUTION_END = "<SOLUTION>", "</SOLUTION>"
+_EXACT_FORMAT = re.compile(
+    rf"\s*(?:{re.escape(WORK_START)})?(?P<work>.*?\S.*?){re.escape(WORK_END)}\s*"
+    rf"{re.escape(SOLUTION_START)}(?P<solution>.*?\S.*?){re.escape(SOLUTION_END)}\s*",
+    re.DOTALL,
+)
+_SOLUTION = re.compile(rf"{re.escape(SOLUTION_START)}(.*?){re.escape(SOLUTION_END)}", re.DOTALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction helpers (pure).
+# ---------------------------------------------------------------------------------------------
+
+
+def last_boxed(text: str) -> Optional[str]:
+    r"""Content of the last `\boxed{...}` (braces balanced), or None.
+
+    >>> last_boxed(r"so \boxed{\frac{1}{2}}.")
+    '\\frac{1}{2}'
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def extract_solution(text: str) -> Optional[str]:
+    r"""The answer part of a completion: inside the last <SOLUTION>...</SOLUTION>, else the last
+    \boxed{}, else None."""
+    found = _SOLUTION.findall(text)
+    if found and found[-1].strip():
+        return found[-1].strip()
+    boxed = last_boxed(text)
+    return boxed.strip() if boxed is not None and boxed.strip() else None
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
+
+
+def parse_number(text: Any) -> Optional[float]:
+    r"""The first number in `text` as a float, or None.
+
+    Handles thousands separators (1,234 and LaTeX 1{,}234 or 1\,234), a sign (also the unicode
+    minus), a currency sign before and units or % after (ignored).
+
+    >>> parse_number("The total is $1,234.50 dollars")
+    1234.5
+    >>> parse_number("−7 cm")
+    -7.0
+    """
+    if text is None:
+        return None
+    text = str(text).replace("\u2212", "-").replace("{,}", ",").replace("\\,", ",").replace("\\!", "")
+    text = re.sub(r"(?<=\d) (?=\d{3}\b)", ",", text)  # "1 234" as a thousands separator
+    text = re.sub(r"([-+])\s*\\?\$", r"\1", text)  # "-$5" -> "-5"
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    return float(match.group().replace(",", ""))
+
+
+def _as_latex(text: str) -> str:
+    """math-verify reads LaTeX between $...$; bare answers ("\\frac{1}{2}", "(1,2)") need them."""
+    text = text.replace("\u2212", "-").strip()
+    return text if "$" in text or "\\boxed" in text or "\\(" in text else f"${text}$"
+
+
+# ---------------------------------------------------------------------------------------------
+# math-verify with a time limit, in the main thread or not.
+# ---------------------------------------------------------------------------------------------
+
+
+def _verify_here(gold: str, pred: str, time_limit_s: Optional[int]) -> Optional[bool]:
+    """True/False; None when the gold answer does not parse. Signal timeouts need the main thread."""
+    from math_verify import parse, verify
+
+    gold_parsed = parse(_as_latex(gold), parsing_timeout=time_limit_s)
+    if not gold_parsed:
+        return None
+    pred_parsed = parse(_as_latex(pred), parsing_timeout=time_limit_s)
+    return bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed, timeout_seconds=time_limit_s))
+
+
+def _checker_main() -> None:  # pragma: no cover - runs in the helper process
+    """Helper process loop: one JSON request per line in, one JSON answer per line out."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            result = _verify_here(request["gold"], request["pred"], request["t"])
+        except Exception:  # a math-verify timeout or parse crash: wrong, as math-verify itself scores it
+            result = False
+        print(json.dumps({"result": result}), flush=True)
+
+
+class _CheckerProcess:
+    """math-verify in a helper process, for callers off the main thread (where signal-based
+    timeouts cannot work). A check that overruns kills the helper; the next check restarts it."""
+
+    STARTUP_S = 120.0
+
+    def __init__(self):
+        self.proc: Optional[subprocess.Popen] = None
+        self.lock = threading.Lock()
+
+    def _readline(self, timeout: float) -> Optional[str]:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline() if ready else None
+
+    def _start(self) -> None:
+        code = "from opensloth.rewards.math import _checker_main; _checker_main()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        if not self._readline(self.STARTUP_S):
+            self.close()
+            raise RuntimeError("the math-verify helper process did not start")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def check(self, gold: str, pred: str, time_limit_s: int) -> Optional[bool]:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            self.proc.stdin.write(json.dumps({"gold": gold, "pred": pred, "t": time_limit_s}) + "\n")
+            # Three math-verify calls, each limited inside the helper; this is the backstop.
+            line = self._readline(3 * time_limit_s + 1.0)
+            if not line:
+                self.close()
+                raise TimeoutError(f"math-verify check exceeded {time_limit_s} s")
+            return json.loads(line)["result"]
+
+
+_CHECKER = _CheckerProcess()
+
+
+def verify_answer(gold: str, pred: str, time_limit_s: int = 5) -> Optional[bool]:
+    """Is `pred` mathematically equal to `gold`? math-verify with a per-check time limit.
+
+    In the main thread math-verify's own (signal-based) timeouts apply; elsewhere the check runs
+    in a helper process that is killed if it overruns. A check that times out counts as wrong.
+
+    Returns:
+        True or False; None when the gold answer cannot be parsed (the sample is not scored).
+    """
+    try:
+        if threading.current_thread() is threading.main_thread():
+            return _verify_here(gold, pred, time_limit_s)
+        return _CHECKER.check(gold, pred, time_limit_s)
+    except Exception as exc:  # TimeoutException, TimeoutError: wrong, as math-verify scores it
+        logger.debug("math-verify check failed: %s", exc)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards.
+# ---------------------------------------------------------------------------------------------
+
+
+class MathFormatReward(RewardFunction):
+    r"""Scores the reasoning format `<start_working_out>...<end_working_out><SOLUTION>...</SOLUTION>`.
+
+    - 1.0: exactly the format: non-empty working, then a non-empty solution, each tag once,
+      nothing after `</SOLUTION>` but whitespace (the opening tag may be left to the prompt);
+    - otherwise partial credit: +1/6 for each of `<end_working_out>`, `<SOLUTION>`, `</SOLUTION>`
+      present exactly once (at most 0.5), and -0.25 for each tag (the opening one included)
+      repeated. Range [-1, 1].
+
+    Example:
+        >>> math_format([""], ["<start_working_out>2+2<end_working_out><SOLUTION>4</SOLUTION>"])
+        [1.0]
+    """
+
+    name = "math_format"
+    description = "Reasoning format <start_working_out>..<end_working_out><SOLUTION>..</SOLUTION>: 1 exact, partial per tag."
+
+    def score(self, prompts, completions, **columns):
+        return [self.score_one(completion_text(c)) for c in completions]
+
+    @staticmethod
+    def score_one(text: str) -> float:
+        counts = {tag: text.count(tag) for tag in (WORK_START, WORK_END, SOLUTION_START, SOLUTION_END)}
+        if all(n <= 1 for n in counts.values()) and _EXACT_FORMAT.fullmatch(text):
+            return 1.0
+        partial = sum(1 / 6 for tag in (WORK_END, SOLUTION_START, SOLUTION_END) if counts[tag] == 1)
+        return round(partial - 0.25 * sum(n > 1 for n in counts.values()), 6)
+
+
+class MathAnswerReward(RewardFunction):
+    r"""1.0 when the answer equals the reference `answer` (or TRL's `solution`) per math-verify, else 0.0.
+
+    The answer is the text inside the last `<SOLUTION>...</SOLUTION>`, else the last `\boxed{}`;
+    equivalent forms count (1/2, 0.5, \frac{1}{2}; 1,000 and 1000). No answer: 0.0. A reference
+    math-verify cannot parse: None (not scored). Each check has a time limit (`time_limit_s`);
+    one that overruns scores 0.0.
+
+    Example:
+        >>> math_answer([""], [r"<SOLUTION>\frac{1}{2}</SOLUTION>"], answer=["0.5"])
+        [1.0]
+    """
+
+    name = "math_answer"
+    description = "Answer in <SOLUTION> (else last \\boxed{}) equals the reference per math-verify: 1, else 0."
+    self_limited = True
+
+    def __init__(self, time_limit_s: int = 5):
+        self.time_limit_s = time_limit_s
+
+    def score(self, prompts, completions, **columns):
+        out: list[Optional[float]] = []
+        for completion, gold in zip(completions, reference_answers(columns, len(completions)), strict=True):
+            if gold is None or not str(gold).strip():
+                out.append(None)
+                continue
+            pred = extract_solution(completion_text(completion))
+            if pred is None:
+                out.append(0.0)
+                continue
+            result = verify_answer(str(gold), pred, self.time_limit_s)
+            out.append(None if result is None else float(result))
+        return out
+
+
+class MathNumberReward(RewardFunction):
+    r"""1.0 when the first number of the answer equals the reference number, else 0.0.
+
+    The answer is found as in math_answer; numbers are compared as floats (relative tolerance
+    1e-6), after removing thousands separators, currency signs and units. No number in the
+    answer: 0.0. A reference that is not a number: None (not scored).
+
+    Example:
+        >>> math_number([""], ["<SOLUTION>1,234 apples</SOLUTION>"], answer=["1234"])
+        [1.0]
+    """
+
+    name = "math_number"
+    description = "First number in the answer equals the reference number (1,234 = 1234; units ignored): 1, else 0."
+
+    def score(self, prompts, completions, **columns):
+        out: list[Optional[float]] = []
+        for completion, gold in zip(completions, reference_answers(columns, len(completions)), strict=True):
+            ref = parse_number(gold)
+            if ref is None:
+                out.append(None)
+                continue
+            solution = extract_solution(completion_text(completion))
+            guess = parse_number(solution) if solution else None
+            out.append(float(guess is not None and math.isclose(guess, ref, rel_tol=1e-6, abs_tol=1e-9)))
+        return out
+
+
+math_format = MathFormatReward()
+math_answer = MathAnswerReward()
+math_number = MathNumberReward()
+for _reward in (math_format, math_answer, math_number):
+    register_reward_function(_reward)
