@@ -216,3 +216,17 @@ def print0(message: str, **kwargs: Any) -> None:
         from rich.console import Console
 
         Console().print(message, **kwargs)
+
+
+def setup_logging(is_main: bool) -> None:
+    """Route the "opensloth" logger through rich: INFO on rank 0, warnings and errors elsewhere.
+
+    Idempotent; a handler the application already installed is kept.
+    """
+    log = logging.getLogger("opensloth")
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    if not log.handlers:
+        from rich.logging import RichHandler
+
+        log.addHandler(RichHandler(show_path=False, show_time=False, markup=False))
+        log.propagate = False

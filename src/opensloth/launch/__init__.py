@@ -168,9 +168,10 @@ def run_in_process(cfg: RunConfig, prepared_path: Path) -> None:
     """One CPU worker, here: the same `run(cfg, ctx)` a worker process calls, without a process group."""
     import torch
 
-    from opensloth.distributed import WorkerContext
+    from opensloth.distributed import WorkerContext, setup_logging
     from opensloth.launch.worker import run_recipe
 
+    setup_logging(is_main=True)
     ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                         prepared_data_path=Path(prepared_path))
     # The HF Trainer (SFT) would otherwise take a visible GPU although --devices says cpu.

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from opensloth.config import RunConfig, resolve_config
-from opensloth.distributed import WorkerContext, init_distributed
+from opensloth.distributed import WorkerContext, init_distributed, setup_logging
 from opensloth.errors import UserError
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
@@ -129,6 +129,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     _die_with_parent()
 
     rank = int(os.environ.get("RANK", 0))
+    setup_logging(is_main=rank == 0)
     try:
         cfg = resolve_config(args.recipe, args.config)
         prepared = args.prepared or (Path(cfg.data.dataset) if cfg.data.dataset else None)
