@@ -240,11 +240,16 @@ class GRPORecipe:
 
     def train(self) -> None:
         """Steps start_step..total_steps (one rollout batch each), with checkpoints."""
-        cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
-        with StopSignal() as stop:
+        from opensloth.tracking import TrainingProgress
+
+        t = self.cfg.training
+        shown = ("reward", "rewards/math_answer/mean", "loss", "kl", "completions/mean_length", "step_time")
+        with StopSignal() as stop, TrainingProgress(self.total_steps, self.ctx.is_main, "grpo",
+                                                    show_keys=shown) as progress:
+            progress.update(self.start_step - 1)
             for step in range(self.start_step, self.total_steps + 1):
                 self.global_step = step
-                self.train_step(step)
+                progress.update(step, self.train_step(step))
                 # Checkpoint every --save-steps, and at once when Ctrl-C/SIGTERM reached any worker.
                 stopping = stop_requested(stop)
                 if (t.save_steps and step % t.save_steps == 0 and step < self.total_steps) or stopping:
@@ -254,8 +259,8 @@ class GRPORecipe:
                     self.stopped = True
                     break
 
-    def train_step(self, step: int) -> None:
-        """One GRPO step: sample, generate, score, advantages, filter, update, log."""
+    def train_step(self, step: int) -> dict[str, float]:
+        """One GRPO step: sample, generate, score, advantages, filter, update, log; returns its metrics."""
         from opensloth.grpo.core import compute_group_advantages
 
         cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
@@ -338,6 +343,7 @@ class GRPORecipe:
             metrics.update(self.evaluate())
         if evaluate or step % t.logging_steps == 0 or last:
             self.metrics_logger.log(step, metrics)
+        return metrics
 
     def score(self, rows: Any, completions: list[str], group_size: int) -> Any:
         """Reward every completion; prompt i's columns are repeated for its G completions."""
@@ -370,7 +376,7 @@ class GRPORecipe:
         # reference log-probs with the adapter disabled (beta 0 skips the extra forward).
         with torch.no_grad():
             if off_policy and g.loss_type == "grpo_clip" and len(batch):
-                batch.old_log_probs = self.log_probs(batch, self.model)[0]
+                batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
             if g.beta > 0 and len(batch):
                 batch.ref_log_probs = self.reference_log_probs(batch)
 
@@ -437,22 +443,24 @@ class GRPORecipe:
         out["skipped_update"] = 0.0
         return out
 
-    def log_probs(self, batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and entropies of the completion tokens, (b, T) each."""
-        from opensloth.grpo.core import compute_token_log_probs
+    def log_probs(self, batch: Batch, model: torch.nn.Module, with_entropy: bool = True
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-token log-probs and entropies (None without `with_entropy`) of the completion tokens, (b, T)."""
+        from opensloth.grpo.forward import compute_model_log_probs
 
-        return compute_token_log_probs(
+        return compute_model_log_probs(
             model, batch.input_ids, batch.attention_mask, num_completion_tokens=batch.completion_mask.shape[1],
             temperature=self.cfg.grpo.temperature, chunk_size=self.cfg.grpo.logprob_chunk_size,
+            with_entropy=with_entropy,
         )
 
     def reference_log_probs(self, batch: Batch) -> torch.Tensor:
         """Log-probs under the starting policy: the base model with the LoRA adapter disabled."""
         if self.ref_model is not None:
-            return self.log_probs(batch, self.ref_model)[0]
+            return self.log_probs(batch, self.ref_model, with_entropy=False)[0]
         disable = getattr(self.model, "disable_adapter", None)
         with (disable() if disable is not None else contextlib.nullcontext()):
-            return self.log_probs(batch, self.model)[0]
+            return self.log_probs(batch, self.model, with_entropy=False)[0]
 
     # -- evaluation and samples ----------------------------------------------------------------
 
@@ -524,8 +532,12 @@ class GRPORecipe:
         """Rank 0 writes the adapter (or full model), tokenizer and chat template to --output-dir."""
         from opensloth.models import save_model
 
+        from opensloth.tracking import plot_metrics
+
         if self.ctx.is_main:
             save_model(self.model, self.tokenizer, self.cfg.training.output_dir)
+            self.metrics_logger.close()  # flush metrics.jsonl before plotting it
+            plot_metrics(self.cfg.training.output_dir)
 
     def cleanup(self) -> None:
         close = getattr(getattr(self, "metrics_logger", None), "close", None)
