@@ -14,3 +14,8 @@ app = typer.Typer(
 )
 
 # Commands are added below, one function each; keep them thin (parse, validate, dispatch).
+
+# eval, generate, export, plot (cli/use.py).
+from opensloth.cli import use as _use  # noqa: E402
+
+_use.register(app)

@@ -1,0 +1,176 @@
+"""`os eval`, `os generate`, `os export`, `os plot`: use and judge what was trained.
+
+Registered on the `os` app by `register(app)` (called from cli/main.py). Parse, validate,
+dispatch to opensloth.evaluate / opensloth.tracking; nothing else happens here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from opensloth.cli.common import user_errors
+from opensloth.errors import UserError
+
+console = Console()
+
+MODEL = typer.Option(..., "--model", "-m", help="A saved adapter dir (training --output-dir or a checkpoint's "
+                     "adapter/), a merged model dir, or a hub model name.")
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
+MAX_NEW = typer.Option(256, "--max-new-tokens", help="Completion length limit.")
+SEED = typer.Option(0, "--seed", help="Seed for sampling.")
+
+
+def _check_model_dir(model: str) -> None:
+    path = Path(model).expanduser()
+    if (model.startswith((".", "/", "~")) or path.exists()) and not path.exists():
+        raise UserError(f"--model {model}: no such directory. Pass a training --output-dir or a model directory.")
+
+
+@user_errors
+def eval_command(
+    model: str = MODEL,
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Eval prompts: a local .jsonl/.json/.csv/.parquet "
+                                "file, a saved dataset dir, or a hub dataset name."),
+    task: Optional[str] = typer.Option("math", "--task", help="Reward preset (os list-rewards)."),
+    rewards: Optional[str] = typer.Option(None, "--rewards", help="Comma-separated reward names (default: the "
+                                          "task's preset)."),
+    reward_module: Optional[list[Path]] = typer.Option(None, "--reward-module", help="Python file with custom "
+                                                      "rewards (repeatable)."),
+    accuracy_reward: Optional[str] = typer.Option(None, "--accuracy-reward", help="Reward whose value > 0 means "
+                                                  "correct (default: math_answer for --task math)."),
+    num_samples: int = typer.Option(1, "--num-samples", "-k", min=1, help="Completions per prompt: reports "
+                                    "pass@k (unbiased estimator) besides pass@1."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature "
+                                                "(default: 0 = greedy for k=1, 1.0 for k>1)."),
+    max_new_tokens: int = MAX_NEW,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only this many prompts."),
+    dataset_split: str = typer.Option("train", "--dataset-split", help="Split of a hub or saved dataset."),
+    format: Optional[str] = typer.Option(None, "--format", help="dapo-math, gsm8k, prompt-answer (default: "
+                                         "detected from the columns)."),
+    chat_template: str = typer.Option("auto", "--chat-template", help="As in training; auto keeps what "
+                                      "the saved model uses for the task."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System prompt (default: the "
+                                                "template's own)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts generated at once."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL of every prompt, completion and "
+                                          "score (default: eval_results.jsonl beside --model, or ./ for hub "
+                                          "models)."),
+    device: str = DEVICE,
+    seed: int = SEED,
+) -> None:
+    """Generate over a dataset, score with every reward, report accuracy (pass@1, pass@k) and a JSONL."""
+    from opensloth.config import resolve_config
+    from opensloth.evaluate import evaluate
+
+    _check_model_dir(model)
+    if output is None:
+        base = Path(model) if Path(model).is_dir() else Path(".")
+        output = base / f"eval_results{'_k' + str(num_samples) if num_samples > 1 else ''}.jsonl"
+    overrides = dict(model=model, dataset=dataset, dataset_split=dataset_split, format=format, task=task,
+                     rewards=rewards.split(",") if rewards else None, reward_modules=reward_module or None,
+                     num_samples=limit, chat_template=chat_template, system_prompt=system_prompt,
+                     max_new_tokens=max_new_tokens, seed=seed, backend="hf",
+                     # Evaluate every prompt: training drops the longest 10% by default, eval must not.
+                     prompt_length_percentile=1.0)
+    cfg = resolve_config("grpo", None, overrides)
+    result = evaluate(cfg, num_samples=num_samples, temperature=temperature, batch_size=batch_size,
+                      output_file=output, accuracy_reward=accuracy_reward, device=device)
+    table = Table(title=f"{escape(model)} on {escape(dataset)}: {result.num_prompts} prompts x "
+                  f"{result.num_samples} sample(s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.summary.items():
+        table.add_row(escape(key), f"{value:.4f}")
+    console.print(table)
+    console.print(f"Every completion with its scores: {escape(str(result.output_file))}")
+
+
+@user_errors
+def generate_command(
+    prompt: Optional[str] = typer.Argument(None, help="The user message (omit with --interactive)."),
+    model: str = MODEL,
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat turn by turn (one prompt each; "
+                                     "empty line or Ctrl-D quits)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System prompt."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", min=1, help="Completions to print."),
+    max_new_tokens: int = MAX_NEW,
+    device: str = DEVICE,
+    seed: int = SEED,
+) -> None:
+    """Complete one prompt (or chat with --interactive) using the model's saved chat template."""
+    from opensloth.evaluate import generate, load_for_inference, render_chat
+
+    if prompt is None and not interactive:
+        raise UserError('Give a prompt (os generate --model DIR "What is 2+3?") or pass --interactive.')
+    _check_model_dir(model)
+    loaded, tokenizer = load_for_inference(model, device)
+
+    def answer(text: str) -> None:
+        rendered = text if raw else render_chat(tokenizer, text, system_prompt)
+        outs = generate(loaded, tokenizer, [rendered], max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, num_samples=num_samples, seed=seed)[0]
+        for i, out in enumerate(outs):
+            if num_samples > 1:
+                console.print(f"[bold]--- sample {i + 1}[/]")
+            console.print(out, markup=False, highlight=False)
+
+    if prompt is not None:
+        answer(prompt)
+    while interactive:
+        try:
+            text = console.input("[bold green]>>> [/]")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        answer(text)
+
+
+@user_errors
+def export_command(
+    model: Path = typer.Option(..., "--model", "-m", help="A saved LoRA adapter dir (training --output-dir)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where the merged model goes."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --output."),
+) -> None:
+    """Merge the LoRA adapter into its base weights: a plain transformers model (no PEFT needed)."""
+    from opensloth.evaluate import export_merged
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32.")
+    if not model.is_dir():
+        raise UserError(f"--model {model}: no such directory. Pass a training --output-dir.")
+    out = export_merged(model, output, dtype=dtype, overwrite=overwrite)
+    console.print(f"Merged model ({dtype}) saved to {escape(str(out))}; load it with "
+                  "AutoModelForCausalLM.from_pretrained.")
+
+
+@user_errors
+def plot_command(
+    run_dir: Path = typer.Argument(..., help="A training --output-dir holding metrics.jsonl."),
+) -> None:
+    """Redraw training_curves.png from the run's metrics.jsonl."""
+    from opensloth.tracking import plot_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl: pass a training --output-dir.")
+    out = plot_metrics(run_dir)
+    if out is None:
+        raise UserError(f"{run_dir / 'metrics.jsonl'} holds no numeric metrics to plot yet.")
+    console.print(f"Wrote {escape(str(out))}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("generate")(generate_command)
+    app.command("export")(export_command)
+    app.command("plot")(plot_command)

@@ -1,0 +1,217 @@
+"""Use and judge a trained model: `os eval`, `os generate`, `os export`.
+
+Thin over the other layers: models/ loads the adapter (or a full model) with its saved chat
+template, data/ prepares the eval prompts exactly as GRPO training does, rewards/ scores the
+completions, models/ merges for export. What lives here is the part that is eval-specific:
+batched generation of k samples per prompt, pass@k, the per-completion JSONL and the summary.
+
+pass@k uses the unbiased estimator of Chen et al. (2021), per prompt with n samples of which c
+are correct: pass@k = 1 - C(n - c, k) / C(n, k), averaged over prompts. pass@1 is then the
+mean fraction of correct samples. "Correct" is the task's accuracy reward being > 0
+(`math_answer` for --task math; choose another with `accuracy_reward`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from opensloth.config import LoraConfig, ModelConfig, RunConfig
+from opensloth.errors import UserError
+
+logger = logging.getLogger("opensloth")
+
+# The reward whose value > 0 means "this completion is correct", per task.
+ACCURACY_REWARDS = {"math": "math_answer"}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one prompt: n samples, c correct. 1 - C(n-c, k) / C(n, k).
+
+    Example:
+        >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
+        (0.25, 1.0, 0.0)
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and generation
+# ------------------------------------------------------------------------------------------------
+
+
+def load_for_inference(model: str, device: str = "cpu", dtype: str = "auto",
+                       backend: str = "hf") -> tuple[Any, Any]:
+    """A saved adapter (applied to its base) or a full model, in eval mode, with its tokenizer."""
+    from opensloth.models import load_model_and_tokenizer
+
+    model_cfg = ModelConfig(model=model, dtype=dtype, backend=backend)
+    loaded, tokenizer = load_model_and_tokenizer(model_cfg, LoraConfig(), torch.device(device), for_training=False)
+    return loaded.eval(), tokenizer
+
+
+def render_chat(tokenizer: Any, prompt: str, system_prompt: Optional[str] = None) -> str:
+    """The prompt as the model saw it in training: the saved chat template plus the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("This model's tokenizer has no chat template, so a chat prompt cannot be rendered. "
+                        "Pass --raw to send the prompt text as is, or use a model saved by OpenSloth.")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1, batch_size: int = 16,
+             seed: int = 0) -> list[list[str]]:
+    """Completions for rendered prompts: `num_samples` per prompt, greedy when temperature is 0.
+
+    Prompts are left-padded and generated `batch_size` prompts at a time; generation stops at
+    the tokenizer's EOS (the chat template's end-of-turn token).
+
+    Returns:
+        One list of `num_samples` decoded completions (special tokens removed) per prompt.
+    """
+    if num_samples > 1 and temperature == 0:
+        raise UserError(f"--num-samples {num_samples} with --temperature 0 would repeat one greedy completion: "
+                        "set --temperature above 0 (e.g. 1.0) for pass@k.")
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out: list[list[str]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **sampling)  # (len(chunk) * num_samples, prompt_len + new)
+        texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.extend(texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Summary numbers and where the per-completion JSONL went."""
+
+    num_prompts: int
+    num_samples: int
+    summary: dict[str, float] = field(default_factory=dict)
+    output_file: Optional[Path] = None
+
+
+def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: Optional[float] = None, batch_size: int = 16,
+             output_file: Optional[Path] = None, accuracy_reward: Optional[str] = None,
+             device: str = "cpu") -> EvalResult:
+    """Generate for every prompt of cfg's dataset, score with every reward, report accuracy and pass@k.
+
+    Args:
+        cfg: a GRPO run config (model, dataset, format, chat template, rewards, max_new_tokens).
+        num_samples: completions per prompt (k of pass@k).
+        temperature: sampling temperature; default 0 (greedy) for k = 1, else cfg.grpo.temperature.
+        output_file: JSONL with one line per completion (prompt, completion, answer, every reward).
+        accuracy_reward: reward whose value > 0 counts as correct (default from the task).
+
+    Returns:
+        EvalResult with summary keys `pass@1`, `pass@k` (k > 1), `reward/mean`,
+        `rewards/<name>/mean`, `mean_completion_chars`.
+    """
+    from opensloth.data import prepare_grpo_dataset
+    from opensloth.rewards import resolve_rewards
+
+    g = cfg.grpo
+    if temperature is None:
+        temperature = 0.0 if num_samples == 1 else g.temperature
+    rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
+    model, tokenizer = load_for_inference(cfg.model.model, device, cfg.model.dtype, cfg.model.backend)
+    rows = prepare_grpo_dataset(cfg, tokenizer, 1).load_shard(0)
+    if len(rows) == 0:
+        raise UserError(f"--dataset {cfg.data.dataset} has no prompts to evaluate.")
+
+    completions = generate(model, tokenizer, list(rows["prompt_text"]), max_new_tokens=g.max_new_tokens,
+                           temperature=temperature, top_p=g.top_p, num_samples=num_samples,
+                           batch_size=batch_size, seed=cfg.training.seed)
+    flat = [c for group in completions for c in group]  # (N * k,), prompt-major like a GRPO group
+    prompts = [p for p in rows["prompt"] for _ in range(num_samples)]
+    skip = {"prompt", "prompt_ids", "prompt_text"}
+    columns = {name: [v for v in rows[name] for _ in range(num_samples)]
+               for name in rows.column_names if name not in skip}
+    scores = rewards.score(prompts, flat, columns)
+    totals = [float(x) for x in torch.as_tensor(scores.total).tolist()]
+
+    acc_name = accuracy_reward or ACCURACY_REWARDS.get(g.task or "")
+    if acc_name is not None and acc_name not in scores.per_reward:
+        raise UserError(f"--accuracy-reward {acc_name!r} is not one of this run's rewards: "
+                        f"{', '.join(scores.per_reward)}.")
+    correct = ([(v or 0.0) > 0 for v in scores.per_reward[acc_name]] if acc_name else None)
+
+    summary: dict[str, float] = {"reward/mean": sum(totals) / len(totals)}
+    for name, values in scores.per_reward.items():
+        ok = [float(v) for v in values if v is not None]
+        summary[f"rewards/{name}/mean"] = sum(ok) / len(ok) if ok else float("nan")
+    if correct is not None:
+        per_prompt = [sum(correct[i * num_samples:(i + 1) * num_samples]) for i in range(len(rows))]
+        summary["pass@1"] = sum(pass_at_k(num_samples, c, 1) for c in per_prompt) / len(rows)
+        if num_samples > 1:
+            summary[f"pass@{num_samples}"] = sum(pass_at_k(num_samples, c, num_samples)
+                                                 for c in per_prompt) / len(rows)
+    summary["mean_completion_chars"] = sum(len(c) for c in flat) / len(flat)
+
+    if output_file is not None:
+        output_file = Path(output_file)
+        output_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(output_file, "w") as fh:
+            for i, text in enumerate(flat):
+                record = {"index": i // num_samples, "sample": i % num_samples,
+                          "prompt": rows[i // num_samples]["prompt_text"], "completion": text,
+                          "answer": columns.get("answer", [None] * len(flat))[i], "reward": totals[i],
+                          "rewards": {n: v[i] for n, v in scores.per_reward.items()}}
+                if correct is not None:
+                    record["correct"] = correct[i]
+                fh.write(json.dumps(record, default=str) + "\n")
+    return EvalResult(num_prompts=len(rows), num_samples=num_samples, summary=summary, output_file=output_file)
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------------
+
+
+def export_merged(model_dir: Path, output_dir: Path, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+    """Merge a saved LoRA adapter into its base weights and save a plain transformers model.
+
+    Raises:
+        UserError: not an adapter directory, or a non-empty output dir without overwrite.
+    """
+    from opensloth.models import merge_and_save
+
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    if not (model_dir / "adapter_config.json").is_file():
+        if (model_dir / "config.json").is_file():
+            raise UserError(f"--model {model_dir} is already a full model (no LoRA adapter to merge); "
+                            "use it as it is.")
+        raise UserError(f"--model {model_dir} is not a saved adapter directory (no adapter_config.json). "
+                        "Pass a training --output-dir or a checkpoint's adapter/ directory.")
+    if output_dir.resolve() == model_dir.resolve():
+        raise UserError("--output must differ from --model: exporting in place would mix the adapter and "
+                        "the merged model.")
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise UserError(f"--output {output_dir} exists and is not empty. Choose another --output, or pass "
+                        "--overwrite to write into it.")
+    return merge_and_save(model_dir, output_dir, dtype=dtype)
