@@ -331,7 +331,7 @@ class GRPORecipe:
             "step_time": step_time,
             "generation_time": gen_time,
             "tokens_per_second": num_tokens / step_time,
-            **scores.metrics,
+            **self.reward_metrics(scores),
             **update_metrics,
         }
         metrics = reduce_metrics(metrics)
@@ -352,6 +352,11 @@ class GRPORecipe:
         columns = {name: [v for v in rows[name] for _ in range(group_size)]
                    for name in rows.column_names if name not in skip}
         return self.rewards.score(prompts, completions, columns)
+
+    def reward_metrics(self, scores: Any) -> dict[str, float]:
+        """The reward set's metrics with the same keys on every worker (NaN where a reward had no value)."""
+        keys = [f"rewards/{name}/{stat}" for name in self.rewards.names for stat in ("mean", "std", "failures")]
+        return {key: scores.metrics.get(key, float("nan")) for key in keys}
 
     def update(self, batch: Batch) -> dict[str, float]:
         """Old/ref log-probs, then epochs x mini-batches of clipped policy-gradient updates.
