@@ -1,0 +1,457 @@
+"""GRPO math: advantages, policy-gradient losses, KL, masked reductions, chunked log-probs.
+
+Pure torch functions. They take tensors and plain scalars, return tensors, never log, never
+call `.item()` (so nothing forces a device sync) and never see a config object; the recipe
+(`opensloth.recipes.grpo`) wires them together. Policy losses sit in a registry
+(`register_policy_loss` / `get_policy_loss_fn`) so `--loss-type` is a lookup, not a branch chain.
+
+Formulas (per prompt q with G sampled completions o_1..o_G, rewards r_1..r_G):
+
+    advantage      A_i = (r_i - mean(r)) / (std(r) + eps)      std unbiased (n - 1); GRPO
+                   A_i =  r_i - mean(r)                         --no-std-normalization; Dr. GRPO
+    ratio          rho_t = exp(log pi(o_t) - log pi_old(o_t))
+    grpo_clip      l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)
+    KL (k3)        kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (>= 0, unbiased for KL)
+
+Gradient accumulation contract (`aggregate_loss`): each micro-batch's loss is divided by counts
+of the WHOLE optimizer step (all micro-batches on all workers), so summing micro-batch gradients
+and SUM-all-reducing them across workers gives exactly the full-batch gradient. Callers must
+not divide again by the number of accumulation steps or workers.
+
+Glossary:
+    B: sequences in a batch (prompts x G), contiguous groups of G completions per prompt.
+    G: group size (completions per prompt).
+    T: completion (response) tokens, right-padded.
+    L: sequence positions passed to `compute_token_log_probs` (often T).
+    H: hidden size.  V: vocabulary size.
+    mask: 1/True on real completion tokens, 0/False on padding (after EOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "aggregate_loss",
+    "compute_group_advantages",
+    "compute_kl_k3",
+    "compute_policy_loss",
+    "compute_token_log_probs",
+    "compute_truncated_is_weights",
+    "get_policy_loss_fn",
+    "masked_mean",
+    "masked_normalize",
+    "register_policy_loss",
+]
+
+
+# -- masked reductions -------------------------------------------------------------------------
+
+
+def masked_normalize(
+    x: torch.Tensor, mask: torch.Tensor, normalize_constant: float, dim: Optional[int] = None
+) -> torch.Tensor:
+    """Sum of `x` where `mask` is set, divided by a given constant.
+
+    Masked-out entries are dropped with `where`, not multiplied by 0, so a NaN/inf there
+    (e.g. a log-prob at a padding position) cannot leak into the result.
+
+    Args:
+        x: values, any shape.
+        mask: same shape as `x`, bool or 0/1 (a float mask acts as weights).
+        normalize_constant: the divisor.
+        dim: reduce over this dim; None reduces over everything.
+
+    Returns:
+        `x` summed over `dim` (or all) where `mask`, divided by `normalize_constant`.
+    """
+    masked = torch.where(mask.bool(), x * mask.to(x.dtype), torch.zeros_like(x))
+    total = masked.sum() if dim is None else masked.sum(dim=dim)
+    return total / normalize_constant
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of `x` over the entries where `mask` is set (0 where the mask is empty).
+
+    Args:
+        x: values, any shape.
+        mask: same shape as `x`, bool or 0/1 (a float mask acts as weights).
+        dim: reduce over this dim; None reduces over everything.
+
+    Returns:
+        sum(x * mask) / sum(mask) over `dim` (or all); 0 where sum(mask) == 0.
+    """
+    m = mask.to(x.dtype)
+    count = m.sum() if dim is None else m.sum(dim=dim)
+    return masked_normalize(x, mask, 1.0, dim) / count.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+# -- advantages --------------------------------------------------------------------------------
+
+
+def compute_group_advantages(
+    rewards: torch.Tensor, group_size: int, normalize_by_std: bool = True, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Group-relative advantages: each reward compared with the other completions of its prompt.
+
+    A_i = (r_i - mean_g) / (std_g + eps) with the unbiased (n - 1) group std (GRPO), or
+    A_i = r_i - mean_g when `normalize_by_std` is False (Dr. GRPO: no per-question scaling).
+    A group whose rewards are all equal gets A = 0 in both cases.
+
+    Args:
+        rewards: (B,) float, B = prompts x G, the G completions of a prompt contiguous.
+        group_size: G, at least 2 (a group of one has no baseline and no std).
+        normalize_by_std: divide by the group std + eps.
+        eps: added to the std before dividing, so zero-std groups stay finite.
+
+    Returns:
+        advantages: (B,) float32.
+        raw_rewards: (B,) float32, the input rewards.
+        metadata: 0-dim tensors `mean` (mean reward), `std` (mean over groups of the group
+            std, TRL's `reward_std`), `max`, `min` (over the batch) and `frac_zero_std`
+            (fraction of groups whose rewards are all equal).
+
+    Raises:
+        ValueError: group_size < 2, or B not a multiple of group_size.
+    """
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be at least 2 for group-relative advantages (got {group_size}): "
+            "a group of one completion has no baseline to compare against."
+        )
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be a 1-D tensor whose length is a multiple of group_size={group_size} "
+            f"(got shape {tuple(rewards.shape)})."
+        )
+    raw = rewards.float()
+    grouped = raw.view(-1, group_size)  # (B / G, G)
+    mean = grouped.mean(dim=1, keepdim=True)  # (B / G, 1)
+    std = grouped.std(dim=1, keepdim=True, unbiased=True)  # (B / G, 1)
+    centered = grouped - mean
+    advantages = centered / (std + eps) if normalize_by_std else centered
+    # Exact test for "all equal": the float std of equal values may come out as 1e-9, not 0.
+    zero_std = grouped.amax(dim=1) == grouped.amin(dim=1)  # (B / G,)
+    advantages = torch.where(zero_std.unsqueeze(1), torch.zeros_like(advantages), advantages)
+    metadata = {
+        "mean": raw.mean(),
+        "std": std.mean(),
+        "max": raw.max(),
+        "min": raw.min(),
+        "frac_zero_std": zero_std.float().mean(),
+    }
+    return advantages.reshape(-1), raw, metadata  # (B,), (B,)
+
+
+# -- policy-gradient losses --------------------------------------------------------------------
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: make a per-token policy loss available as `--loss-type <name>`.
+
+    A loss takes `(log_probs (B,T), old_log_probs (B,T), advantages (B,), *, epsilon_low,
+    epsilon_high)` and returns `(per_token_loss (B,T), metadata)` where metadata holds the
+    per-token float masks `clip_low`, `clip_high`, `clip` (B,T).
+    """
+
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSS_REGISTRY:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        POLICY_LOSS_REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_policy_loss_fn(name: str) -> PolicyLossFn:
+    """The registered per-token loss called `name`; a miss lists the valid names."""
+    try:
+        return POLICY_LOSS_REGISTRY[name]
+    except KeyError:
+        valid = ", ".join(sorted(POLICY_LOSS_REGISTRY))
+        raise ValueError(f"unknown policy loss {name!r}; valid choices: {valid}") from None
+
+
+def _no_clip_metadata(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    zeros = torch.zeros_like(log_probs, dtype=torch.float32)
+    return {"clip_low": zeros, "clip_high": zeros, "clip": zeros}
+
+
+@register_policy_loss("no_baseline")
+def compute_no_baseline_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, **_: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """REINFORCE without a baseline: l_t = -r * log pi(o_t).
+
+    Args:
+        log_probs: (B, T) log pi of the sampled tokens, with gradient.
+        old_log_probs: (B, T) unused (same signature as the other losses).
+        advantages: (B,) for this loss pass the RAW rewards r (there is no baseline).
+
+    Returns:
+        per-token loss (B, T) and all-zero clip masks (B, T).
+    """
+    return -advantages.unsqueeze(1) * log_probs, _no_clip_metadata(log_probs)
+
+
+@register_policy_loss("reinforce_with_baseline")
+def compute_reinforce_with_baseline_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, **_: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """REINFORCE with the group baseline: l_t = -A * log pi(o_t).
+
+    Args:
+        log_probs: (B, T) log pi of the sampled tokens, with gradient.
+        old_log_probs: (B, T) unused (same signature as the other losses).
+        advantages: (B,) group-relative advantages.
+
+    Returns:
+        per-token loss (B, T) and all-zero clip masks (B, T).
+    """
+    return -advantages.unsqueeze(1) * log_probs, _no_clip_metadata(log_probs)
+
+
+@register_policy_loss("grpo_clip")
+def compute_grpo_clip_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-style clipped surrogate: l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A).
+
+    With A > 0 the clip binds when rho > 1 + eps_high (`clip_high`); with A < 0 it binds when
+    rho < 1 - eps_low (`clip_low`). A clipped token has zero gradient.
+
+    Args:
+        log_probs: (B, T) log pi of the sampled tokens, with gradient.
+        old_log_probs: (B, T) log pi_old, the policy that sampled (no gradient).
+        advantages: (B,) group-relative advantages.
+        epsilon_low: lower clip range.
+        epsilon_high: upper clip range (DAPO's clip-higher); None means `epsilon_low`.
+
+    Returns:
+        per_token_loss: (B, T).
+        metadata: float masks (B, T) `clip_low`, `clip_high` and `clip` (either), 1 where the
+            clipped term was the one taken; reduce them with `masked_mean`.
+    """
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    ratio = torch.exp(log_probs - old_log_probs.detach())  # (B, T)
+    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + eps_high)
+    loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    clip_low = (ratio < 1.0 - epsilon_low) & (adv < 0)
+    clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
+    metadata = {
+        "clip_low": clip_low.float(),
+        "clip_high": clip_high.float(),
+        "clip": (clip_low | clip_high).float(),
+    }
+    return loss, metadata
+
+
+def compute_policy_loss(
+    loss_type: str,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    importance_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token policy loss of the registered `loss_type`, optionally re-weighted per token.
+
+    Args:
+        loss_type: a name in the registry (`no_baseline`, `reinforce_with_baseline`, `grpo_clip`).
+        log_probs: (B, T) current log-probs, with gradient.
+        old_log_probs: (B, T) sampling-policy log-probs (pass `log_probs.detach()` when on-policy).
+        advantages: (B,) advantages (raw rewards for `no_baseline`).
+        epsilon_low: lower clip range (grpo_clip).
+        epsilon_high: upper clip range (grpo_clip); None means `epsilon_low`.
+        importance_weights: optional (B, T) per-token weights multiplying the loss, e.g.
+            `compute_truncated_is_weights` when the sampler's log-probs differ from ours.
+
+    Returns:
+        per_token_loss (B, T) and the loss's metadata (per-token clip masks, (B, T) each).
+    """
+    fn = get_policy_loss_fn(loss_type)
+    loss, metadata = fn(log_probs, old_log_probs, advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    if importance_weights is not None:
+        loss = loss * importance_weights.detach()
+    return loss, metadata
+
+
+def compute_truncated_is_weights(
+    old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance-sampling weights for a sampler that is not exactly our policy.
+
+    A fast engine (vLLM) samples from pi_sampler, slightly different from the trainer's
+    pi_old at the same weights; w_t = min(pi_old / pi_sampler, cap) corrects the gradient
+    for that mismatch while the cap bounds its variance.
+
+    Args:
+        old_log_probs: (B, T) log pi_old from the trainer's forward.
+        rollout_log_probs: (B, T) log pi_sampler reported by the rollout engine.
+        cap: upper bound on the weight (e.g. 2.0).
+
+    Returns:
+        (B, T) weights in (0, cap], without gradient.
+    """
+    return torch.exp(old_log_probs.detach() - rollout_log_probs.detach()).clamp(max=cap)
+
+
+# -- KL ----------------------------------------------------------------------------------------
+
+
+def compute_kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) on tokens sampled from pi.
+
+    kl_t = exp(d) - d - 1 with d = ref_t - logp_t: non-negative, 0 when the policies agree,
+    and unbiased because E_pi[exp(d)] = 1 (Schulman, "Approximating KL divergence").
+
+    Args:
+        log_probs: (B, T) log pi, with gradient.
+        ref_log_probs: (B, T) log pi_ref, without gradient.
+
+    Returns:
+        (B, T) per-token KL estimates.
+    """
+    d = ref_log_probs - log_probs
+    return torch.exp(d) - d - 1.0
+
+
+# -- aggregation -------------------------------------------------------------------------------
+
+AGGREGATION_MODES = ("seq_mean", "token_mean", "constant")
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    num_sequences: float,
+    num_tokens: float,
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """Reduce a micro-batch's per-token loss to its share of the optimizer step's loss.
+
+    The counts are GLOBAL: over every micro-batch of the optimizer step on every worker. Each
+    micro-batch's result is then a term of the full-batch loss, so its gradients summed over
+    micro-batches (and SUM-all-reduced over workers) equal the full-batch gradient exactly.
+    Do NOT divide further by gradient-accumulation steps or world size.
+
+        seq_mean    sum_i (sum_t l_it m_it / n_i) / num_sequences   (GRPO; n_i = tokens of seq i)
+        token_mean  sum_it l_it m_it / num_tokens                    (DAPO)
+        constant    sum_it l_it m_it / (num_sequences * max_new_tokens)   (Dr. GRPO)
+
+    Args:
+        per_token_loss: (b, T) loss of this micro-batch's b sequences.
+        mask: (b, T) 1 on completion tokens.
+        mode: one of `AGGREGATION_MODES`.
+        num_sequences: sequences in the whole optimizer step (all micro-batches, all workers).
+        num_tokens: masked tokens in the whole optimizer step (all micro-batches, all workers).
+        max_new_tokens: the generation budget (the constant of `constant`).
+
+    Returns:
+        0-dim loss tensor.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode == "seq_mean":
+        per_seq = masked_mean(per_token_loss, mask, dim=1)  # (b,)
+        return per_seq.sum() / num_sequences
+    if mode == "token_mean":
+        return masked_normalize(per_token_loss, mask, num_tokens)
+    if mode == "constant":
+        return masked_normalize(per_token_loss, mask, num_sequences * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}; valid choices: {', '.join(AGGREGATION_MODES)}")
+
+
+# -- chunked log-probs -------------------------------------------------------------------------
+
+
+def _chunk_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of `targets` and entropy for one chunk of tokens.
+
+    Args:
+        hidden: (N, H). weight: (V, H). targets: (N,).
+
+    Returns:
+        logp (N,) and entropy (N,) (zeros when `with_entropy` is False), float32.
+    """
+    logits = (hidden @ weight.T).float() / temperature  # (N, V)
+    log_z = torch.logsumexp(logits, dim=-1)  # (N,)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    if with_entropy:
+        log_softmax = logits - log_z.unsqueeze(-1)  # (N, V)
+        entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)
+    else:
+        entropy = torch.zeros_like(logp)
+    return logp, entropy
+
+
+def compute_token_log_probs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-probs (and entropy) of `target_ids` under softmax(hidden @ W^T / temperature).
+
+    Works through the B*L tokens `chunk_size` at a time, so at most (chunk_size x V) logits
+    exist at once. With gradients enabled each chunk is checkpointed: its logits are
+    recomputed in backward instead of kept, so the backward pass too holds one chunk's
+    logits at a time. Logits are divided by the sampling temperature so that log pi is the
+    distribution the completions were drawn from (as TRL does); they are upcast to float32
+    before the softmax.
+
+    Args:
+        hidden: (B, L, H) final hidden states (after the model's last norm), position t
+            predicting target_ids[:, t].
+        lm_head_weight: (V, H) output projection (no bias, no logit scaling).
+        target_ids: (B, L) int64 tokens whose log-probs are wanted.
+        temperature: sampling temperature (> 0).
+        chunk_size: tokens per chunk.
+        with_entropy: also return the entropy of each position's distribution.
+
+    Returns:
+        logp: (B, L) float32.
+        entropy: (B, L) float32, or None when `with_entropy` is False.
+    """
+    B, L, H = hidden.shape
+    flat_hidden = hidden.reshape(B * L, H)  # (N, H), N = B * L
+    flat_targets = target_ids.reshape(B * L)  # (N,)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    logps, entropies = [], []
+    for start in range(0, B * L, chunk_size):
+        args = (flat_hidden[start : start + chunk_size], lm_head_weight, flat_targets[start : start + chunk_size],
+                temperature, with_entropy)
+        if needs_grad:
+            logp, entropy = checkpoint(_chunk_log_probs, *args, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_log_probs(*args)
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = torch.cat(logps).view(B, L)
+    entropy = torch.cat(entropies).view(B, L) if with_entropy else None
+    return logp, entropy

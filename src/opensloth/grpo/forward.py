@@ -1,0 +1,84 @@
+"""Completion log-probs from a causal LM without materialising its full (tokens x V) logits.
+
+A HF causal LM is a decoder (embeddings, blocks, final norm) plus an `lm_head`; its forward
+computes logits for every position at once, (B, P + T, V) in float32 after upcasting, which
+for a 150k vocabulary dominates the step's memory. Here we run only the decoder
+(`model.get_decoder()`), keep the hidden states of the positions that predict completion
+tokens, and hand them with the lm_head weight to `compute_token_log_probs`, which works in
+chunks. This reaches through a PEFT wrapper (PeftModel forwards `get_decoder` to the base
+model, whose injected LoRA layers stay active), so it also serves the reference policy under
+`with model.disable_adapter():`.
+
+Duck-typed on the model: this module imports no transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from opensloth.grpo.core import compute_token_log_probs
+
+
+def get_decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The decoder (everything up to the final norm) and the lm_head weight (V, H) of a causal LM.
+
+    Raises:
+        ValueError: the model has no separable decoder, or its logits are not lm_head(hidden)
+            alone (a bias, soft-capping or a logit scale would be silently skipped).
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = get_decoder() if get_decoder is not None else None
+    if decoder is None or head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no get_decoder()/get_output_embeddings(); "
+                         "chunked log-probs need a standard causal LM")
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"model config sets {attr}; chunked log-probs assume logits = lm_head(hidden)")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the lm_head has a bias; chunked log-probs assume logits = hidden @ W^T")
+    return decoder, head.weight
+
+
+def compute_model_log_probs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_completion_tokens: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs (and entropies) of the last `num_completion_tokens` tokens of each sequence.
+
+    Position ids follow the attention mask (0 at each row's first real token), exactly as
+    `generate` numbered them for left-padded prompts.
+
+    Args:
+        model: a causal LM (HF, PEFT-wrapped or Unsloth-patched).
+        input_ids: (B, P + T) left-padded prompt ids followed by right-padded completion ids.
+        attention_mask: (B, P + T) 1 on real tokens (prompt and completion), 0 on padding.
+        num_completion_tokens: T.
+        temperature: the sampling temperature (logits are divided by it).
+        chunk_size: tokens per chunk of the (tokens x V) computation.
+        with_entropy: also return per-token entropies.
+
+    Returns:
+        logp (B, T) float32 and entropy (B, T) float32 or None. Values at padded completion
+        positions are meaningless: mask them.
+    """
+    decoder, head_weight = get_decoder_and_head(model)
+    T = num_completion_tokens
+    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # (B, P + T)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, P + T, H)
+    # Position t predicts token t + 1: the T completion tokens are predicted from positions P-1 .. P+T-2.
+    hidden = hidden[:, -T - 1 : -1, :]  # (B, T, H)
+    targets = input_ids[:, -T:]  # (B, T)
+    return compute_token_log_probs(
+        hidden, head_weight, targets, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+    )

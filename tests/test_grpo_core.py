@@ -1,0 +1,355 @@
+"""GRPO math pinned against hand-derived values (opensloth.grpo.core and .forward)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opensloth.grpo import core
+from opensloth.grpo.core import (
+    aggregate_loss,
+    compute_group_advantages,
+    compute_kl_k3,
+    compute_policy_loss,
+    compute_token_log_probs,
+    compute_truncated_is_weights,
+    get_policy_loss_fn,
+    masked_mean,
+    masked_normalize,
+    register_policy_loss,
+)
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+# -- advantages --------------------------------------------------------------------------------
+
+
+def test_advantages_normalised_by_unbiased_std_and_all_equal_group_is_zero():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv, raw, meta = compute_group_advantages(rewards, group_size=4, eps=0.0)
+    # group 1: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 1/sqrt(3); group 2 all equal -> 0
+    a = 0.5 * math.sqrt(3.0)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]), **TOL)
+    torch.testing.assert_close(raw, rewards, **TOL)
+    torch.testing.assert_close(meta["mean"], torch.tensor(1.25), **TOL)
+    torch.testing.assert_close(meta["std"], torch.tensor((1 / math.sqrt(3.0) + 0.0) / 2), **TOL)
+    torch.testing.assert_close(meta["max"], torch.tensor(2.0), **TOL)
+    torch.testing.assert_close(meta["min"], torch.tensor(0.0), **TOL)
+    torch.testing.assert_close(meta["frac_zero_std"], torch.tensor(0.5), **TOL)
+
+
+def test_advantages_eps_is_added_to_the_std():
+    adv, _, _ = compute_group_advantages(torch.tensor([0.0, 2.0]), group_size=2, eps=0.5)
+    # mean 1, unbiased std sqrt(2): A = +-1 / (sqrt(2) + 0.5)
+    a = 1.0 / (math.sqrt(2.0) + 0.5)
+    torch.testing.assert_close(adv, torch.tensor([-a, a]), **TOL)
+
+
+def test_advantages_without_std_normalisation_are_centred_rewards():
+    adv, _, meta = compute_group_advantages(torch.tensor([3.0, 1.0, 2.0, 0.1, 0.1, 0.4]), 3, normalize_by_std=False)
+    # group means 2 and 0.2
+    torch.testing.assert_close(adv, torch.tensor([1.0, -1.0, 0.0, -0.1, -0.1, 0.2]), **TOL)
+    torch.testing.assert_close(meta["frac_zero_std"], torch.tensor(0.0), **TOL)
+
+
+def test_all_equal_group_is_zero_even_when_float_std_is_not():
+    # 0.1 + 0.1 + 0.1 is not exactly 3 * 0.1; the group still counts as zero-std.
+    adv, _, meta = compute_group_advantages(torch.full((3,), 0.1), group_size=3)
+    assert torch.equal(adv, torch.zeros(3))
+    assert float(meta["frac_zero_std"]) == 1.0
+
+
+def test_group_size_one_and_ragged_batch_are_rejected():
+    with pytest.raises(ValueError, match="group_size must be at least 2"):
+        compute_group_advantages(torch.tensor([1.0, 0.0]), group_size=1)
+    with pytest.raises(ValueError, match="multiple of group_size=4"):
+        compute_group_advantages(torch.ones(6), group_size=4)
+
+
+# -- policy losses -----------------------------------------------------------------------------
+
+
+def _clip_case(advantage: float):
+    old = torch.zeros(1, 3)
+    log_probs = torch.log(torch.tensor([[0.5, 1.0, 1.5]])).requires_grad_()  # rho = 0.5, 1, 1.5
+    loss, meta = compute_policy_loss(
+        "grpo_clip", log_probs, old, torch.tensor([advantage]), epsilon_low=0.2, epsilon_high=0.28
+    )
+    loss.sum().backward()
+    return loss.detach(), meta, log_probs.grad
+
+
+def test_grpo_clip_positive_advantage_clips_above_1_plus_eps_high():
+    loss, meta, grad = _clip_case(+1.0)
+    # -min(rho, clip(rho, 0.8, 1.28)) = [-0.5, -1, -1.28]; the clipped token has no gradient,
+    # the others d/dlogp (-rho A) = -rho.
+    torch.testing.assert_close(loss, torch.tensor([[-0.5, -1.0, -1.28]]), **TOL)
+    torch.testing.assert_close(grad, torch.tensor([[-0.5, -1.0, 0.0]]), **TOL)
+    assert meta["clip_high"].tolist() == [[0.0, 0.0, 1.0]]
+    assert meta["clip_low"].tolist() == [[0.0, 0.0, 0.0]]
+    assert meta["clip"].tolist() == [[0.0, 0.0, 1.0]]
+
+
+def test_grpo_clip_negative_advantage_clips_below_1_minus_eps_low():
+    loss, meta, grad = _clip_case(-1.0)
+    # -min(-rho, -clip(rho)) = max(rho, clip(rho)) = [0.8, 1, 1.5]
+    torch.testing.assert_close(loss, torch.tensor([[0.8, 1.0, 1.5]]), **TOL)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 1.0, 1.5]]), **TOL)
+    assert meta["clip_low"].tolist() == [[1.0, 0.0, 0.0]]
+    assert meta["clip_high"].tolist() == [[0.0, 0.0, 0.0]]
+    assert meta["clip"].tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_grpo_clip_epsilon_high_defaults_to_epsilon_low():
+    old = torch.zeros(1, 1)
+    loss, meta = compute_policy_loss("grpo_clip", torch.log(torch.tensor([[1.5]])), old, torch.tensor([2.0]),
+                                     epsilon_low=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-2.4]]), **TOL)  # -1.2 * 2
+    assert meta["clip_high"].item() == 1.0
+
+
+def test_reinforce_losses_and_importance_weights():
+    log_probs = torch.tensor([[-1.0, -2.0], [-0.5, -0.25]])
+    scores = torch.tensor([2.0, -1.0])
+    for name in ("no_baseline", "reinforce_with_baseline"):
+        loss, meta = compute_policy_loss(name, log_probs, log_probs, scores)
+        torch.testing.assert_close(loss, torch.tensor([[2.0, 4.0], [-0.5, -0.25]]), **TOL)
+        assert float(meta["clip"].sum()) == 0.0
+    weights = torch.tensor([[0.5, 1.0], [2.0, 0.0]])
+    loss, _ = compute_policy_loss("reinforce_with_baseline", log_probs, log_probs, scores, importance_weights=weights)
+    torch.testing.assert_close(loss, torch.tensor([[1.0, 4.0], [-1.0, 0.0]]), **TOL)
+
+
+def test_truncated_is_weights_are_capped_ratios():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.2]]))
+    rollout = torch.log(torch.tensor([[0.25, 0.5, 0.4]]))
+    torch.testing.assert_close(compute_truncated_is_weights(old, rollout, cap=1.5),
+                               torch.tensor([[1.5, 1.0, 0.5]]), **TOL)
+
+
+def test_policy_loss_registry_lists_choices_and_restores():
+    with pytest.raises(ValueError, match="grpo_clip, no_baseline, reinforce_with_baseline"):
+        get_policy_loss_fn("ppo")
+    saved = dict(core.POLICY_LOSS_REGISTRY)
+    try:
+        @register_policy_loss("zero")
+        def zero_loss(log_probs, old_log_probs, advantages, **_):
+            return log_probs * 0, {}
+
+        assert get_policy_loss_fn("zero") is zero_loss
+        with pytest.raises(ValueError, match="already registered"):
+            register_policy_loss("zero")(zero_loss)
+    finally:
+        core.POLICY_LOSS_REGISTRY.clear()
+        core.POLICY_LOSS_REGISTRY.update(saved)
+
+
+# -- KL ----------------------------------------------------------------------------------------
+
+
+def test_kl_k3_values():
+    logp = torch.log(torch.tensor([[0.5, 0.3]]))
+    ref = torch.log(torch.tensor([[0.25, 0.3]]))
+    # d = log(0.25 / 0.5) = -log 2: exp(d) - d - 1 = 0.5 + log 2 - 1; equal policies -> 0
+    torch.testing.assert_close(compute_kl_k3(logp, ref), torch.tensor([[math.log(2.0) - 0.5, 0.0]]), **TOL)
+
+
+# -- masked reductions and aggregation ---------------------------------------------------------
+
+
+def test_masked_mean_and_normalize_ignore_padding_even_nan():
+    x = torch.tensor([[1.0, 2.0, float("nan")], [4.0, float("inf"), 0.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    torch.testing.assert_close(masked_mean(x, mask), torch.tensor(7.0 / 3.0), **TOL)
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 4.0, 0.0]), **TOL)
+    torch.testing.assert_close(masked_normalize(x, mask.bool(), 2.0), torch.tensor(3.5), **TOL)
+    torch.testing.assert_close(masked_normalize(x, mask, 2.0, dim=0), torch.tensor([2.5, 1.0, 0.0]), **TOL)
+
+
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("seq_mean", (1.5 + 5.0) / 2),  # mean of the per-sequence means
+    ("token_mean", 18.0 / 5),  # one mean over the 5 real tokens
+    ("constant", 18.0 / (2 * 4)),  # sum / (sequences x max_new_tokens=4)
+])
+def test_aggregate_loss_modes(mode, expected):
+    out = aggregate_loss(PER_TOKEN, MASK, mode, num_sequences=2, num_tokens=5, max_new_tokens=4)
+    torch.testing.assert_close(out, torch.tensor(expected), **TOL)
+
+
+def test_aggregate_loss_unknown_mode():
+    with pytest.raises(ValueError, match="seq_mean, token_mean, constant"):
+        aggregate_loss(PER_TOKEN, MASK, "sum", num_sequences=2, num_tokens=5, max_new_tokens=4)
+
+
+def _reference_full_batch_loss(per_token, mask, mode, max_new_tokens):
+    """The full-batch objective written as loops, independent of aggregate_loss."""
+    rows = [[float(per_token[i, t]) if mask[i, t] else None for t in range(mask.shape[1])] for i in range(len(mask))]
+    rows = [[v for v in r if v is not None] for r in rows]
+    if mode == "seq_mean":
+        return sum(sum(r) / len(r) for r in rows) / len(rows)
+    if mode == "token_mean":
+        return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    return sum(sum(r) for r in rows) / (len(rows) * max_new_tokens)
+
+
+@pytest.mark.parametrize("mode", ["seq_mean", "token_mean", "constant"])
+def test_gradient_accumulation_equals_full_batch_gradient(mode):
+    """k unequal micro-batches, each divided by the global counts, sum to the full-batch gradient."""
+    g = torch.Generator().manual_seed(0)
+    B, T, max_new = 7, 6, 8
+    lengths = torch.tensor([6, 1, 3, 5, 2, 6, 4])  # unequal completion lengths
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (B, T) right padding
+    old = -torch.rand(B, T, generator=g) * 3
+    theta = (old + 0.3 * torch.randn(B, T, generator=g)).requires_grad_()  # log-probs as parameters
+    ref = old + 0.1 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+
+    def per_token_loss(rows):
+        loss, _ = compute_policy_loss("grpo_clip", theta[rows], old[rows], adv[rows],
+                                      epsilon_low=0.2, epsilon_high=0.28)
+        return loss + 0.04 * compute_kl_k3(theta[rows], ref[rows])
+
+    # Full-batch gradient from the loop-written reference objective.
+    full = per_token_loss(slice(None))
+    expected_value = _reference_full_batch_loss(full.detach(), mask, mode, max_new)
+    ref_loss = {
+        "seq_mean": ((full * mask).sum(1) / mask.sum(1)).mean(),
+        "token_mean": (full * mask).sum() / mask.sum(),
+        "constant": (full * mask).sum() / (B * max_new),
+    }[mode]
+    assert abs(float(ref_loss.detach()) - expected_value) < 1e-5
+    (expected_grad,) = torch.autograd.grad(ref_loss, theta)
+
+    # Micro-batches of 3, 1 and 3 sequences (as 2 workers x accumulation would split them).
+    n_seq, n_tok = float(B), float(mask.sum())
+    total = 0.0
+    for rows in (slice(0, 3), slice(3, 4), slice(4, 7)):
+        loss = aggregate_loss(per_token_loss(rows), mask[rows], mode, num_sequences=n_seq, num_tokens=n_tok,
+                              max_new_tokens=max_new)
+        loss.backward()
+        total += float(loss.detach())
+    assert abs(total - expected_value) < 1e-5
+    torch.testing.assert_close(theta.grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+# -- chunked log-probs -------------------------------------------------------------------------
+
+
+def _unchunked(hidden, weight, targets, temperature):
+    logits = (hidden @ weight.T).float() / temperature
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    logp = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_log_probs_match_unchunked_values_and_gradients(chunk_size):
+    g = torch.Generator().manual_seed(1)
+    B, L, H, V = 3, 5, 8, 11
+    hidden = torch.randn(B, L, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, L), generator=g)
+    c1, c2 = torch.randn(B, L, generator=g), torch.randn(B, L, generator=g)
+
+    logp, entropy = compute_token_log_probs(hidden, weight, targets, temperature=0.7, chunk_size=chunk_size,
+                                            with_entropy=True)
+    grads = torch.autograd.grad((logp * c1 + entropy * c2).sum(), (hidden, weight))
+    ref_logp, ref_entropy = _unchunked(hidden, weight, targets, 0.7)
+    ref_grads = torch.autograd.grad((ref_logp * c1 + ref_entropy * c2).sum(), (hidden, weight))
+
+    torch.testing.assert_close(logp, ref_logp.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_log_probs_of_uniform_distribution_and_temperature():
+    V = 7
+    hidden = torch.zeros(1, 2, 4)  # zero hidden -> all logits 0 -> uniform
+    logp, entropy = compute_token_log_probs(hidden, torch.randn(V, 4), torch.tensor([[0, 6]]), with_entropy=True)
+    torch.testing.assert_close(logp, torch.full((1, 2), -math.log(V)), **TOL)
+    torch.testing.assert_close(entropy, torch.full((1, 2), math.log(V)), **TOL)
+    # Two tokens with logits 0 and log 3: p = (1/4, 3/4); at temperature 2 logits halve -> (1, sqrt 3) / (1 + sqrt 3)
+    weight = torch.tensor([[0.0], [math.log(3.0)]])
+    logp, entropy = compute_token_log_probs(torch.ones(1, 1, 1), weight, torch.tensor([[1]]), temperature=2.0,
+                                            with_entropy=True)
+    p = math.sqrt(3.0) / (1 + math.sqrt(3.0))
+    torch.testing.assert_close(logp, torch.tensor([[math.log(p)]]), **TOL)
+    torch.testing.assert_close(entropy, torch.tensor([[-(p * math.log(p) + (1 - p) * math.log(1 - p))]]), **TOL)
+    _, none = compute_token_log_probs(torch.ones(1, 1, 1), weight, torch.tensor([[1]]))
+    assert none is None
+
+
+def test_chunked_log_probs_never_save_a_full_logits_tensor_for_backward():
+    """Autograd keeps at most (chunk x V) of anything per chunk, never (tokens x V)."""
+    B, L, H, V, chunk = 4, 16, 8, 500, 8
+    hidden = torch.randn(B, L, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    targets = torch.randint(0, V, (B, L))
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, entropy = compute_token_log_probs(hidden, weight, targets, chunk_size=chunk, with_entropy=True)
+    assert max(saved) < B * L * V / 4, f"a saved tensor has {max(saved)} elements"
+    (logp.sum() + entropy.sum()).backward()
+    assert hidden.grad is not None and weight.grad is not None
+
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _unchunked(hidden, weight, targets, 1.0)
+    assert max(saved) >= B * L * V  # the unchunked version does hold full logits
+
+
+# -- log-probs from a (PEFT) causal LM ---------------------------------------------------------
+
+
+def test_model_log_probs_match_full_logits_with_adapter_on_and_off(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from opensloth.grpo.forward import compute_model_log_probs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # non-zero B so the adapter changes the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 256, (3, 10), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0  # left padding in the prompt
+    attention_mask[1, -2:] = 0  # right padding after the completion
+    T, temp = 4, 0.8
+
+    def full(m):
+        pos = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = m(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits.float() / temp
+        return torch.log_softmax(logits[:, -T - 1 : -1], -1).gather(-1, input_ids[:, -T:, None]).squeeze(-1)
+
+    logp, entropy = compute_model_log_probs(model, input_ids, attention_mask, num_completion_tokens=T,
+                                            temperature=temp, chunk_size=5)
+    torch.testing.assert_close(logp, full(model), rtol=1e-5, atol=1e-5)
+    assert entropy.shape == (3, T)
+    with model.disable_adapter():
+        ref_logp, _ = compute_model_log_probs(model, input_ids, attention_mask, num_completion_tokens=T,
+                                              temperature=temp, chunk_size=5)
+        torch.testing.assert_close(ref_logp, full(model), rtol=1e-5, atol=1e-5)
+    assert (ref_logp - logp).abs().max() > 1e-3  # the adapter mattered
+
+    # Gradients reach the LoRA weights through the chunked path.
+    logp.sum().backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert lora_grads and all(gr is not None and gr.abs().sum() > 0 for gr in lora_grads)
