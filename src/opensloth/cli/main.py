@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from opensloth.cli.common import user_errors as _user_errors
 
 app = typer.Typer(
     name="os",
@@ -14,6 +19,42 @@ app = typer.Typer(
 )
 
 # Commands are added below, one function each; keep them thin (parse, validate, dispatch).
+
+
+@app.command("list-rewards")
+@_user_errors
+def list_rewards(
+    reward_module: Optional[list[Path]] = typer.Option(
+        None, "--reward-module", help="Python file with custom rewards to list too (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (rewards and presets) instead of tables."),
+) -> None:
+    """List every reward (built-in and from --reward-module files) and the --task presets."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from opensloth.rewards import load_reward_module
+    from opensloth.rewards.base import rewards_catalog
+
+    for path in reward_module or []:
+        load_reward_module(path)
+    catalog = rewards_catalog()
+    if as_json:
+        typer.echo(json.dumps(catalog, indent=2))
+        return
+    rewards = Table(title="Rewards (--rewards NAME,...)", title_justify="left")
+    for column in ("name", "source", "description"):
+        rewards.add_column(column, overflow="fold")
+    for row in catalog["rewards"]:
+        rewards.add_row(row["name"], row["source"], row["description"])
+    presets = Table(title="Presets (--task NAME)", title_justify="left")
+    presets.add_column("task")
+    presets.add_column("rewards")
+    for task, names in catalog["presets"].items():
+        presets.add_row(task, ", ".join(names))
+    console = Console()
+    console.print(rewards, presets)
 
 # eval, generate, export, plot (cli/use.py).
 from opensloth.cli import use as _use  # noqa: E402

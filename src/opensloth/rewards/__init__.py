@@ -20,15 +20,51 @@ from opensloth.rewards.base import (
     register_reward_function,
 )
 from opensloth.rewards.code import CodeCorrectnessReward, code_correctness
-from opensloth.rewards.general import DemoReward, LengthPenalty, demo_reward, get_length_penalty, length_penalty
-from opensloth.rewards.math import MathAnswerReward, MathFormatReward, MathNumberReward, math_answer, math_format, math_number
+from opensloth.rewards.general import (
+    DemoReward,
+    LengthPenalty,
+    demo_reward,
+    get_length_penalty,
+    length_penalty,
+)
+from opensloth.rewards.math import (
+    MathAnswerReward,
+    MathFormatReward,
+    MathNumberReward,
+    math_answer,
+    math_format,
+    math_number,
+)
 from opensloth.rewards.rewardset import RewardResult, RewardSet, resolve_rewards
 from opensloth.rewards.sandbox import SandboxLimits, SandboxResult, run_python
 
 __all__ = [
-    "PRESETS", "FunctionReward", "RewardFunction", "RewardResult", "RewardSet", "SandboxLimits", "SandboxResult",
-    "CodeCorrectnessReward", "DemoReward", "LengthPenalty", "MathAnswerReward", "MathFormatReward",
-    "MathNumberReward", "code_correctness", "completion_text", "demo_reward", "get_length_penalty",
-    "get_reward_functions", "length_penalty", "list_reward_functions", "load_reward_module", "math_answer",
-    "math_format", "math_number", "prompt_text", "register_reward_function", "resolve_rewards", "run_python",
+    "PRESETS",
+    "CodeCorrectnessReward",
+    "DemoReward",
+    "FunctionReward",
+    "LengthPenalty",
+    "MathAnswerReward",
+    "MathFormatReward",
+    "MathNumberReward",
+    "RewardFunction",
+    "RewardResult",
+    "RewardSet",
+    "SandboxLimits",
+    "SandboxResult",
+    "code_correctness",
+    "completion_text",
+    "demo_reward",
+    "get_length_penalty",
+    "get_reward_functions",
+    "length_penalty",
+    "list_reward_functions",
+    "load_reward_module",
+    "math_answer",
+    "math_format",
+    "math_number",
+    "prompt_text",
+    "register_reward_function",
+    "resolve_rewards",
+    "run_python",
 ]

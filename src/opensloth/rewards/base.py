@@ -22,8 +22,9 @@ import importlib.util
 import inspect
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from opensloth.errors import UserError
 
@@ -57,7 +58,7 @@ class RewardFunction:
 
     name: str = ""
     description: str = ""
-    source: Optional[str] = None  # filled in on registration
+    source: str | None = None  # filled in on registration
     self_limited: bool = False
     wants_scores: bool = False
 
@@ -74,8 +75,8 @@ class RewardFunction:
 class FunctionReward(RewardFunction):
     """Adapts a plain TRL-style reward function to a RewardFunction."""
 
-    def __init__(self, fn: Callable, name: Optional[str] = None, description: Optional[str] = None,
-                 source: Optional[str] = None):
+    def __init__(self, fn: Callable, name: str | None = None, description: str | None = None,
+                 source: str | None = None):
         self.fn = fn
         self.name = name or fn.__name__
         doc = inspect.getdoc(fn) or ""
@@ -153,8 +154,8 @@ _REGISTRY: dict[str, RewardFunction] = {}
 _LOADED_MODULES: dict[Path, list[str]] = {}
 
 
-def register_reward_function(fn: Any = None, *, name: Optional[str] = None, description: Optional[str] = None,
-                             source: Optional[str] = None):
+def register_reward_function(fn: Any = None, *, name: str | None = None, description: str | None = None,
+                             source: str | None = None):
     """Register a reward under its name; works on RewardFunction instances and plain functions.
 
     Usable directly (`register_reward_function(my_fn)`) or as a decorator, with or without
@@ -278,3 +279,12 @@ def load_reward_module(path: Path | str) -> list[str]:
             names.append(attr)
     _LOADED_MODULES[path] = sorted(set(names))
     return list(_LOADED_MODULES[path])
+
+
+def rewards_catalog() -> dict[str, Any]:
+    """Every reward (name, source, description) and every preset, as plain data (`os list-rewards --json`)."""
+    return {
+        "rewards": [{"name": r.name, "source": r.source, "description": r.description}
+                    for r in list_reward_functions()],
+        "presets": {task: list(names) for task, names in PRESETS.items()},
+    }

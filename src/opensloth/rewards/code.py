@@ -7,7 +7,7 @@ import json
 import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 from opensloth.rewards.base import RewardFunction, completion_text, register_reward_function
 from opensloth.rewards.sandbox import SandboxLimits, run_python
@@ -15,7 +15,7 @@ from opensloth.rewards.sandbox import SandboxLimits, run_python
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
-def extract_code(text: str) -> Optional[str]:
+def extract_code(text: str) -> str | None:
     """The last ```python fenced block (else the last unlabelled ``` block), or None.
 
     >>> extract_code("Here:\\n```python\\nprint(1)\\n```")

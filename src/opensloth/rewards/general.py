@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from rich.console import Console
 from rich.markup import escape
@@ -65,11 +64,11 @@ class DemoReward(RewardFunction):
     wants_scores = True
     self_limited = True
 
-    def __init__(self, every: int = 1, max_chars: int = 1200, console: Optional[Console] = None):
+    def __init__(self, every: int = 1, max_chars: int = 1200, console: Console | None = None):
         self.every, self.max_chars, self.calls = every, max_chars, 0
         self.console = console or Console(stderr=True)
 
-    def score(self, prompts, completions, reward_scores: Optional[dict] = None, **columns):
+    def score(self, prompts, completions, reward_scores: dict | None = None, **columns):
         self.calls += 1
         if completions and (self.calls - 1) % self.every == 0 and os.environ.get("RANK", "0") == "0":
             self.show(prompt_text(prompts[0]) if prompts else "", completion_text(completions[0]),

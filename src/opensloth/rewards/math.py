@@ -18,9 +18,14 @@ import select
 import subprocess
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any
 
-from opensloth.rewards.base import RewardFunction, completion_text, reference_answers, register_reward_function
+from opensloth.rewards.base import (
+    RewardFunction,
+    completion_text,
+    reference_answers,
+    register_reward_function,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ _SOLUTION = re.compile(rf"{re.escape(SOLUTION_START)}(.*?){re.escape(SOLUTION_EN
 # ---------------------------------------------------------------------------------------------
 
 
-def last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> str | None:
     r"""Content of the last `\boxed{...}` (braces balanced), or None.
 
     >>> last_boxed(r"so \boxed{\frac{1}{2}}.")
@@ -56,7 +61,7 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-def extract_solution(text: str) -> Optional[str]:
+def extract_solution(text: str) -> str | None:
     r"""The answer part of a completion: inside the last <SOLUTION>...</SOLUTION>, else the last
     \boxed{}, else None."""
     found = _SOLUTION.findall(text)
@@ -69,7 +74,7 @@ def extract_solution(text: str) -> Optional[str]:
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 
 
-def parse_number(text: Any) -> Optional[float]:
+def parse_number(text: Any) -> float | None:
     r"""The first number in `text` as a float, or None.
 
     Handles thousands separators (1,234 and LaTeX 1{,}234 or 1\,234), a sign (also the unicode
@@ -102,7 +107,7 @@ def _as_latex(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _verify_here(gold: str, pred: str, time_limit_s: Optional[int]) -> Optional[bool]:
+def _verify_here(gold: str, pred: str, time_limit_s: int | None) -> bool | None:
     """True/False; None when the gold answer does not parse. Signal timeouts need the main thread."""
     from math_verify import parse, verify
 
@@ -133,10 +138,10 @@ class _CheckerProcess:
     STARTUP_S = 120.0
 
     def __init__(self):
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
 
-    def _readline(self, timeout: float) -> Optional[str]:
+    def _readline(self, timeout: float) -> str | None:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         return self.proc.stdout.readline() if ready else None
 
@@ -154,7 +159,7 @@ class _CheckerProcess:
             self.proc.wait()
             self.proc = None
 
-    def check(self, gold: str, pred: str, time_limit_s: int) -> Optional[bool]:
+    def check(self, gold: str, pred: str, time_limit_s: int) -> bool | None:
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
@@ -170,7 +175,7 @@ class _CheckerProcess:
 _CHECKER = _CheckerProcess()
 
 
-def verify_answer(gold: str, pred: str, time_limit_s: int = 5) -> Optional[bool]:
+def verify_answer(gold: str, pred: str, time_limit_s: int = 5) -> bool | None:
     """Is `pred` mathematically equal to `gold`? math-verify with a per-check time limit.
 
     In the main thread math-verify's own (signal-based) timeouts apply; elsewhere the check runs
@@ -208,7 +213,7 @@ class MathFormatReward(RewardFunction):
     """
 
     name = "math_format"
-    description = "Reasoning format <start_working_out>..<end_working_out><SOLUTION>..</SOLUTION>: 1 exact, partial per tag."
+    description = "Tags <start_working_out> <end_working_out> <SOLUTION> </SOLUTION>: 1 exact, partial per tag, repeats penalised."
 
     def score(self, prompts, completions, **columns):
         return [self.score_one(completion_text(c)) for c in completions]
@@ -243,7 +248,7 @@ class MathAnswerReward(RewardFunction):
         self.time_limit_s = time_limit_s
 
     def score(self, prompts, completions, **columns):
-        out: list[Optional[float]] = []
+        out: list[float | None] = []
         for completion, gold in zip(completions, reference_answers(columns, len(completions)), strict=True):
             if gold is None or not str(gold).strip():
                 out.append(None)
@@ -273,7 +278,7 @@ class MathNumberReward(RewardFunction):
     description = "First number in the answer equals the reference number (1,234 = 1234; units ignored): 1, else 0."
 
     def score(self, prompts, completions, **columns):
-        out: list[Optional[float]] = []
+        out: list[float | None] = []
         for completion, gold in zip(completions, reference_answers(columns, len(completions)), strict=True):
             ref = parse_number(gold)
             if ref is None:

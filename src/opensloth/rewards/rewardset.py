@@ -21,9 +21,10 @@ import numbers
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from opensloth.errors import UserError
 from opensloth.rewards.base import PRESETS, RewardFunction, get_reward_functions, load_reward_module
@@ -44,7 +45,7 @@ class RewardResult:
     """
 
     total: list[float]
-    per_reward: dict[str, list[Optional[float]]]
+    per_reward: dict[str, list[float | None]]
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -57,7 +58,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def check_values(values: Any, n: int) -> list[Optional[float]]:
+def check_values(values: Any, n: int) -> list[float | None]:
     """Validate a reward's output: a list of N numbers or None, all finite.
 
     Raises:
@@ -69,7 +70,7 @@ def check_values(values: Any, n: int) -> list[Optional[float]]:
         raise RewardFailure(f"returned {type(values).__name__}, expected a list of {n} floats")
     if len(values) != n:
         raise RewardFailure(f"returned {len(values)} values for {n} completions")
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     for i, value in enumerate(values):
         if value is None:
             out.append(None)
@@ -91,7 +92,7 @@ class RewardSet:
         time_limit_s: per-call limit for each reward.
     """
 
-    def __init__(self, rewards: Sequence[RewardFunction], weights: Optional[Sequence[float]] = None,
+    def __init__(self, rewards: Sequence[RewardFunction], weights: Sequence[float] | None = None,
                  time_limit_s: float = 120.0):
         self.rewards = list(rewards)
         self.weights = [float(w) for w in weights] if weights else [1.0] * len(self.rewards)
@@ -111,7 +112,7 @@ class RewardSet:
         return "RewardSet(" + ", ".join(f"{r.name}x{w:g}" for r, w in zip(self.rewards, self.weights)) + ")"
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any],
-              columns: Optional[dict[str, Sequence[Any]]] = None) -> RewardResult:
+              columns: dict[str, Sequence[Any]] | None = None) -> RewardResult:
         """Score N completions.
 
         Args:
@@ -131,7 +132,7 @@ class RewardSet:
         for key, values in {"prompts": prompts, **columns}.items():
             if len(values) != n:
                 raise ValueError(f"{key} has {len(values)} values for {n} completions")
-        per_reward: dict[str, list[Optional[float]]] = {}
+        per_reward: dict[str, list[float | None]] = {}
         metrics: dict[str, float] = {}
         # Rewards that read the others' scores (demo_reward) go last.
         order = sorted(range(len(self.rewards)), key=lambda i: self.rewards[i].wants_scores)
@@ -156,7 +157,7 @@ class RewardSet:
         return RewardResult(total, per_reward, metrics)
 
     def _call_contained(self, reward: RewardFunction, prompts: list, completions: list, kwargs: dict,
-                        n: int) -> tuple[list[Optional[float]], bool]:
+                        n: int) -> tuple[list[float | None], bool]:
         """Call one reward; on any failure return N Nones and True (and report it)."""
         start = time.monotonic()
         try:
@@ -210,7 +211,7 @@ def _call_with_time_limit(reward: RewardFunction, prompts: list, completions: li
     return box["value"]
 
 
-def resolve_rewards(task: Optional[str] = None, names: Sequence[str] = (), weights: Sequence[float] = (),
+def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights: Sequence[float] = (),
                     modules: Sequence[Path | str] = (), time_limit_s: float = 120.0) -> RewardSet:
     """The rewards of a GRPO run: the task preset, then --rewards, with --reward-weights.
 
