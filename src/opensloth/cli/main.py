@@ -56,6 +56,19 @@ def list_rewards(
     console = Console()
     console.print(rewards, presets)
 
+@app.command("demo")
+@_user_errors
+def demo(
+    output_dir: Path = typer.Option(Path("outputs/demo"), "--output-dir", "-o", help="Where the demo writes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous demo in --output-dir."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the model, the data and training."),
+) -> None:
+    """Offline demo on the CPU: build a tiny model, SFT it on the format, GRPO it on the answers, compare."""
+    from opensloth.demo import DemoSettings, run_demo
+
+    run_demo(output_dir, DemoSettings(seed=seed), overwrite=overwrite)
+
+
 # eval, generate, export, plot (cli/use.py).
 from opensloth.cli import use as _use  # noqa: E402
 
