@@ -171,7 +171,10 @@ class SFTConfig(Section):
 class GRPOConfig(Section):
     task: Optional[str] = Field(None, description="Reward preset: math, code, general, reasoning.")
     rewards: list[str] = Field(default_factory=list, description="Comma-separated reward names (os list-rewards).")
-    reward_weights: list[float] = Field(default_factory=list, description="Comma-separated weight per reward.")
+    reward_weights: list[float] = Field(
+        default_factory=list,
+        description="Comma-separated weight per reward: the --task preset's rewards, then --rewards, in order.",
+    )
     reward_modules: list[Path] = Field(
         default_factory=list, description="Python file with custom rewards (repeatable).",
         json_schema_extra=_flags("--reward-module"),
@@ -253,7 +256,8 @@ class GRPORunConfig(RunConfig):
         if self.data.format is not None and self.data.format not in GRPO_FORMATS:
             raise ValueError(f"--format {self.data.format!r} is not a GRPO format; choose one of {', '.join(GRPO_FORMATS)}")
         g = self.grpo
-        if g.reward_weights and g.rewards and len(g.reward_weights) != len(g.rewards):
+        # With --task, weights cover the preset's rewards and then --rewards; resolve_rewards checks that.
+        if g.reward_weights and g.rewards and not g.task and len(g.reward_weights) != len(g.rewards):
             raise ValueError(
                 f"--reward-weights has {len(g.reward_weights)} values but --rewards names {len(g.rewards)} rewards"
             )
