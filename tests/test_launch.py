@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,9 @@ def test_stop_all_kills_the_whole_process_group():
     assert proc.stdout.readline().strip() == b"ready"
     stop_all([proc], grace=0.5)
     assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously to the grandchild
+    while _live_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _live_in_group(proc.pid) == []
 
 
