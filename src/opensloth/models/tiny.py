@@ -22,9 +22,9 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD_TOKEN = "<|endoftext|>"
-BOS_LIKE = "<|im_start|>"
+IM_START = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, BOS_LIKE, EOS_TOKEN]
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, EOS_TOKEN]
 # Added as normal (non-special) tokens: single ids, yet they decode as text with
 # skip_special_tokens=True, which is what reward functions parse.
 REASONING_TAGS = ["<start_working_out>", "<end_working_out>", "<SOLUTION>", "</SOLUTION>"]
@@ -66,7 +66,7 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
-        additional_special_tokens=[BOS_LIKE],
+        additional_special_tokens=[IM_START],
         clean_up_tokenization_spaces=False,
         model_max_length=32768,
     )
@@ -112,7 +112,7 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.pad_token_id,  # as Qwen2.5: <|endoftext|>
+        bos_token_id=None,  # like the tokenizer: ChatML needs no BOS
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",

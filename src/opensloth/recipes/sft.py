@@ -1,0 +1,266 @@
+"""Supervised fine-tuning with TRL's SFTTrainer, on a dataset prepared by the launcher.
+
+Lifecycle (torchtune's): `SFTRecipe(cfg, ctx)` rejects bad combinations, `setup()` loads the
+model, the data and the trainer, `train()` runs it, `save()` writes the adapter (or full
+model) with the tokenizer and its chat template, `cleanup()` closes the loggers.
+
+Data. The parent process prepared and tokenized the dataset once (`opensloth.data`); rows
+carry `input_ids` and `assistant_masks` (1 on assistant tokens). TRL builds the labels from
+that mask (-100 elsewhere), so the loss covers exactly the assistant turns; with
+`--no-assistant-only-loss` the mask is dropped and every token is trained on.
+
+Workers. Every worker reads the whole prepared dataset (all shards, in order) and the HF
+Trainer (through accelerate) gives each rank its slice and averages gradients with DDP. So
+`--per-device-train-batch-size` is per worker and the global batch is
+per-device x gradient-accumulation x workers, as in TRL.
+
+Deviations from a plain `SFTTrainer` script:
+- logging goes to our `MetricsLogger` (metrics.jsonl + TensorBoard) and one rich progress
+  bar, not to TRL's reporters and tqdm;
+- checkpoints go to `output_dir/checkpoints/checkpoint-<step>` and are sealed with a manifest
+  (`opensloth.checkpoint`), so resume never trusts a half-written one;
+- gradient checkpointing is set up by `opensloth.models` (on for CUDA), not by TRL, whose
+  default would turn it on for CPU runs too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from opensloth.checkpoint import StopSignal, resolve_resume, sft_checkpoint_callback
+from opensloth.config import SFTRunConfig
+from opensloth.distributed import WorkerContext
+from opensloth.errors import UserError
+from opensloth.models import load_model_and_tokenizer, save_model, unwrap_model
+from opensloth.tracking import MetricsLogger, TrainingProgress, plot_metrics
+
+logger = logging.getLogger("opensloth")
+
+# Shown on the progress bar (when logged).
+PROGRESS_KEYS = ["loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_loss"]
+
+
+class SFTRecipe:
+    """SFT of one worker; every worker of the job runs one (rank 0 logs and saves)."""
+
+    def __init__(self, cfg: SFTRunConfig, ctx: WorkerContext):
+        if cfg.recipe != "sft":
+            raise ValueError(f"SFTRecipe got a {cfg.recipe!r} config")
+        if ctx.prepared_data_path is None:
+            raise ValueError("the launcher must prepare the data and pass ctx.prepared_data_path")
+        if cfg.training.eval_steps and not (cfg.data.eval_dataset or cfg.data.eval_split_ratio):
+            raise UserError("--eval-steps needs evaluation data: pass --eval-dataset or --eval-split-ratio.")
+        if cfg.training.max_steps == 0:
+            raise UserError("--max-steps 0 trains nothing. Pass a positive number, or -1 to use --num-train-epochs.")
+        self.cfg = cfg
+        self.ctx = ctx
+        self.output_dir = cfg.training.output_dir
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Seed, load the model and the prepared data, and build the trainer."""
+        import datasets
+        import transformers
+
+        cfg = self.cfg
+        datasets.disable_progress_bars()  # our progress bar is the only one
+        transformers.utils.logging.disable_progress_bar()
+        transformers.set_seed(cfg.training.seed)  # before loading: LoRA's initial A matrices come from this RNG
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            cfg.model, cfg.lora, self.ctx.device, max_seq_length=cfg.data.max_seq_length
+        )
+        self.train_data, self.eval_data = self._load_data()
+        self.metrics = MetricsLogger(self.output_dir, cfg.logging.report_to, cfg.logging.run_name, self.ctx.is_main)
+        self.stop = StopSignal()
+        self.resume_from = resolve_resume(self.output_dir, cfg.training.resume, cfg.training.resume_from)
+        self.trainer = self._build_trainer()
+        if self.ctx.is_main:
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in self.model.parameters())
+            logger.info("SFT: %d training rows, %s trainable of %s parameters, %d workers",
+                        len(self.train_data), f"{trainable:,}", f"{total:,}", self.ctx.world_size)
+
+    def _load_data(self):
+        """All shards of the prepared dataset (see the module docstring), and the eval split if any."""
+        import datasets
+
+        from opensloth.data import load_prepared
+
+        prepared = load_prepared(self.ctx.prepared_data_path)
+        shards = [prepared.load_shard(rank) for rank in range(prepared.num_shards)]
+        train = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+        eval_data = prepared.load_eval() if self.cfg.training.eval_steps else None
+        return self._for_trainer(train), self._for_trainer(eval_data)
+
+    def _for_trainer(self, data):
+        """Keep what TRL reads (input_ids, assistant_masks), in memory so TRL's map() writes no cache
+        files into the shared prepared directory."""
+        if data is None:
+            return None
+        keep = ["input_ids"] + (["assistant_masks"] if self.cfg.sft.assistant_only_loss else [])
+        missing = [c for c in keep if c not in data.column_names]
+        if missing:
+            raise ValueError(f"prepared SFT rows lack {missing}; columns: {data.column_names}")
+        return data.select_columns(keep).map(lambda row: row, keep_in_memory=True)
+
+    def _build_trainer(self):
+        from trl import SFTConfig
+
+        cfg, t = self.cfg, self.cfg.training
+        dtype = next(self.model.parameters()).dtype
+        save_every = t.save_steps > 0
+        evaluate = self.eval_data is not None
+        args = SFTConfig(
+            output_dir=str(self.output_dir / "checkpoints"),
+            learning_rate=t.learning_rate,
+            max_steps=t.max_steps,
+            num_train_epochs=t.num_train_epochs,
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            per_device_eval_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            max_grad_norm=t.max_grad_norm,
+            # transformers reads a warmup_steps below 1 as a ratio of the total steps.
+            warmup_steps=min(t.warmup_ratio, 0.9999),
+            lr_scheduler_type=t.lr_scheduler_type,
+            weight_decay=t.weight_decay,
+            seed=t.seed,
+            data_seed=t.seed,
+            logging_steps=t.logging_steps,
+            save_strategy="steps" if save_every else "no",
+            save_steps=t.save_steps if save_every else 500,
+            save_total_limit=None,  # rotation happens after sealing (opensloth.checkpoint)
+            eval_strategy="steps" if evaluate else "no",
+            eval_steps=t.eval_steps if evaluate else None,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu=self.ctx.device.type == "cpu",
+            gradient_checkpointing=False,  # set up (or not) by opensloth.models
+            max_length=cfg.data.max_seq_length,
+            packing=cfg.sft.packing,
+            assistant_only_loss=False,  # the prepared assistant_masks column does this (module docstring)
+            completion_only_loss=False,
+            report_to="none",
+            disable_tqdm=True,
+            ddp_find_unused_parameters=False,
+            dataloader_num_workers=0,
+        )
+        callbacks = [
+            _LogCallback(self.metrics, self.ctx),
+            sft_checkpoint_callback(self.stop, t.save_total_limit),
+        ]
+        trainer = sft_trainer_class()(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_data,
+            eval_dataset=self.eval_data,
+            processing_class=self.tokenizer,
+            callbacks=callbacks,
+        )
+        # With tqdm off the Trainer prints every log dict; our progress bar and metrics.jsonl replace it.
+        trainer.remove_callback(PrinterCallback)
+        return trainer
+
+    # ------------------------------------------------------------------ train / save / cleanup
+
+    def train(self) -> None:
+        """Run the Trainer; Ctrl-C saves a checkpoint at the end of the step and stops."""
+        if self.resume_from is not None and self.ctx.is_main:
+            logger.info("Resuming from %s", self.resume_from)
+        with self.stop:
+            self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+
+    def save(self) -> None:
+        """Rank 0 writes the adapter (or full model), tokenizer and chat template, and the curves PNG."""
+        if self.ctx.is_main:
+            model = unwrap_model(self.trainer.model)
+            save_model(model, self.tokenizer, self.output_dir)
+            self.metrics.close()
+            plot_metrics(self.output_dir)
+            logger.info("Saved the %s to %s", "model" if self.cfg.model.full_finetune else "adapter", self.output_dir)
+
+    def cleanup(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+
+
+def sft_trainer_class():
+    """TRL's SFTTrainer, or on machines without Triton (CPU builds of torch) a subclass that
+    computes the standard causal-LM loss instead of TRL 1.15's Triton kernel.
+
+    TRL 1.15 always computes the SFT loss with a Triton kernel and crashes where Triton is
+    missing ("'NoneType' object has no attribute 'apply'"); TRL 1.16 fixes it, but our pins stop
+    at 1.15 for unsloth. `Trainer.compute_loss` (the documented override point) gives the same
+    loss: summed token NLL over the label tokens of the accumulated batch, divided by their count.
+    TRL's extra metrics (entropy, token accuracy, num_tokens) are then not logged.
+    """
+    import importlib.util
+
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if importlib.util.find_spec("triton") is not None:
+        return SFTTrainer
+
+    class PortableSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return PortableSFTTrainer
+
+
+class _LogCallback(TrainerCallback):
+    """Trainer logs -> MetricsLogger (adds tokens/s per worker); steps -> the rich progress bar."""
+
+    def __init__(self, metrics: MetricsLogger, ctx: WorkerContext):
+        self.metrics = metrics
+        self.ctx = ctx
+        self.progress: TrainingProgress | None = None
+        self._last: dict[str, Any] = {}
+        self._tokens_time: tuple[float, float] = (0.0, time.perf_counter())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = TrainingProgress(state.max_steps, is_main=self.ctx.is_main, description="sft",
+                                         show_keys=PROGRESS_KEYS).__enter__()
+        self._tokens_time = (0.0, time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(state.global_step, self._last)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "num_tokens" in logs:
+            tokens, then = self._tokens_time
+            now = time.perf_counter()
+            # TRL's num_tokens is summed over workers; report per worker (torchtune's tokens/s/GPU).
+            rate = (logs["num_tokens"] - tokens) / max(now - then, 1e-9) / self.ctx.world_size
+            logs["tokens_per_second_per_worker"] = rate
+            self._tokens_time = (float(logs["num_tokens"]), now)
+        self._last.update(logs)
+        self.metrics.log(state.global_step, logs)
+        if self.progress is not None:
+            self.progress.update(state.global_step, self._last)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+
+def run(cfg: SFTRunConfig, ctx: WorkerContext) -> None:
+    """Entry point called in every worker once the process group is up."""
+    recipe = SFTRecipe(cfg, ctx)
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.save()
+    finally:
+        recipe.cleanup()
