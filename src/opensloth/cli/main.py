@@ -56,6 +56,21 @@ def list_rewards(
     console = Console()
     console.print(rewards, presets)
 
+@app.command("info")
+@_user_errors
+def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Versions, devices, and which backends and rollout engines are usable here (and why not)."""
+    import json
+
+    from opensloth.cli.info import collect_info, print_info
+
+    data = collect_info()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        print_info(data)
+
+
 @app.command("demo")
 @_user_errors
 def demo(

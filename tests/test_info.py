@@ -1,0 +1,36 @@
+"""`os info`: the real CLI in a subprocess, on this machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+
+def _os(*args: str) -> subprocess.CompletedProcess:
+    code = "from opensloth.cli.main import app; app()"
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_os_info_json_reports_versions_devices_and_components():
+    result = _os("info", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["python"] == sys.version.split()[0]
+    assert info["devices"]["cuda_available"] == torch.cuda.is_available()
+    assert info["devices"]["cpu_cores"] >= 1
+    assert info["backends"]["hf"]["usable"] is True
+    assert info["rollout_engines"]["hf"]["usable"] is True
+    if not torch.cuda.is_available():
+        assert info["backends"]["unsloth"] == {"usable": False, "detail": "no CUDA device"}
+        assert info["devices"]["gpus"] == []
+
+
+def test_os_info_tables():
+    result = _os("info")
+    assert result.returncode == 0, result.stderr
+    for heading in ("Versions", "Devices", "Components", "transformers", "unsloth", "vllm"):
+        assert heading in result.stdout
