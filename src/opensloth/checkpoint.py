@@ -209,6 +209,23 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: Optional[int]) -> lis
     return deleted
 
 
+def check_writable(output_dir: Path, option: str = "--output-dir") -> None:
+    """Create `output_dir` if needed and prove a file can be written there, before any long work.
+
+    Raises:
+        UserError: the directory (or a parent) cannot be created or written (read-only, no permission).
+    """
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {path} is not writable ({reason}). Choose a directory you can write to."
+                        ) from None
+
+
 # ------------------------------------------------------------------------------------------------
 # Our own loop (GRPO): save / load
 # ------------------------------------------------------------------------------------------------

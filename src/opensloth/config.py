@@ -162,6 +162,19 @@ class LoggingConfig(Section):
     print_sample_every: int = Field(10, ge=0, description="Print one prompt with its completions every N steps.")
     debug: bool = Field(False, description="Show full tracebacks for user errors.")
 
+    @field_validator("report_to")
+    @classmethod
+    def _check_report_to(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        if "none" in value and len(value) > 1:
+            raise ValueError("'none' cannot be combined with other trackers; give none alone")
+        # Checked here, before any data or model work, not when the first metric is logged.
+        if "wandb" in value and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb is not installed: pip install 'opensloth[wandb]' (set WANDB_MODE=offline "
+                             "to log without an account), or use --report-to tensorboard")
+        return value
+
 
 class SFTConfig(Section):
     packing: bool = Field(False, description="Pack several rows into each sequence.")

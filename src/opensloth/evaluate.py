@@ -132,13 +132,17 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: Optional[floa
         EvalResult with summary keys `pass@1`, `pass@k` (k > 1), `reward/mean`,
         `rewards/<name>/mean`, `mean_completion_chars`.
     """
-    from opensloth.data import prepare_grpo_dataset
     from opensloth.rewards import resolve_rewards
 
     g = cfg.grpo
     if temperature is None:
         temperature = 0.0 if num_samples == 1 else g.temperature
+    if num_samples > 1 and temperature == 0:
+        raise UserError(f"--num-samples {num_samples} with --temperature 0 would repeat one greedy completion: "
+                        "set --temperature above 0 (e.g. 1.0) for pass@k.")
+    # Rewards first: a bad --rewards / --reward-module fails before any model or data is loaded.
     rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
+    from opensloth.data import prepare_grpo_dataset
     model, tokenizer = load_for_inference(cfg.model.model, device, cfg.model.dtype, cfg.model.backend)
     rows = prepare_grpo_dataset(cfg, tokenizer, 1).load_shard(0)
     if len(rows) == 0:

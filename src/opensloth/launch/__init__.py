@@ -189,10 +189,16 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     devices = resolve_devices(cfg.distributed.devices)
     check_batch(cfg, len(devices))
     check_output_dir(cfg)
+    # Fail fast (before data prep and model loading) on a bad --resume-from or an unwritable output dir.
+    from opensloth.checkpoint import check_writable, resolve_resume
+
+    if cfg.training.resume_from is not None:
+        resolve_resume(cfg.training.output_dir, False, cfg.training.resume_from)
     if dry_run:
         console.print(config_to_yaml(cfg), markup=False, highlight=False)
         print_plan(cfg, devices)
         return
+    check_writable(cfg.training.output_dir)
 
     tokenizer = load_tokenizer(cfg)
     prepared = prepare_data(cfg, tokenizer, num_shards=len(devices))

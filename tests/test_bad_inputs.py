@@ -1,0 +1,220 @@
+"""The bad-input sweep: every error a user can cause ends with one clear message, a non-zero exit,
+no traceback (unless --debug), and nothing of theirs destroyed.
+
+Each test runs the real CLI in a subprocess and backs one row of docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENTRY = {"os-train": "from opensloth.cli.train import app; app()", "os": "from opensloth.cli.main import app; app()"}
+
+
+def cli(tool: str, *args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-c", ENTRY[tool], *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, no traceback, and every needle in the one message (stderr)."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in:\n{out}"
+    return out
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """An output dir holding a previous run's files, which no failure may touch."""
+    out = tmp_path / "previous_run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"precious weights")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    return out
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_bad_yaml(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: [unclosed\nlearning_rate: 1e-4\n")
+    before = cfg.read_bytes()
+    out = assert_clean_error(cli("os-train", "sft", "-c", cfg), "is not valid YAML", str(cfg))
+    assert cfg.read_bytes() == before
+    assert out.count("Error:") == 1
+
+
+def test_missing_config_file(tmp_path):
+    assert_clean_error(cli("os-train", "sft", "-c", tmp_path / "nope.yaml"), "Config file not found",
+                       "--config")
+
+
+def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("model: tiny\ntraining:\n  learnin_rate: 1e-4\n")
+    assert_clean_error(cli("os-train", "sft", "-c", cfg), "Unknown option", "learnin_rate",
+                       "Did you mean: learning_rate")
+
+
+def test_unknown_cli_option():
+    proc = cli("os-train", "sft", "--model", "m", "--learnig-rate", "1e-4")
+    assert proc.returncode == 2 and "No such option" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_option_value():
+    assert_clean_error(cli("os-train", "sft", "--model", "m", "--lr-scheduler-type", "cosine_restarts"),
+                       "--lr-scheduler-type", "cosine_restarts", "linear")
+
+
+def test_missing_required_model():
+    assert_clean_error(cli("os-train", "sft", "--dataset", "d.jsonl"), "Missing required option --model")
+
+
+def test_group_size_too_small():
+    assert_clean_error(cli("os-train", "grpo", "--model", "m", "--group-size", "1"), "--group-size",
+                       "at least 2")
+
+
+def test_reward_weights_count_mismatch():
+    assert_clean_error(cli("os-train", "grpo", "--model", "m", "--rewards", "math_answer,math_format",
+                           "--reward-weights", "1.0"), "--reward-weights has 1 values", "names 2 rewards")
+
+
+def test_report_to_wandb_without_wandb():
+    pytest.importorskip("importlib")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert_clean_error(cli("os-train", "sft", "--model", "m", "--report-to", "wandb"), "--report-to",
+                       "wandb is not installed", "pip install")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = cli("os-train", "sft", "-c", tmp_path / "nope.yaml", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "Config file not found" in proc.stderr
+
+
+# -- devices and paths ---------------------------------------------------------------------------
+
+
+def test_duplicate_device_ids():
+    assert_clean_error(cli("os-train", "sft", "--model", "m", "--devices", "0,0"), "--devices",
+                       "distinct GPU ids")
+
+
+def test_gpu_ids_without_gpus(tmp_path):
+    assert_clean_error(cli("os-train", "sft", "--model", "m", "--devices", "0,1",
+                           "--output-dir", tmp_path / "out"), "--devices 0,1", "no CUDA GPU", "--devices cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_dir(tmp_path):
+    assert_clean_error(cli("os-train", "sft", "--model", tmp_path / "no_model", "--dataset", "d.jsonl",
+                           "--devices", "cpu", "--output-dir", tmp_path / "out"), "--model", "no_model")
+
+
+def test_existing_output_dir_is_refused_and_kept(run_dir):
+    before = snapshot(run_dir)
+    assert_clean_error(cli("os-train", "sft", "--model", "m", "--devices", "cpu", "--output-dir", run_dir),
+                       "is not empty", "--overwrite", "--resume")
+    assert snapshot(run_dir) == before
+
+
+def test_output_dir_is_a_file(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert_clean_error(cli("os-train", "sft", "--model", "m", "--devices", "cpu", "--output-dir", target),
+                       "is a file")
+    assert target.read_text() == "mine"
+
+
+def test_read_only_output_dir(tmp_path):
+    if os.geteuid() == 0:  # root ignores permission bits; /sys is read-only even for root
+        target = Path("/sys/opensloth_test_run")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "run"
+    assert_clean_error(cli("os-train", "sft", "--model", "m", "--devices", "cpu", "--output-dir", target),
+                       "--output-dir", "is not writable")
+
+
+def test_resume_from_missing_checkpoint(tmp_path):
+    assert_clean_error(cli("os-train", "grpo", "--model", "m", "--devices", "cpu", "--output-dir", tmp_path / "o",
+                           "--resume-from", tmp_path / "checkpoint-9"), "--resume-from", "no such directory")
+
+
+def test_resume_from_partial_checkpoint(run_dir):
+    partial = run_dir / "checkpoints" / "checkpoint-4"
+    partial.mkdir(parents=True)
+    (partial / "trainable.pt").write_bytes(b"half written")
+    before = snapshot(run_dir)
+    assert_clean_error(cli("os-train", "grpo", "--model", "m", "--devices", "cpu", "--output-dir", run_dir,
+                           "--resume-from", partial), "not a complete checkpoint", "--resume")
+    assert snapshot(run_dir) == before
+
+
+# -- os eval / generate / export / plot ----------------------------------------------------------
+
+
+def test_eval_unknown_reward(tmp_path, tiny_model_dir):
+    assert_clean_error(cli("os", "eval", "--model", tiny_model_dir, "--dataset", tmp_path / "d.jsonl",
+                           "--rewards", "math_answr"), "Unknown reward 'math_answr'", "Available:")
+
+
+def test_eval_unknown_task(tmp_path, tiny_model_dir):
+    assert_clean_error(cli("os", "eval", "--model", tiny_model_dir, "--dataset", tmp_path / "d.jsonl",
+                           "--task", "maths"), "Unknown --task 'maths'")
+
+
+def test_eval_pass_at_k_needs_sampling(tmp_path, tiny_model_dir):
+    assert_clean_error(cli("os", "eval", "--model", tiny_model_dir, "--dataset", tmp_path / "d.jsonl",
+                           "--num-samples", "4", "--temperature", "0"), "--num-samples 4", "--temperature")
+
+
+def test_generate_without_prompt(tiny_model_dir):
+    assert_clean_error(cli("os", "generate", "--model", tiny_model_dir), "Give a prompt", "--interactive")
+
+
+def test_generate_missing_model(tmp_path):
+    assert_clean_error(cli("os", "generate", "--model", tmp_path / "gone", "hi"), "--model", "no such directory")
+
+
+def test_export_of_a_full_model(tiny_model_dir, tmp_path):
+    assert_clean_error(cli("os", "export", "--model", tiny_model_dir, "--output", tmp_path / "m"),
+                       "already a full model")
+
+
+def test_export_into_non_empty_dir_keeps_files(tmp_path, run_dir):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))
+    before = snapshot(run_dir)
+    assert_clean_error(cli("os", "export", "--model", adapter, "--output", run_dir), "not empty", "--overwrite")
+    assert snapshot(run_dir) == before
+    assert_clean_error(cli("os", "export", "--model", adapter, "--output", adapter), "--output must differ")
+
+
+def test_export_bad_dtype(tmp_path):
+    assert_clean_error(cli("os", "export", "--model", tmp_path, "--output", tmp_path / "o", "--dtype", "int8"),
+                       "--dtype 'int8'", "bfloat16")
+
+
+def test_plot_without_metrics(tmp_path):
+    assert_clean_error(cli("os", "plot", tmp_path), "no metrics.jsonl")
