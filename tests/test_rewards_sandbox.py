@@ -1,0 +1,213 @@
+"""The code sandbox, one behavioural test per limit, and code_correctness on top of it.
+
+Limits under test (opensloth.rewards.sandbox): wall time (process group killed), CPU time
+(RLIMIT_CPU), memory (RLIMIT_AS), processes (RLIMIT_NPROC = 0; run as `nobody` when we are root,
+since root ignores RLIMIT_NPROC), writes confined to the temp working directory, no inherited
+environment, output truncated, working directory removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from opensloth.rewards import SandboxLimits, code_correctness, run_python
+from opensloth.rewards.code import CodeCorrectnessReward, extract_code, normalize_tests
+
+FAST = SandboxLimits(wall_time_s=2.0, cpu_time_s=2, memory_mb=256)
+IS_ROOT = os.geteuid() == 0
+
+
+def processes_of_uid(uid: int) -> int:
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        count += int(uid_line.split()[1]) == uid
+    return count
+
+
+def test_runs_code_with_stdin_and_captures_output():
+    result = run_python("import sys\nname = input()\nprint('hi', name)\nprint('err', file=sys.stderr)",
+                        stdin="sloth\n", limits=FAST)
+    assert result.ok and result.returncode == 0
+    assert result.stdout == "hi sloth\n" and result.stderr == "err\n"
+    failed = run_python("raise ValueError('boom')", limits=FAST)
+    assert failed.status == "error" and "ValueError: boom" in failed.stderr
+
+
+def test_infinite_loop_is_killed_at_the_wall_time_limit():
+    start = time.monotonic()
+    result = run_python("while True:\n    pass", limits=SandboxLimits(wall_time_s=1.0, cpu_time_s=30))
+    assert result.status == "timeout" and result.returncode == -signal.SIGKILL
+    assert time.monotonic() - start < 5
+
+
+def test_cpu_time_limit_stops_a_busy_program_before_the_wall_limit():
+    start = time.monotonic()
+    result = run_python("while True:\n    pass", limits=SandboxLimits(wall_time_s=30, cpu_time_s=1))
+    assert result.status == "timeout" and result.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+    assert time.monotonic() - start < 15  # CPU seconds, on a shared machine
+
+
+def test_sleeping_program_is_killed_at_the_wall_time_limit():
+    start = time.monotonic()
+    result = run_python("import time\ntime.sleep(60)", limits=SandboxLimits(wall_time_s=1.0))
+    assert result.status == "timeout"
+    assert time.monotonic() - start < 5
+
+
+def test_process_limit_holds_without_the_audit_hook():
+    """The OS layer alone: RLIMIT_NPROC = 0 (as `nobody` when root) makes every fork fail.
+
+    Bounded (at most 20 forks, each child exits at once), so it is harmless even if it failed.
+    """
+    probe = ("import os\nforks = 0\nfor _ in range(20):\n    try:\n        pid = os.fork()\n"
+             "    except OSError as exc:\n        print(type(exc).__name__)\n        break\n"
+             "    if pid == 0:\n        os._exit(0)\n    os.waitpid(pid, 0)\n    forks += 1\nprint(forks)")
+    result = run_python(probe, limits=FAST, audit_hook=False)
+    assert result.stdout.split() == ["BlockingIOError", "0"], result
+    threads = run_python("import threading\nthreading.Thread(target=print).start()", limits=FAST, audit_hook=False)
+    assert threads.status == "error" and "can't start new thread" in threads.stderr
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        "import os\nwhile True:\n    os.fork()",
+        "import subprocess\nsubprocess.run(['sh', '-c', ':(){ :|:& };:'])",
+        "import multiprocessing\nwhile True:\n    multiprocessing.Process(target=print).start()",
+        "import os\nos.system(':(){ :|:& };:')",
+    ],
+    ids=["os.fork", "shell-via-subprocess", "multiprocessing", "os.system"],
+)
+def test_fork_bomb_returns_quickly_and_leaves_no_process(bomb):
+    test_process_limit_holds_without_the_audit_hook()  # never run a real bomb unless the OS limit holds
+    before = processes_of_uid(65534) if IS_ROOT else None
+    start = time.monotonic()
+    result = run_python(bomb, limits=FAST)
+    assert time.monotonic() - start < 3
+    assert not result.ok
+    assert "not allowed" in result.stderr or "Resource temporarily unavailable" in result.stderr
+    if IS_ROOT:
+        assert processes_of_uid(65534) == before
+
+
+def test_memory_bomb_fails_with_memory_error():
+    start = time.monotonic()
+    one_big = run_python("x = bytearray(8 * 1024 ** 3)", limits=FAST)
+    growing = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 7))", limits=FAST)
+    for result in (one_big, growing):
+        assert result.status == "error" and "MemoryError" in result.stderr
+    assert time.monotonic() - start < 5
+
+
+def test_writes_outside_the_working_directory_fail():
+    target = Path(tempfile.gettempdir()) / f"opensloth-escape-{uuid.uuid4().hex}"  # world-writable /tmp
+    code = (f"open({str(target)!r}, 'w').write('escaped')")
+    result = run_python(code, limits=FAST)
+    assert result.status == "error" and "not allowed" in result.stderr
+    assert not target.exists()
+    tricks = [
+        f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')",
+        f"import os\nos.rename('inside.txt', {str(target)!r})",
+        f"import os\nos.mkdir({str(target)!r})",
+        f"import os\nfd = os.open({str(Path(target).parent)!r}, os.O_RDONLY)\n"
+        f"os.open({target.name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+    ]
+    for trick in tricks:
+        result = run_python("open('inside.txt', 'w').write('ok')\n" + trick, limits=FAST)
+        assert result.status == "error", (trick, result)
+        assert not target.exists(), trick
+    inside = run_python("open('notes.txt', 'w').write('ok')\nprint(open('notes.txt').read())", limits=FAST)
+    assert inside.ok and inside.stdout == "ok\n"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the uid switch happens only when running as root")
+def test_runs_as_nobody_and_os_permissions_hold_without_the_audit_hook(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    result = run_python(f"import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n"
+                        f"open({str(private / 'x')!r}, 'w')", limits=FAST, audit_hook=False)
+    assert result.stdout.split("\n")[0] == "65534 65534 []"
+    assert "PermissionError" in result.stderr and not (private / "x").exists()
+
+
+def test_environment_secrets_are_not_visible(monkeypatch):
+    secret = f"sk-{uuid.uuid4().hex}"
+    monkeypatch.setenv("OPENSLOTH_TEST_SECRET", secret)
+    code = ("import os\nprint(dict(os.environ))\n"
+            "for path in (f'/proc/{os.getppid()}/environ', '/proc/1/environ'):\n"
+            "    try:\n        print(open(path, 'rb').read())\n"
+            "    except Exception as exc:\n        print(type(exc).__name__)")
+    for hook in (True, False):
+        result = run_python(code, limits=FAST, audit_hook=hook)
+        assert secret not in result.stdout + result.stderr
+        assert "OPENSLOTH_TEST_SECRET" not in result.stdout
+        if hook or IS_ROOT:  # without the hook, only the uid switch keeps the parent's environ unreadable
+            assert result.stdout.count("PermissionError") == 2, result
+
+
+def test_working_directory_is_fresh_and_removed_and_output_truncated():
+    result = run_python("import os\nprint(os.getcwd())\nprint(sorted(os.listdir('.')))", limits=FAST)
+    cwd, listing = result.stdout.splitlines()
+    assert listing == "[]"  # the program's own source is removed before it runs
+    assert "opensloth-sandbox-" in cwd and not Path(cwd).exists()
+    chatty = run_python("print('x' * 100000)", limits=SandboxLimits(max_output_bytes=1000))
+    assert chatty.ok and chatty.stdout.startswith("x" * 1000) and chatty.stdout.endswith("[... output truncated]")
+    assert len(chatty.stdout) < 1100
+
+
+# ---------------------------------------------------------------------------------------------
+# code_correctness
+# ---------------------------------------------------------------------------------------------
+
+GOOD = "Here is my solution:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+WRONG = "```python\ndef add(a, b):\n    return a - b\n```"
+ASSERTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
+
+
+def test_extract_code_and_normalize_tests():
+    assert extract_code(GOOD) == "def add(a, b):\n    return a + b\n"
+    assert extract_code("```\nprint(1)\n```\n```py\nprint(2)\n```") == "print(2)\n"
+    assert extract_code("no code here") is None
+    assert normalize_tests("assert f(1)\nassert f(2)\n") == (["assert f(1)", "assert f(2)"], [])
+    assert normalize_tests('{"inputs": ["1"], "outputs": ["2"]}') == ([], [("1", "2")])
+    assert normalize_tests([{"input": "1", "output": "2"}]) == ([], [("1", "2")])
+
+
+def test_code_correctness_scores_syntax_and_tests():
+    completions = [GOOD, WRONG, "```python\ndef add(a, b)\n    return a + b\n```", "no code", "",
+                   "```python\ndef add(a, b):\n    return a + b if a > 0 else 99\n```"]
+    out = code_correctness(["q"] * 6, completions, tests=[ASSERTS] * 6)
+    # WRONG passes none (a - b); the last returns 99 for add(-1, 1): 2 of 3 pass.
+    assert out == [0.2 + 0.8, 0.2, 0.0, 0.0, 0.0, pytest.approx(0.2 + 0.8 * 2 / 3)]
+    assert code_correctness(["q"], [[{"role": "assistant", "content": GOOD}]], tests=[ASSERTS]) == [1.0]
+    assert code_correctness(["q", "q"], [GOOD, "```python\nx = (\n```"]) == [1.0, 0.0]  # no tests: syntax only
+
+
+def test_code_correctness_stdin_stdout_pairs():
+    program = "```python\nn = int(input())\nprint(n * 2)\n```"
+    tests = [{"input": "3\n", "output": "6"}, {"input": "5", "output": "10\n"}, {"input": "1", "output": "3"}]
+    apps_style = '{"inputs": ["4\\n"], "outputs": ["8\\n"]}'
+    out = code_correctness(["q", "q"], [program, program], tests=[tests, apps_style])
+    assert out == [pytest.approx(0.2 + 0.8 * 2 / 3), 1.0]
+
+
+def test_code_correctness_cannot_pass_by_exiting_early_or_hanging():
+    exits = "```python\nimport os\nos._exit(0)\n```"
+    fakes = "```python\nprint('ALL TESTS PASSED 3')\nraise SystemExit(0)\n```"
+    hangs = "```python\nwhile True:\n    pass\n```"
+    reward = CodeCorrectnessReward(limits=SandboxLimits(wall_time_s=1.0, cpu_time_s=1))
+    start = time.monotonic()
+    assert reward(["q"] * 3, [exits, fakes, hangs], tests=[ASSERTS] * 3) == [0.2, 0.2, 0.2]
+    assert time.monotonic() - start < 5
