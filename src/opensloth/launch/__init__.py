@@ -212,7 +212,8 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
         run_in_process(cfg, prepared.path)
     else:
         run_workers(cfg.recipe, config_path, prepared.path, devices,
-                    launcher=cfg.distributed.launcher, master_port=cfg.distributed.master_port)
+                    launcher=cfg.distributed.launcher, master_port=cfg.distributed.master_port,
+                    finish_timeout=cfg.distributed.collective_timeout + 60)
 
 
 def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None, num_workers: Optional[int] = None) -> None:

@@ -171,7 +171,8 @@ def _exit_on_sigterm(signum, frame):
 
 
 def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: list[Device],
-                launcher: str = "process", master_port: Optional[int] = None) -> None:
+                launcher: str = "process", master_port: Optional[int] = None,
+                finish_timeout: float = 600.0) -> None:
     """Run one worker per device to completion; raise WorkerFailed as soon as one fails.
 
     Args:
@@ -181,6 +182,7 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
         devices: one entry per worker: a GPU id (as visible to the launcher) or "cpu".
         launcher: "process" (child processes, rank-prefixed output) or "tmux" (one pane each).
         master_port: rendezvous port; default a free one.
+        finish_timeout: seconds the others may take to exit after the first worker exited cleanly.
     """
     if launcher == "tmux":
         return run_workers_tmux(recipe, config_path, prepared_path, devices, master_port)
@@ -217,6 +219,7 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
             threading.Thread(target=wait, daemon=True).start()
 
         done: set[int] = set()
+        straggler_deadline = None
         while len(done) < world_size:
             exited.wait(timeout=0.5)
             exited.clear()
@@ -225,6 +228,14 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
                 done.add(rank)
                 if code != 0:
                     _fail(workers, rank, code, lock)
+                # The workers finish together (the last step ends in a collective): one that is still
+                # running long after another finished is stuck, not slow.
+                straggler_deadline = straggler_deadline or time.monotonic() + finish_timeout
+            if straggler_deadline is not None and time.monotonic() > straggler_deadline:
+                stuck = min(set(range(world_size)) - done)
+                stop_all([w.proc for w in workers])
+                raise WorkerFailed(f"worker rank {stuck} did not finish within {finish_timeout:.0f} s after "
+                                   f"rank {min(done)} did; all workers were stopped.")
     except KeyboardInterrupt:
         stop_gracefully([w.proc for w in workers], timeout=None)
         raise
