@@ -138,3 +138,16 @@ def _live_in_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             live.append(int(stat.parent.name))
     return live
+
+
+def test_a_worker_user_error_reaches_the_launcher_as_one_message(tmp_path):
+    # Real worker processes that fail in setup: the worker's UserError comes back as the launcher's.
+    from opensloth.config import dump_config
+    from opensloth.launch.procs import run_workers
+
+    config = tmp_path / "config.yaml"
+    dump_config(_cfg(output_dir=str(tmp_path / "out"), devices="cpu:2"), config)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"--prepared .*missing: not a directory\. Prepare the data first"):
+        run_workers("sft", config, tmp_path / "missing", ["cpu", "cpu"])
+    assert time.monotonic() - start < 60
