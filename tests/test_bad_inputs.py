@@ -126,7 +126,9 @@ def test_gpu_ids_without_gpus(tmp_path):
 
 def test_missing_model_dir(tmp_path):
     assert_clean_error(cli("os-train", "sft", "--model", tmp_path / "no_model", "--dataset", "d.jsonl",
-                           "--devices", "cpu", "--output-dir", tmp_path / "out"), "--model", "no_model")
+                           "--devices", "cpu", "--output-dir", tmp_path / "out" / "run"), "--model", "no_model",
+                       "no such directory")
+    assert not (tmp_path / "out").exists()  # the writability probe leaves nothing behind
 
 
 def test_existing_output_dir_is_refused_and_kept(run_dir):

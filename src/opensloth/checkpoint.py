@@ -210,20 +210,28 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: Optional[int]) -> lis
 
 
 def check_writable(output_dir: Path, option: str = "--output-dir") -> None:
-    """Create `output_dir` if needed and prove a file can be written there, before any long work.
+    """Prove a file can be written in `output_dir` (created for the probe, then removed), before any long work.
 
     Raises:
         UserError: the directory (or a parent) cannot be created or written (read-only, no permission).
     """
-    path = Path(output_dir)
+    path = Path(output_dir).absolute()
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UserError(f"{option} {path} is not writable ({reason}). Choose a directory you can write to."
+        raise UserError(f"{option} {output_dir} is not writable ({reason}). Choose a directory you can write to."
                         ) from None
+    finally:
+        # Leave no empty directories behind if a later check fails; the run creates them again.
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 # ------------------------------------------------------------------------------------------------
