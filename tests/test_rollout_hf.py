@@ -1,0 +1,217 @@
+"""The hf rollout engine on a real tiny Qwen2 (tests/conftest.py `tiny_model_dir`)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from opensloth.errors import UserError
+from opensloth.rollout import get_rollout_engine
+from opensloth.rollout.base import RolloutBatch, completion_mask_from_eos
+from opensloth.rollout.hf import HFRolloutEngine, left_pad, stop_token_ids
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "x",
+]
+
+
+@pytest.fixture
+def model_and_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _valid_prefix(batch: RolloutBatch, row: int) -> list[int]:
+    return batch.completion_ids[row][batch.completion_mask[row].bool()].tolist()
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def test_completion_mask_includes_first_eos_and_flags_truncation():
+    ids = torch.tensor([[5, 9, 7, 9], [1, 2, 3, 4], [9, 8, 9, 9], [3, 4, 8, 6]])
+    mask, truncated = completion_mask_from_eos(ids, eos_ids=[9, 8])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert truncated.tolist() == [False, True, False, False]
+
+
+def test_left_pad_and_multiple_of():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0, multiple_of=4)
+    assert ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_stop_tokens_of_the_real_qwen_tokenizer(qwen_tokenizer):
+    ids = stop_token_ids(qwen_tokenizer)
+    assert qwen_tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
+    assert qwen_tokenizer.eos_token_id in ids
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+def test_group_layout_shapes_and_string_or_id_prompts(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    engine = HFRolloutEngine(model, tok)
+    batch = engine.generate(PROMPTS, group_size=4, max_new_tokens=6, seed=0)
+    B = len(PROMPTS) * 4
+    assert len(batch) == B and len(batch.completions_text) == B
+    assert batch.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    assert batch.prompt_mask.sum(1).tolist() == [n for n in lengths for _ in range(4)]
+    assert batch.prompt_ids.shape == (B, max(lengths))
+    for i in range(B):  # every row of a group carries its prompt, left-padded
+        n = lengths[i // 4]
+        want = tok(PROMPTS[i // 4], add_special_tokens=False)["input_ids"]
+        assert batch.prompt_ids[i, -n:].tolist() == want
+        assert (batch.prompt_mask[i, : max(lengths) - n] == 0).all()
+    assert batch.input_ids.shape == (B, max(lengths) + batch.num_completion_tokens)
+    torch.testing.assert_close(batch.attention_mask, torch.cat([batch.prompt_mask, batch.completion_mask], 1))
+    assert batch.sampler_log_probs is None
+    # Token-id prompts (the prepared dataset's prompt_ids) are the same thing.
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    same = engine.generate(ids, group_size=4, max_new_tokens=6, seed=0)
+    assert torch.equal(same.completion_ids, batch.completion_ids)
+    with pytest.raises(ValueError, match="not a mix"):
+        engine.generate([PROMPTS[0], ids[1]], group_size=2, max_new_tokens=2)
+
+
+def test_greedy_alone_equals_greedy_in_a_left_padded_batch(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    engine = HFRolloutEngine(model, tok)
+    together = engine.generate(PROMPTS, group_size=1, max_new_tokens=10, greedy=True)
+    assert together.prompt_mask[2].sum() == 1  # "x" is heavily left-padded
+    for i, prompt in enumerate(PROMPTS):
+        alone = engine.generate([prompt], group_size=1, max_new_tokens=10, greedy=True)
+        assert alone.prompt_mask.all()  # no padding on its own
+        assert _valid_prefix(alone, 0) == _valid_prefix(together, i)
+
+
+def test_seed_makes_sampling_reproducible_without_touching_global_rng(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    engine = HFRolloutEngine(model, tok)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = engine.generate(PROMPTS[:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=7)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    b = engine.generate(PROMPTS[:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=7)
+    c = engine.generate(PROMPTS[:2], group_size=3, max_new_tokens=8, temperature=1.0, seed=8)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.completions_text == b.completions_text
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    # Completions within a group differ (sampling, not G copies of one sample).
+    assert len({tuple(r) for r in a.completion_ids[:3].tolist()}) > 1
+
+
+def test_model_generation_config_does_not_leak_into_sampling(model_and_tokenizer):
+    """A hub model's top_k / repetition_penalty must not reshape the sampling distribution."""
+    model, tok = model_and_tokenizer
+    model.generation_config.top_k = 1  # if inherited, every sample would be the argmax
+    model.generation_config.repetition_penalty = 10.0
+    engine = HFRolloutEngine(model, tok)
+    sampled = engine.generate([PROMPTS[0]], group_size=6, max_new_tokens=6, seed=0)
+    assert len({tuple(r) for r in sampled.completion_ids.tolist()}) > 1
+    # Greedy equals a plain argmax loop (no repetition penalty applied).
+    greedy = engine.generate([PROMPTS[1]], group_size=1, max_new_tokens=6, greedy=True)
+    ids = tok(PROMPTS[1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert _valid_prefix(greedy, 0) == ids[0, -6:].tolist()[: len(_valid_prefix(greedy, 0))]
+
+
+def test_stops_at_im_end_masks_after_it_and_decodes_without_it(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    # Make <|im_end|> the likeliest token wherever the token the model first emits greedily
+    # would have been: its output row becomes a scaled copy of that token's row.
+    first = HFRolloutEngine(model, tok).generate([PROMPTS[0]], group_size=1, max_new_tokens=1, greedy=True)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[eos] = 1.5 * head[int(first.completion_ids[0, 0])]
+    engine = HFRolloutEngine(model, tok)
+    batch = engine.generate(PROMPTS, group_size=8, max_new_tokens=12, temperature=1.5, seed=0)
+    ended = (~batch.is_truncated).nonzero().flatten().tolist()
+    assert ended, "no completion produced <|im_end|>"
+    assert torch.equal(batch.is_eos_terminated, ~batch.is_truncated)
+    for row in range(len(batch)):
+        ids, mask = batch.completion_ids[row].tolist(), batch.completion_mask[row].tolist()
+        if row in ended:
+            k = ids.index(eos)
+            assert mask == [1] * (k + 1) + [0] * (len(ids) - k - 1)  # up to and including EOS
+            assert ids[k + 1 :] == [engine.pad_id] * (len(ids) - k - 1)
+            assert batch.completions_text[row] == tok.decode(ids[:k], skip_special_tokens=True)
+        else:
+            assert eos not in ids and all(mask) and len(ids) == 12
+
+
+def test_lora_is_active_during_generation_and_train_mode_is_restored(model_and_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = model_and_tokenizer
+    base_out = HFRolloutEngine(model, tok).generate(PROMPTS, group_size=1, max_new_tokens=8, greedy=True)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    peft_model.gradient_checkpointing_enable()  # as in training; generation must still use the cache
+    engine = HFRolloutEngine(peft_model, tok)
+    peft_model.train()
+    fresh = engine.generate(PROMPTS, group_size=1, max_new_tokens=8, greedy=True)
+    assert torch.equal(fresh.completion_ids, base_out.completion_ids)  # B = 0: the adapter is a no-op
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    adapted = engine.generate(PROMPTS, group_size=1, max_new_tokens=8, greedy=True)
+    assert peft_model.training  # restored after generation
+    assert not torch.equal(adapted.completion_ids, base_out.completion_ids)
+    with peft_model.disable_adapter():
+        again = engine.generate(PROMPTS, group_size=1, max_new_tokens=8, greedy=True)
+    assert torch.equal(again.completion_ids, base_out.completion_ids)
+
+
+def test_rollout_batch_to_device_and_errors(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    engine = HFRolloutEngine(model, tok)
+    batch = engine.generate(PROMPTS[:1], group_size=2, max_new_tokens=3, seed=0).to("cpu")
+    assert batch.completion_ids.device.type == "cpu" and len(batch) == 2
+    with pytest.raises(ValueError, match="group_size and max_new_tokens must be >= 1"):
+        engine.generate(PROMPTS, group_size=0, max_new_tokens=3)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        engine.generate([], group_size=2, max_new_tokens=3)
+
+
+# -- engine selection --------------------------------------------------------------------------
+
+
+def test_get_rollout_engine(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    assert isinstance(get_rollout_engine("hf", model, tok, "cpu"), HFRolloutEngine)
+    with pytest.raises(UserError, match="choose one of: auto, hf, vllm"):
+        get_rollout_engine("sglang", model, tok, "cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_auto_falls_back_to_hf_and_explicit_vllm_explains(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    assert isinstance(get_rollout_engine("auto", model, tok, "cpu"), HFRolloutEngine)
+    with pytest.raises(UserError, match="--rollout-engine vllm cannot run here: vllm is not installed"):
+        get_rollout_engine("vllm", model, tok, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="static-cache generation needs CUDA")
+def test_static_cache_on_cuda_matches_dynamic_greedy(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    model = model.to("cuda")
+    static = HFRolloutEngine(model, tok, device="cuda")
+    dynamic = HFRolloutEngine(model, tok, device="cuda", static_cache=False)
+    assert static.static_cache and static.generation_config(
+        max_new_tokens=4, temperature=1.0, top_p=1.0, min_p=0.0, greedy=True).cache_implementation == "static"
+    a = static.generate(PROMPTS, group_size=1, max_new_tokens=8, greedy=True)
+    b = dynamic.generate(PROMPTS, group_size=1, max_new_tokens=8, greedy=True)
+    assert a.prompt_ids.shape[1] % 64 == 0  # padded to a cache-friendly length
+    for row in range(len(PROMPTS)):
+        assert _valid_prefix(a, row) == _valid_prefix(b, row)
