@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,3 +153,16 @@ def test_a_worker_user_error_reaches_the_launcher_as_one_message(tmp_path):
     with pytest.raises(UserError, match=r"--prepared .*missing: not a directory\. Prepare the data first"):
         run_workers("sft", config, tmp_path / "missing", ["cpu", "cpu"])
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_tmux_launcher_reports_a_failing_pane(tmp_path):
+    from opensloth.config import dump_config
+    from opensloth.launch.procs import run_workers
+
+    config = tmp_path / "config.yaml"
+    dump_config(_cfg(output_dir=str(tmp_path / "out"), devices="cpu:2"), config)
+    with pytest.raises(UserError, match=r"--prepared .*missing: not a directory"):
+        run_workers("sft", config, tmp_path / "missing", ["cpu", "cpu"], launcher="tmux")
+    sessions = subprocess.run(["tmux", "list-sessions"], capture_output=True, text=True).stdout
+    assert f"opensloth-{os.getpid()}:" not in sessions  # the launcher closed its session
