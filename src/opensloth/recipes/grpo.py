@@ -119,6 +119,7 @@ class Batch:
         rewards: (B,) total reward of each completion.
         old_log_probs: (B, T) or None (then old = current.detach()).
         ref_log_probs: (B, T) or None (beta 0).
+        sampler_log_probs: (B, T) log-probs reported by a separate sampler (vLLM), or None (hf).
     """
 
     input_ids: torch.Tensor
@@ -128,6 +129,7 @@ class Batch:
     rewards: torch.Tensor
     old_log_probs: Optional[torch.Tensor] = None
     ref_log_probs: Optional[torch.Tensor] = None
+    sampler_log_probs: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -159,8 +161,6 @@ class GRPORecipe:
                 "--filter-zero-std drops groups whose advantage is zero, but --loss-type no_baseline uses raw "
                 "rewards, not advantages. Use --loss-type reinforce_with_baseline or grpo_clip, or drop the flag."
             )
-        if g.rollout_engine == "vllm":
-            raise UserError("--rollout-engine vllm is not available in this build; use --rollout-engine hf.")
         if not cfg.model.full_finetune and not any(True for _ in cfg.lora.target_modules):
             raise UserError("--target-modules is empty: LoRA needs at least one module (or use --full-finetune).")
         self.local_prompts = g.rollout_batch_size // ctx.world_size
@@ -176,7 +176,7 @@ class GRPORecipe:
         from opensloth.data import load_prepared
         from opensloth.models import load_model_and_tokenizer
         from opensloth.rewards import resolve_rewards
-        from opensloth.rollout.hf import HFRolloutEngine
+        from opensloth.rollout import get_rollout_engine
         from opensloth.tracking import MetricsLogger
 
         cfg, ctx, g, t = self.cfg, self.ctx, self.cfg.grpo, self.cfg.training
@@ -213,7 +213,7 @@ class GRPORecipe:
             self.optimizer, lambda s: schedule_lr(s, total_updates, warmup, t.lr_scheduler_type)
         )
 
-        self.engine = HFRolloutEngine(self.model, self.tokenizer, device=ctx.device)
+        self.engine = get_rollout_engine(g.rollout_engine, self.model, self.tokenizer, ctx.device, cfg)
         self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main)
 
         # Resume last: loading a checkpoint restores the RNG streams, which nothing above may consume.
@@ -271,15 +271,15 @@ class GRPORecipe:
 
         # 2. Generate G completions per prompt with the current policy (LoRA active).
         self.model.eval()
+        self.engine.sync_weights()  # a no-op for hf, which generates through the policy itself
         with torch.no_grad():
             rollout = self.engine.generate(
                 [list(ids) for ids in rows["prompt_ids"]],
-                num_return_sequences=g.group_size,
+                group_size=g.group_size,
                 max_new_tokens=g.max_new_tokens,
                 temperature=g.temperature,
                 top_p=g.top_p,
                 min_p=g.min_p,
-                do_sample=True,
             )
         gen_time = time.perf_counter() - step_start
 
@@ -300,6 +300,8 @@ class GRPORecipe:
             completion_mask=rollout.completion_mask.to(self.ctx.device),
             advantages=advantages.to(self.ctx.device),
             rewards=rewards.to(self.ctx.device),
+            sampler_log_probs=(rollout.sampler_log_probs.to(self.ctx.device)
+                               if rollout.sampler_log_probs is not None and g.vllm_importance_sampling else None),
         )
 
         # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal.
@@ -365,7 +367,12 @@ class GRPORecipe:
             Means over the optimizer steps of loss, grad_norm, kl, entropy and clip ratios (this
             worker's values; the caller reduces them across workers).
         """
-        from opensloth.grpo.core import aggregate_loss, compute_kl_k3, compute_policy_loss
+        from opensloth.grpo.core import (
+            aggregate_loss,
+            compute_kl_k3,
+            compute_policy_loss,
+            compute_truncated_is_weights,
+        )
 
         g, t = self.cfg.grpo, self.cfg.training
         # Every worker must run the same number of optimizer steps (each one ends in an all-reduce),
@@ -376,11 +383,13 @@ class GRPORecipe:
                     "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "skipped_update": 1.0}
         num_minibatches = math.ceil(n_max / self.minibatch_size)
         off_policy = num_minibatches * g.epochs_per_rollout_batch > 1
+        # A separate sampler (vLLM) needs pi_old from our own forward for its importance weights.
+        need_old = (off_policy and g.loss_type == "grpo_clip") or batch.sampler_log_probs is not None
 
         # Old log-probs once per rollout batch (only needed when later updates are off-policy),
         # reference log-probs with the adapter disabled (beta 0 skips the extra forward).
         with torch.no_grad():
-            if off_policy and g.loss_type == "grpo_clip" and len(batch):
+            if need_old and len(batch):
                 batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
             if g.beta > 0 and len(batch):
                 batch.ref_log_probs = self.reference_log_probs(batch)
@@ -400,9 +409,14 @@ class GRPORecipe:
                     micro = minibatch.select(slice(start, start + t.per_device_train_batch_size))
                     log_probs, entropy = self.log_probs(micro, self.model)  # (b, T) each
                     old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
+                    is_weights = None
+                    if micro.sampler_log_probs is not None:  # truncated importance sampling (vLLM)
+                        is_weights = compute_truncated_is_weights(
+                            micro.old_log_probs, micro.sampler_log_probs, g.vllm_importance_sampling_cap)
                     per_token, clip_meta = compute_policy_loss(
                         g.loss_type, log_probs, old, micro.advantages, epsilon_low=g.epsilon,
                         epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
+                        importance_weights=is_weights,
                     )
                     mask = micro.completion_mask
                     if micro.ref_log_probs is not None:
@@ -484,8 +498,8 @@ class GRPORecipe:
         bs = max(1, self.cfg.grpo.rollout_batch_size * self.cfg.grpo.group_size // self.ctx.world_size)
         for start in range(0, len(rows), bs):
             chunk = rows.select(range(start, min(start + bs, len(rows))))
-            rollout = self.engine.generate([list(ids) for ids in chunk["prompt_ids"]], num_return_sequences=1,
-                                           max_new_tokens=self.cfg.grpo.max_new_tokens, do_sample=False)
+            rollout = self.engine.generate([list(ids) for ids in chunk["prompt_ids"]], group_size=1,
+                                           max_new_tokens=self.cfg.grpo.max_new_tokens, greedy=True)
             scores = self.score(chunk, rollout.completions_text, 1)
             for name, values in scores.per_reward.items():
                 totals[f"eval/rewards/{name}/mean"] = totals.get(f"eval/rewards/{name}/mean", 0.0) + sum(
