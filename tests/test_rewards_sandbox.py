@@ -113,7 +113,7 @@ def test_memory_bomb_fails_with_memory_error():
 
 def test_writes_outside_the_working_directory_fail():
     target = Path(tempfile.gettempdir()) / f"opensloth-escape-{uuid.uuid4().hex}"  # world-writable /tmp
-    code = (f"open({str(target)!r}, 'w').write('escaped')")
+    code = f"open({str(target)!r}, 'w').write('escaped')"
     result = run_python(code, limits=FAST)
     assert result.status == "error" and "not allowed" in result.stderr
     assert not target.exists()
@@ -121,8 +121,8 @@ def test_writes_outside_the_working_directory_fail():
         f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')",
         f"import os\nos.rename('inside.txt', {str(target)!r})",
         f"import os\nos.mkdir({str(target)!r})",
-        f"import os\nfd = os.open({str(Path(target).parent)!r}, os.O_RDONLY)\n"
-        f"os.open({target.name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+        (f"import os\nfd = os.open({str(Path(target).parent)!r}, os.O_RDONLY)\n"
+         f"os.open({target.name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd)"),
     ]
     for trick in tricks:
         result = run_python("open('inside.txt', 'w').write('ok')\n" + trick, limits=FAST)

@@ -252,7 +252,7 @@ def load_reward_module(path: Path | str) -> list[str]:
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
         raise UserError(f"--reward-module {exc.filename or path}, line {exc.lineno}: syntax error: {exc.msg}.") from None
-    except Exception as exc:  # the user's code: report where in their file it failed
+    except Exception as exc:  # noqa: BLE001 - the user's code: report where in their file it failed
         sys.modules.pop(module_name, None)
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path]
         where = f", line {frames[-1].lineno}" if frames else ""

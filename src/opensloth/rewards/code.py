@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from opensloth.rewards.base import RewardFunction, completion_text, register_reward_function
-from opensloth.rewards.sandbox import SandboxLimits, run_python
+from opensloth.rewards.sandbox import DEFAULT_LIMITS, SandboxLimits, run_python
 
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -104,7 +104,7 @@ class CodeCorrectnessReward(RewardFunction):
     description = "Last ```python block: 0 if missing/invalid; valid syntax 0.2 + 0.8 x tests passed (sandboxed)."
     self_limited = True  # the sandbox kills what overruns its wall-time limit
 
-    def __init__(self, limits: SandboxLimits = SandboxLimits(), max_tests: int = 16, workers: int = 4):
+    def __init__(self, limits: SandboxLimits = DEFAULT_LIMITS, max_tests: int = 16, workers: int = 4):
         self.limits, self.max_tests, self.workers = limits, max_tests, workers
 
     def score(self, prompts, completions, **columns):

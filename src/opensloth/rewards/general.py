@@ -73,7 +73,8 @@ class DemoReward(RewardFunction):
         if completions and (self.calls - 1) % self.every == 0 and os.environ.get("RANK", "0") == "0":
             self.show(prompt_text(prompts[0]) if prompts else "", completion_text(completions[0]),
                       {name: values[0] for name, values in (reward_scores or {}).items()},
-                      {key: values[0] for key, values in columns.items() if isinstance(values, (list, tuple))})
+                      {key: values[0] for key, values in columns.items()
+                       if isinstance(values, (list, tuple)) and not (key == "solution" and values is columns.get("answer"))})
         return [0.0] * len(completions)
 
     def show(self, prompt: str, completion: str, scores: dict, columns: dict) -> None:

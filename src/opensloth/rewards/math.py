@@ -126,7 +126,7 @@ def _checker_main() -> None:  # pragma: no cover - runs in the helper process
         request = json.loads(line)
         try:
             result = _verify_here(request["gold"], request["pred"], request["t"])
-        except Exception:  # a math-verify timeout or parse crash: wrong, as math-verify itself scores it
+        except Exception:  # noqa: BLE001 - a math-verify timeout or parse crash: wrong, as math-verify itself scores it
             result = False
         print(json.dumps({"result": result}), flush=True)
 
@@ -188,7 +188,7 @@ def verify_answer(gold: str, pred: str, time_limit_s: int = 5) -> bool | None:
         if threading.current_thread() is threading.main_thread():
             return _verify_here(gold, pred, time_limit_s)
         return _CHECKER.check(gold, pred, time_limit_s)
-    except Exception as exc:  # TimeoutException, TimeoutError: wrong, as math-verify scores it
+    except Exception as exc:  # noqa: BLE001 - TimeoutException, TimeoutError: wrong, as math-verify scores it
         logger.debug("math-verify check failed: %s", exc)
         return False
 

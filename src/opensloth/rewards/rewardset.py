@@ -169,7 +169,7 @@ class RewardSet:
             if elapsed > self.time_limit_s:
                 raise RewardFailure(f"took {elapsed:.1f} s, over its time limit of {self.time_limit_s:g} s")
             return check_values(raw, n), False
-        except Exception as exc:  # containment is the point: any failure of any reward
+        except Exception as exc:  # noqa: BLE001 - containment is the point: any failure of any reward
             self._report(reward, exc)
             return [None] * n, True
 
@@ -196,7 +196,7 @@ def _call_with_time_limit(reward: RewardFunction, prompts: list, completions: li
     def target() -> None:
         try:
             box["value"] = reward(prompts, completions, **kwargs)
-        except BaseException as exc:  # handed back to the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
             box["error"] = exc
 
     thread = threading.Thread(target=target, name=f"reward-{reward.name}", daemon=True)

@@ -54,6 +54,9 @@ class SandboxLimits:
     max_output_bytes: int = 16_384
 
 
+DEFAULT_LIMITS = SandboxLimits()
+
+
 @dataclass
 class SandboxResult:
     """What happened. status: "ok" (exit 0), "error" (non-zero exit), "timeout" (wall or CPU limit)."""
@@ -153,7 +156,7 @@ def sandbox_python() -> str:
         candidates += [shutil.which("python3", path=p) for p in ("/usr/local/bin", "/usr/bin", "/bin")]
     for python in dict.fromkeys(c for c in candidates if c):
         try:
-            probe = subprocess.run([python, "-I", "-S", "-c", "import resource"], env=SAFE_ENV, cwd="/",
+            probe = subprocess.run([python, "-I", "-S", "-c", "import resource"], check=False, env=SAFE_ENV, cwd="/",
                                    capture_output=True, timeout=30, **_child_identity())
         except (OSError, subprocess.SubprocessError):
             continue
@@ -178,7 +181,7 @@ def _read_truncated(handle, limit: int) -> str:
     return text + "\n[... output truncated]" if len(data) > limit else text
 
 
-def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
+def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LIMITS,
                audit_hook: bool = True) -> SandboxResult:
     """Run `code` as a Python program in the sandbox and wait for it (at most `limits.wall_time_s`).
 
