@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -33,20 +34,26 @@ LOOP = textwrap.dedent(
     out, total, save_steps, kill_at, resume, limit = (
         Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1",
         int(sys.argv[6]))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
     torch.manual_seed(0); random.seed(0); np.random.seed(0)
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
                                                                target_modules=["q_proj", "v_proj"]))
-    data = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(1))
+    data = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(1))[rank::world]
+    # Same initial weights everywhere, then a different random stream per worker.
+    torch.manual_seed(1 + rank); random.seed(1 + rank); np.random.seed(1 + rank)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sched = get_linear_schedule_with_warmup(opt, 2, total)
     step, epoch, pos, order = 0, 0, 0, None
     path = ck.resolve_resume(out, resume, None)
     if path is not None:
-        got = ck.load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+        got = ck.load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, rank=rank, world_size=world)
         step = got["step"]; epoch, pos, order = got["state"]["epoch"], got["state"]["pos"], got["state"]["order"]
-    log = open(out / "losses.jsonl", "a")
+    log = open(out / f"losses{rank}.jsonl", "a")
     while step < total:
         if order is None or pos >= len(order):
             order, pos, epoch = np.random.permutation(len(data)).tolist(), 0, epoch + 1
@@ -54,29 +61,51 @@ LOOP = textwrap.dedent(
         # python's RNG picks a crop: its state must survive the resume too.
         batch = batch[:, : random.randint(8, 16)]
         loss = model(input_ids=batch, labels=batch).loss
-        loss.backward(); opt.step(); sched.step(); opt.zero_grad(); step += 1
+        loss.backward()
+        if world > 1:  # average gradients across workers
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.all_reduce(p.grad); p.grad /= world
+        opt.step(); sched.step(); opt.zero_grad(); step += 1
         log.write(json.dumps({"step": step, "loss": loss.item()}) + "\\n"); log.flush()
         if save_steps and step % save_steps == 0:
             ck.save_checkpoint(out, step, model=model, optimizer=opt, scheduler=sched,
                                state={"epoch": epoch, "pos": pos, "order": order}, save_total_limit=limit)
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-    torch.save(ck.trainable_state_dict(model), out / "final.pt")
+    torch.save(ck.trainable_state_dict(model), out / f"final{rank}.pt")
     """
 )
 
 
 def run_loop(tmp_path: Path, out: Path, total: int, save_steps: int, kill_at: int = -1,
-             resume: bool = False, limit: int = 2) -> subprocess.CompletedProcess:
+             resume: bool = False, limit: int = 2, world: int = 1) -> subprocess.CompletedProcess:
+    """Run LOOP in `world` processes (gloo when > 1); returns rank 0's process (all were waited for)."""
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
     out.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, str(script), str(out), str(total), str(save_steps), str(kill_at),
-                           "1" if resume else "0", str(limit)], capture_output=True, text=True, timeout=300)
+    args = [sys.executable, str(script), str(out), str(total), str(save_steps), str(kill_at),
+            "1" if resume else "0", str(limit)]
+    if world == 1:
+        return subprocess.run(args, capture_output=True, text=True, timeout=300)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(world)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    for result in results[1:]:
+        assert result.returncode == results[0].returncode, result.stderr
+    return results[0]
 
 
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+def losses(out: Path, rank: int = 0) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / f"losses{rank}.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}  # a resumed step overwrites the killed run's value
 
 
@@ -94,18 +123,42 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     # Killed right after step 5: the newest checkpoint is checkpoint-4, so step 5 is redone.
     killed = run_loop(tmp_path, out, total=7, save_steps=2, kill_at=5)
     assert killed.returncode == -signal.SIGKILL
-    assert not (out / "final.pt").exists()
+    assert not (out / "final0.pt").exists()
     assert ck.find_latest_checkpoint(out).name == "checkpoint-4"
 
     resumed = run_loop(tmp_path, out, total=7, save_steps=2, resume=True)
     assert resumed.returncode == 0, resumed.stderr
 
-    want, got = torch.load(uninterrupted / "final.pt"), torch.load(out / "final.pt")
-    assert want.keys() == got.keys()
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
-    want_losses, got_losses = losses(uninterrupted), losses(out)
-    assert [got_losses[s] for s in (5, 6, 7)] == [want_losses[s] for s in (5, 6, 7)]
+    assert_same_run(uninterrupted, out, ranks=1)
+
+
+def assert_same_run(want_dir: Path, got_dir: Path, ranks: int) -> None:
+    """Bit-identical final weights on every rank and identical losses after the resume point."""
+    for rank in range(ranks):
+        want, got = torch.load(want_dir / f"final{rank}.pt"), torch.load(got_dir / f"final{rank}.pt")
+        assert want.keys() == got.keys()
+        for name in want:
+            assert torch.equal(want[name], got[name]), (rank, name)
+        want_losses, got_losses = losses(want_dir, rank), losses(got_dir, rank)
+        assert [got_losses[s] for s in (5, 6, 7)] == [want_losses[s] for s in (5, 6, 7)]
+
+
+@pytest.mark.slow
+def test_two_workers_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    """2 gloo workers with different data and RNG streams: each worker's state comes back."""
+    full = run_loop(tmp_path, tmp_path / "full", total=7, save_steps=2, world=2)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "run"
+    killed = run_loop(tmp_path, out, total=7, save_steps=2, kill_at=5, world=2)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_loop(tmp_path, out, total=7, save_steps=2, resume=True, world=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "full", out, ranks=2)
+    # Both workers' weights agree (gradients were averaged) and both RNG states were saved.
+    w0, w1 = torch.load(out / "final0.pt"), torch.load(out / "final1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    saved = torch.load(out / "checkpoints" / "checkpoint-6" / "trainer_state.pt", weights_only=False)
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
 
 
 def test_rotation_keeps_newest_complete(uninterrupted):
