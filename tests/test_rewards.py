@@ -19,6 +19,7 @@ from opensloth.errors import UserError
 from opensloth.rewards import (
     PRESETS,
     DemoReward,
+    MathAnswerReward,
     RewardFunction,
     RewardSet,
     get_length_penalty,
@@ -133,6 +134,22 @@ def test_math_answer_off_the_main_thread_matches_main_thread():
     thread.start()
     thread.join(180)
     assert box["out"] == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_math_answer_time_limit_per_check_in_and_off_the_main_thread():
+    """Comparing two 300th powers takes sympy far longer than 1 s: the check stops and scores 0."""
+    reward = MathAnswerReward(time_limit_s=1)
+    args = (["q"], ["<SOLUTION>(x+2)^{300}</SOLUTION>"])
+    start = time.monotonic()
+    assert reward(*args, answer=["(x+1)^{300}"]) == [0.0]
+    assert time.monotonic() - start < 10
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(out=reward(*args, answer=["(x+1)^{300}"])))
+    start = time.monotonic()
+    thread.start()
+    thread.join(120)
+    assert box["out"] == [0.0]
+    assert time.monotonic() - start < 60  # includes starting the helper process if needed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,8 +164,9 @@ class _CheckerProcess:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
             self.proc.stdin.write(json.dumps({"gold": gold, "pred": pred, "t": time_limit_s}) + "\n")
-            # Three math-verify calls, each limited inside the helper; this is the backstop.
-            line = self._readline(3 * time_limit_s + 1.0)
+            # Each parse and each pairwise comparison is limited inside the helper (a few of them
+            # per check); this is only the backstop for a helper that stops answering.
+            line = self._readline(6 * time_limit_s + 2.0)
             if not line:
                 self.close()
                 raise TimeoutError(f"math-verify check exceeded {time_limit_s} s")
