@@ -1,1 +1,22 @@
+"""Data: sources, row formats, chat templates, tokenization with assistant masks, cache, shards.
 
+Public API (see `opensloth.data.prepare` for the cache and the sharding rule):
+
+    prepare_sft_dataset(cfg, tokenizer, num_shards) -> PreparedDataset
+    prepare_grpo_dataset(cfg, tokenizer, num_shards) -> PreparedDataset
+    load_prepared(path) -> PreparedDataset      # .load_shard(rank), .load_all(), .load_eval()
+    reshard(prepared, num_shards) -> PreparedDataset
+    check_shards(prepared, num_workers)          # UserError when the counts differ
+"""
+
+from opensloth.data.prepare import (
+    PreparedDataset,
+    check_shards,
+    load_prepared,
+    prepare_grpo_dataset,
+    prepare_sft_dataset,
+    reshard,
+)
+
+__all__ = ["PreparedDataset", "prepare_sft_dataset", "prepare_grpo_dataset", "load_prepared", "reshard",
+           "check_shards"]

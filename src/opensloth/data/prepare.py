@@ -1,0 +1,581 @@
+"""Tokenize, cache and shard a dataset once, before the workers start.
+
+`prepare_sft_dataset(cfg, tokenizer, num_shards)` and `prepare_grpo_dataset(...)` run in the
+launcher's process: load the source (`sources`), format each row (`formats`), render it with
+the chat template (`templates`), tokenize, and save the result under a fingerprint in the cache.
+Workers open it with `load_prepared(path)` and read their rows with `load_shard(rank)`.
+
+Rows.
+  SFT: `input_ids` and `assistant_masks` (1 exactly on the tokens of each assistant turn's
+  content and its closing end-of-turn token, 0 on system/user turns and on the template's own
+  tokens such as `<|im_start|>assistant\\n`), truncated to --max-seq-length. TRL's SFTTrainer
+  turns `assistant_masks` into labels (-100 where 0) for such pre-tokenized rows. The `text`
+  format has no turns: every token counts (mask all 1).
+  GRPO: `prompt` (messages), `prompt_text` (rendered with the generation prompt), `prompt_ids`,
+  `answer`, and every other source column (rewards get them as keyword arguments).
+
+Assistant masks without template markers. For assistant turn i, the conversation up to turn i
+and up to turn i+1 are rendered; the text between them is that turn, and the turn's content is
+located in it (its last occurrence) up to the end of the turn minus trailing whitespace (which
+keeps the end-of-turn token, drops the newline after it). Tokens whose character span (from the
+fast tokenizer's offsets) overlaps that range get 1. This works for any template that renders a
+conversation's prefix as a prefix of the whole, which the usual ones (ChatML, Llama 3, Mistral,
+Gemma) do; a template that does not is refused with a clear message.
+
+Cache. The directory is `<cache>/<recipe>-<fingerprint>` with cache = --cache-dir,
+$OPENSLOTH_CACHE or ~/.cache/opensloth. The fingerprint hashes the source identity (path + size
++ mtime, or hub name + split + config), the format, the tokenizer (name + a hash of its full
+definition), the chat template option and texts, the system prompt, the max length, the sample
+count, the seed, the recipe and its filters (GRPO prompt length), the eval settings, and the
+pipeline version. A second run with the same inputs reuses it (`cache_hit`); --overwrite-cache
+rebuilds it. Writes go to a temporary directory renamed into place, so a killed run never leaves
+a directory that looks complete. The worker count is not in the fingerprint: sharding is a view
+(below), so an entry prepared for another worker count is re-sharded by rewriting its metadata.
+
+Sharding rule. Rows are stored once, in the seeded global order (shuffled with --seed; the
+first --num-samples rows of that order when given). With W shards, shard r holds global rows
+r, r+W, r+2W, ... (`load_shard(r)`), so shards are disjoint and together hold every row, and for
+ANY per-worker batch size b the k-th batch of b rows of each shard, taken together over the W
+shards, is exactly the k-th batch of W*b rows of the global order: global rows k*W*b ...
+(k+1)*W*b - 1. So W workers that each read their shard in order, b rows at a time, see together
+what one worker reading the global order W*b rows at a time sees. `load_all()` gives the global
+order itself: use it (not a concatenation of shards) where every worker reads the whole dataset
+and a sampler splits it, as the HF Trainer does.
+
+A directory written by `os-train data` (`--output-path`) passed as --dataset skips all of this;
+it must have been prepared with the same tokenizer, for the same recipe and worker count
+(`check_shards`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from opensloth.config import RunConfig
+from opensloth.data.formats import (
+    BadRow,
+    check_columns,
+    detect_format,
+    format_grpo_row,
+    format_sft_row,
+)
+from opensloth.data.sources import PREPARED_META, is_prepared_dir, load_source, source_identity
+from opensloth.data.templates import render, resolve_template
+from opensloth.errors import UserError
+
+logger = logging.getLogger("opensloth")
+
+PIPELINE_VERSION = 1
+TOKENIZE_CHUNK = 512  # rows per batched tokenizer call
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepared dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset directory: `opensloth_prepared.json`, `train/`, and `eval/` if any."""
+
+    path: Path
+    meta: dict
+    cache_hit: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.meta["num_shards"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.meta["num_rows"])
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return dict(self.meta.get("stats", {}))
+
+    @property
+    def recipe(self) -> str:
+        return self.meta["recipe"]
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The chat template the rows were rendered with (save it with the tokenizer)."""
+        return self.meta.get("chat_template")
+
+    def load_all(self):
+        """Every training row, in the seeded global order (a memory-mapped `datasets.Dataset`)."""
+        import datasets
+
+        return datasets.load_from_disk(str(self.path / "train"))
+
+    def load_shard(self, rank: int):
+        """Worker `rank`'s rows: global rows rank, rank + W, rank + 2W, ... (module docstring)."""
+        if not 0 <= rank < self.num_shards:
+            raise ValueError(f"shard {rank} does not exist: {self.path} has {self.num_shards} shards")
+        data = self.load_all()
+        return data.select(range(rank, len(data), self.num_shards))
+
+    def load_eval(self):
+        """The held-out rows (--eval-dataset or --eval-split-ratio), or None."""
+        import datasets
+
+        path = self.path / "eval"
+        return datasets.load_from_disk(str(path)) if path.is_dir() else None
+
+
+def load_prepared(path: str | Path) -> PreparedDataset:
+    """Open a prepared dataset directory (written by prepare_* or `os-train data`).
+
+    Raises:
+        UserError: the directory is not a prepared dataset.
+    """
+    path = Path(path).expanduser()
+    meta_file = path / PREPARED_META
+    if not meta_file.is_file():
+        raise UserError(f"{path} is not a prepared dataset (no {PREPARED_META}). Prepare one with "
+                        "`os-train data sft|grpo ... --output-path DIR`.")
+    return PreparedDataset(path=path, meta=json.loads(meta_file.read_text()), cache_hit=True)
+
+
+def check_shards(prepared: PreparedDataset, num_workers: int) -> None:
+    """Refuse a prepared directory whose shard count is not this run's worker count."""
+    if prepared.num_shards != num_workers:
+        n, w = prepared.num_shards, num_workers
+        raise UserError(
+            f"--dataset {prepared.path} was prepared for {n} worker{'s' * (n != 1)} but this run has {w}. "
+            f"Re-run `os-train data {prepared.recipe} ... --num-workers {w} --output-path DIR` and pass DIR, "
+            f"or pass --devices with {n} devices (e.g. --devices cpu:{n}, or {n} GPU ids)."
+        )
+
+
+def reshard(prepared: PreparedDataset, num_shards: int) -> PreparedDataset:
+    """The same rows split for `num_shards` workers (metadata only; rows are not rewritten)."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+    if num_shards == prepared.num_shards:
+        return prepared
+    meta = dict(prepared.meta)
+    meta["num_shards"] = num_shards
+    meta["reshard_history"] = [*meta.get("reshard_history", []),
+                               {"from": prepared.num_shards, "to": num_shards, "time": time.time()}]
+    _write_json_atomic(prepared.path / PREPARED_META, meta)
+    logger.info("Re-sharded %s from %d to %d shards", prepared.path, prepared.num_shards, num_shards)
+    return PreparedDataset(path=prepared.path, meta=meta, cache_hit=prepared.cache_hit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_sft_dataset(cfg: RunConfig, tokenizer: Any, num_shards: int) -> PreparedDataset:
+    """Prepare (or reuse) the SFT rows of `cfg.data` for `num_shards` workers.
+
+    The tokenizer is not modified; the template the rows were rendered with is
+    `PreparedDataset.chat_template` (save it with the tokenizer).
+
+    Raises:
+        UserError: bad source, format, template, or rows (see the module docstring).
+    """
+    return _prepare(cfg, tokenizer, num_shards, "sft")
+
+
+def prepare_grpo_dataset(cfg: RunConfig, tokenizer: Any, num_shards: int) -> PreparedDataset:
+    """Prepare (or reuse) the GRPO prompts of `cfg.data` for `num_shards` workers, dropping prompts
+    longer than --max-prompt-length or the --prompt-length-percentile of the prompt lengths."""
+    return _prepare(cfg, tokenizer, num_shards, "grpo")
+
+
+def cache_root(cache_dir: Optional[Path]) -> Path:
+    """--cache-dir, else $OPENSLOTH_CACHE, else ~/.cache/opensloth."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("OPENSLOTH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "opensloth"
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
+    """Name and a hash of the tokenizer's full definition (vocab, merges, added tokens, specials)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
+    definition += json.dumps([str(tokenizer.eos_token), str(tokenizer.pad_token), str(tokenizer.bos_token)])
+    return {"name": str(getattr(tokenizer, "name_or_path", "")),
+            "hash": hashlib.sha256(definition.encode()).hexdigest()}
+
+
+def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> PreparedDataset:
+    d = cfg.data
+    if not d.dataset:
+        raise UserError(f"Missing --dataset: a hub dataset name, a local .json/.jsonl/.csv/.parquet file, "
+                        f"a saved dataset directory, or a directory from `os-train data {recipe}`.")
+    tok_id = tokenizer_identity(tokenizer)
+    if is_prepared_dir(d.dataset):
+        return _use_prepared_dir(Path(d.dataset).expanduser(), tokenizer, tok_id, num_shards, recipe)
+
+    task = cfg.grpo.task if recipe == "grpo" else None
+    key = _fingerprint(cfg, tokenizer, tok_id, recipe, task)
+    root = cache_root(d.cache_dir)
+    entry = root / f"{recipe}-{key[:24]}"
+    if (entry / PREPARED_META).is_file() and not d.overwrite_cache:
+        prepared = load_prepared(entry)
+        logger.info("Reusing the prepared dataset %s (cache hit; --overwrite-cache rebuilds it)", entry)
+        return reshard(prepared, num_shards)
+
+    started = time.perf_counter()
+    hf_cache = root / "hf-datasets"
+    source = load_source(d.dataset, d.dataset_split, d.dataset_config, hf_cache)
+    fmt = d.format or detect_format(source.column_names, recipe)
+    check_columns(fmt, source.column_names, recipe)
+    template = resolve_template(tokenizer, d.chat_template, d.system_prompt, data_format=fmt, task=task)
+    eval_source = None
+    if d.eval_dataset:
+        eval_source = load_source(d.eval_dataset, d.dataset_split, d.dataset_config, hf_cache, "--eval-dataset")
+        check_columns(fmt, eval_source.column_names, recipe, "--eval-dataset")
+
+    build = _build_sft if recipe == "sft" else _build_grpo
+    train, held_out, stats = build(cfg, tokenizer, template, fmt, source, eval_source)
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    meta = {
+        "version": PIPELINE_VERSION, "recipe": recipe, "format": fmt, "fingerprint": key,
+        "num_shards": num_shards, "num_rows": len(train), "num_eval_rows": len(held_out) if held_out else 0,
+        "tokenizer": tok_id["name"], "tokenizer_hash": tok_id["hash"], "template": d.chat_template,
+        "chat_template": template, "system_prompt": d.system_prompt, "max_length": d.max_seq_length,
+        "source": source_identity(d.dataset, d.dataset_split, d.dataset_config), "seed": cfg.training.seed,
+        "num_samples": d.num_samples, "stats": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_entry(entry, train, held_out, meta)
+    logger.info("Prepared %d %s rows in %.1fs: %s", len(train), recipe, stats["seconds"], entry)
+    return PreparedDataset(path=entry, meta=meta, cache_hit=False)
+
+
+def _use_prepared_dir(path: Path, tokenizer: Any, tok_id: dict, num_shards: int, recipe: str) -> PreparedDataset:
+    prepared = load_prepared(path)
+    if prepared.recipe != recipe:
+        raise UserError(f"--dataset {path} was prepared for `os-train {prepared.recipe}`, not {recipe}. "
+                        f"Prepare it with `os-train data {recipe}`.")
+    if prepared.meta.get("tokenizer_hash") != tok_id["hash"]:
+        raise UserError(f"--dataset {path} was tokenized with a different tokenizer "
+                        f"({prepared.meta.get('tokenizer')}) than --model's ({tok_id['name']}). "
+                        f"Re-run `os-train data {recipe}` with this --model.")
+    check_shards(prepared, num_shards)
+    return prepared
+
+
+def _fingerprint(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str, task: Optional[str]) -> str:
+    d = cfg.data
+    template_file = Path(d.chat_template).expanduser()
+    parts = {
+        "version": PIPELINE_VERSION, "recipe": recipe,
+        "source": source_identity(d.dataset, d.dataset_split, d.dataset_config),
+        "format": d.format, "tokenizer": tok_id,
+        # auto/model resolve against the tokenizer's own template; a file by its text.
+        "template": d.chat_template, "model_template": str(getattr(tokenizer, "chat_template", None)),
+        "template_file": template_file.read_text() if template_file.is_file() else None,
+        "system_prompt": d.system_prompt, "max_length": d.max_seq_length, "num_samples": d.num_samples,
+        "seed": cfg.training.seed, "skip_bad_rows": d.skip_bad_rows, "task": task,
+        "eval": [source_identity(d.eval_dataset, d.dataset_split, d.dataset_config) if d.eval_dataset else None,
+                 d.eval_split_ratio],
+    }
+    if recipe == "grpo":
+        parts["prompt_filter"] = [cfg.grpo.max_prompt_length, cfg.grpo.prompt_length_percentile]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting rows (shared)
+# ---------------------------------------------------------------------------------------------
+
+
+def _seeded_order(n: int, seed: int, num_samples: Optional[int]) -> list[int]:
+    """Row indices in the seeded global order; the first `num_samples` of it when given."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:num_samples] if num_samples else order
+
+
+def _format_rows(source, order: list[int], fmt: str, fn, system_prompt: Optional[str], skip: bool,
+                 option: str, stats: dict) -> list[tuple[int, Any]]:
+    """Apply formatter `fn` to the rows `order`; a bad row stops the run unless `skip`."""
+    out, bad = [], []
+    for index in order:
+        row = source[index]
+        try:
+            out.append((index, fn(fmt, row, system_prompt)))
+        except BadRow as exc:
+            if not skip:
+                raise UserError(f"Row {index} of {option} is malformed ({fmt} format): {exc}. Fix the row, or pass "
+                                "--skip-bad-rows to drop malformed rows (they are counted).") from None
+            bad.append(f"row {index}: {exc}")
+    stats["bad_rows"] = stats.get("bad_rows", 0) + len(bad)
+    if bad:
+        stats.setdefault("bad_row_examples", []).extend(bad[:3])
+        logger.warning("Dropped %d malformed rows of %s (--skip-bad-rows), e.g. %s", len(bad), option, bad[0])
+    return out
+
+
+def _split_eval(n: int, ratio: float) -> int:
+    """How many of n rows the --eval-split-ratio holds out (at least 1 when ratio > 0, never all)."""
+    if ratio <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, round(n * ratio)))
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT: chat rendering with assistant masks
+# ---------------------------------------------------------------------------------------------
+
+
+def assistant_char_spans(tokenizer: Any, messages: list[dict],
+                         chat_template: Optional[str] = None) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` and find each assistant turn's [start, end) characters in the text.
+
+    Returns:
+        (text, spans): the rendered conversation and, per assistant turn, the range from its
+        content's first character to its end-of-turn token's last (module docstring).
+
+    Raises:
+        UserError: the template renders a prefix of the conversation differently from the whole.
+    """
+    full = render(tokenizer, messages, chat_template=chat_template)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render_prefix(tokenizer, messages[:i], chat_template)
+        upto = render(tokenizer, messages[: i + 1], chat_template=chat_template)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise UserError(
+                "The chat template renders the start of a conversation differently from the whole (e.g. it "
+                "rewrites earlier assistant turns), so the assistant tokens cannot be located. Use "
+                "--chat-template chatml or a Jinja file, or --no-assistant-only-loss."
+            )
+        turn = upto[len(before):]
+        start = turn.rfind(message["content"].strip())
+        if start < 0:
+            raise UserError("The chat template changes the assistant message text, so its tokens cannot be "
+                            "located. Use --chat-template chatml or a Jinja file.")
+        spans.append((len(before) + start, len(before) + len(turn.rstrip())))
+    return full, spans
+
+
+def _render_prefix(tokenizer: Any, messages: list[dict], chat_template: Optional[str]) -> str:
+    if messages:
+        return render(tokenizer, messages, chat_template=chat_template)
+    try:  # some templates cannot render an empty conversation
+        return tokenizer.apply_chat_template([], tokenize=False, chat_template=chat_template)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def spans_to_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose [start, end) characters overlap an assistant span, else 0.
+
+    Tokens of zero width (none in byte-level tokenizers) count when their start is inside a span.
+    """
+    mask = []
+    for a, b in offsets:
+        inside = any((a < e and b > s) or (a == b and s <= a < e) for s, e in spans)
+        mask.append(int(inside))
+    return mask
+
+
+def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, eval_source):
+    import datasets
+
+    d = cfg.data
+    stats: dict[str, Any] = {"rows_in": len(source)}
+    order = _seeded_order(len(source), cfg.training.seed, d.num_samples)
+    rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows, "--dataset", stats)
+    eval_rows = None
+    if eval_source is not None:
+        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_sft_row, d.system_prompt,
+                                 d.skip_bad_rows, "--eval-dataset", stats)
+    train = _tokenize_sft(tokenizer, template, [r for _, r in rows], fmt, d.max_seq_length, stats)
+    held_out = (_tokenize_sft(tokenizer, template, [r for _, r in eval_rows], fmt, d.max_seq_length, {})
+                if eval_rows else None)
+    if not train["input_ids"]:
+        raise UserError("No usable SFT rows are left (see the bad-row and truncation counts). Check --dataset, "
+                        "--format and --max-seq-length.")
+    n_eval = _split_eval(len(train["input_ids"]), d.eval_split_ratio) if held_out is None else 0
+    if n_eval:
+        held_out = {k: v[-n_eval:] for k, v in train.items()}
+        train = {k: v[:-n_eval] for k, v in train.items()}
+    stats["num_rows"] = len(train["input_ids"])
+    stats["eval_rows"] = len(held_out["input_ids"]) if held_out else 0
+    to_ds = datasets.Dataset.from_dict
+    return to_ds(train), (to_ds(held_out) if held_out else None), stats
+
+
+def _tokenize_sft(tokenizer: Any, template: str, items: list, fmt: str, max_len: int,
+                  stats: dict) -> dict[str, list]:
+    """Rendered, tokenized, masked and truncated rows; counts go into `stats`."""
+    out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
+    truncated = dropped = total = trained = longest = 0
+    for chunk_start in range(0, len(items), TOKENIZE_CHUNK):
+        chunk = items[chunk_start: chunk_start + TOKENIZE_CHUNK]
+        if fmt == "text":
+            encoded = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+            eos = tokenizer.eos_token_id
+            pairs = [(ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []), None)
+                     for ids in encoded]
+            pairs = [(ids, [1] * len(ids)) for ids, _ in pairs]
+        else:
+            rendered = [assistant_char_spans(tokenizer, messages, template) for messages in chunk]
+            if not getattr(tokenizer, "is_fast", False):
+                raise UserError("Assistant-only labels need a fast tokenizer (character offsets); "
+                                f"{getattr(tokenizer, 'name_or_path', 'this model')} has a slow one.")
+            enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+            pairs = [(ids, spans_to_mask(offsets, spans))
+                     for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
+        for ids, mask in pairs:
+            longest = max(longest, len(ids))
+            if len(ids) > max_len:
+                truncated += 1
+                ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask):  # nothing to learn from (all assistant tokens cut off)
+                dropped += 1
+                continue
+            out["input_ids"].append(list(ids))
+            out["assistant_masks"].append(mask)
+            total += len(ids)
+            trained += sum(mask)
+    stats.update(truncated_rows=truncated, dropped_no_assistant_tokens=dropped, tokens=total,
+                 assistant_tokens=trained, longest_row_tokens=longest)
+    if truncated:
+        logger.warning("%d rows were longer than --max-seq-length %d and were truncated", truncated, max_len)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO: prompts, answers and the prompt-length filter
+# ---------------------------------------------------------------------------------------------
+
+GRPO_OWN_COLUMNS = ("prompt", "prompt_text", "prompt_ids", "answer")
+
+
+def nearest_rank(values: list[int], q: float) -> int:
+    """The nearest-rank q-quantile of `values` (q in (0, 1]; q = 1 gives the maximum)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, eval_source):
+    d, g = cfg.data, cfg.grpo
+    stats: dict[str, Any] = {"rows_in": len(source)}
+    order = _seeded_order(len(source), cfg.training.seed, d.num_samples)
+    rows = _format_rows(source, order, fmt, format_grpo_row, d.system_prompt, d.skip_bad_rows, "--dataset", stats)
+    eval_rows = None
+    if eval_source is not None:
+        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_row, d.system_prompt,
+                                 d.skip_bad_rows, "--eval-dataset", stats)
+    if not rows:
+        raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
+
+    texts = [render(tokenizer, messages, True, template) for _, (messages, _, _) in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = [len(x) for x in ids]
+    threshold = nearest_rank(lengths, g.prompt_length_percentile)
+    if g.max_prompt_length is not None:
+        threshold = min(threshold, g.max_prompt_length)
+    keep = [i for i, n in enumerate(lengths) if n <= threshold]
+    stats.update(
+        prompt_tokens_p50=nearest_rank(lengths, 0.5), prompt_tokens_p90=nearest_rank(lengths, 0.9),
+        prompt_tokens_p99=nearest_rank(lengths, 0.99), prompt_tokens_max=max(lengths),
+        prompt_length_threshold=threshold, dropped_long_prompts=len(rows) - len(keep),
+    )
+    if stats["dropped_long_prompts"]:
+        logger.info("Dropped %d prompts longer than %d tokens (--prompt-length-percentile %s, --max-prompt-length %s)",
+                    stats["dropped_long_prompts"], threshold, g.prompt_length_percentile, g.max_prompt_length)
+    if not keep:
+        raise UserError(f"Every prompt is longer than --max-prompt-length {g.max_prompt_length} tokens; "
+                        f"the shortest has {min(lengths)}. Raise --max-prompt-length.")
+    rows = [rows[i] for i in keep]
+    texts, ids = [texts[i] for i in keep], [ids[i] for i in keep]
+
+    held_out = None
+    if eval_rows:
+        e_texts = [render(tokenizer, m, True, template) for _, (m, _, _) in eval_rows]
+        e_ids = tokenizer(e_texts, add_special_tokens=False)["input_ids"]
+        fits = [i for i, x in enumerate(e_ids) if len(x) <= threshold]
+        stats["dropped_long_eval_prompts"] = len(e_ids) - len(fits)
+        held_out = _grpo_dataset(eval_source, [eval_rows[i] for i in fits], [e_texts[i] for i in fits],
+                                 [e_ids[i] for i in fits])
+    n_eval = _split_eval(len(rows), d.eval_split_ratio) if held_out is None else 0
+    if n_eval:
+        held_out = _grpo_dataset(source, rows[-n_eval:], texts[-n_eval:], ids[-n_eval:])
+        rows, texts, ids = rows[:-n_eval], texts[:-n_eval], ids[:-n_eval]
+    train = _grpo_dataset(source, rows, texts, ids)
+    stats["num_rows"] = len(train)
+    stats["eval_rows"] = len(held_out) if held_out is not None else 0
+    return train, held_out, stats
+
+
+def _grpo_dataset(source, rows: list, texts: list[str], ids: list[list[int]]):
+    """The kept source rows with their other columns, plus prompt, prompt_text, prompt_ids, answer."""
+    import datasets
+
+    indices = [index for index, _ in rows]
+    extra_keys = sorted({k for _, (_, _, extra) in rows for k in extra})
+    own = set(GRPO_OWN_COLUMNS) | set(extra_keys)
+    passthrough = source.select(indices).remove_columns([c for c in source.column_names if c in own])
+    columns = {
+        "prompt": [messages for _, (messages, _, _) in rows],
+        "prompt_text": texts,
+        "prompt_ids": [list(x) for x in ids],
+        "answer": [answer for _, (_, answer, _) in rows],
+        **{k: [extra.get(k) for _, (_, _, extra) in rows] for k in extra_keys},
+    }
+    new = datasets.Dataset.from_dict(columns)
+    if not passthrough.column_names:
+        return new
+    return datasets.concatenate_datasets([passthrough.flatten_indices(), new], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _write_entry(entry: Path, train, held_out, meta: dict) -> None:
+    """Write into a temporary sibling, then rename it into place (replacing an older entry)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if held_out is not None:
+            held_out.save_to_disk(str(tmp / "eval"))
+        (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2, default=str))
+        if entry.exists():
+            old = entry.parent / f".old-{entry.name}-{uuid.uuid4().hex[:8]}"
+            entry.rename(old)
+            tmp.rename(entry)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
