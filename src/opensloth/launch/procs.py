@@ -35,7 +35,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 from opensloth.errors import UserError
-from opensloth.launch.worker import ERROR_FILE_ENV, PARENT_PID_ENV
+
+# Set by the launcher in each worker's environment (read by opensloth.launch.worker). Defined here,
+# not in worker.py, so that importing the package does not import the `-m` entry module itself.
+ERROR_FILE_ENV = "OPENSLOTH_ERROR_FILE"
+PARENT_PID_ENV = "OPENSLOTH_PARENT_PID"
 
 Device = Union[int, str]  # a GPU id as the user sees it, or "cpu"
 TAIL_LINES = 40

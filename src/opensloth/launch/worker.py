@@ -36,10 +36,9 @@ import torch
 from opensloth.config import RunConfig, resolve_config
 from opensloth.distributed import WorkerContext, init_distributed, setup_logging
 from opensloth.errors import UserError
+from opensloth.launch.procs import ERROR_FILE_ENV, PARENT_PID_ENV
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
-ERROR_FILE_ENV = "OPENSLOTH_ERROR_FILE"
-PARENT_PID_ENV = "OPENSLOTH_PARENT_PID"
 
 
 def parse_fault_spec(spec: str) -> dict[str, str]:
