@@ -12,9 +12,9 @@ TRL 1.15's GRPOTrainer crashes on this CPU torch (see /work/shared/FACTS.md), so
 subprocess of a venv with TRL 1.16 and the same torch:
 
     python -m venv --system-site-packages .venv-bench && .venv-bench/bin/pip install trl==1.16.0
-    python bench/grpo_vs_trl.py [--steps 6] [--trl-python .venv-bench/bin/python]
+    python bench/grpo_vs_trl.py [--steps 8] [--trl-python .venv-bench/bin/python]
 
-Prints seconds per step (median over the steps after the first, which pays one-off costs) for
+Prints seconds per step (median over the steps after the first two, which pay one-off costs) for
 each side and the ratio ours / TRL.
 """
 
@@ -58,7 +58,7 @@ def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -
     """`os-train grpo` through the real CLI; per-step seconds from its metrics.jsonl."""
     reward_module = Path(__file__).resolve()
     cmd = [
-        sys.executable, "-m", "opensloth.cli.train", "grpo", "--model", str(model_dir), "--dataset", str(data),
+        sys.executable, "-c", "from opensloth.cli.train import app; app()", "grpo", "--model", str(model_dir), "--dataset", str(data),
         "--format", "prompt-answer", "--chat-template", "model", "--output-dir", str(out), "--overwrite",
         "--devices", "cpu", "--rewards", "digit_share_reward", "--reward-module", str(reward_module),
         "--group-size", str(G), "--rollout-batch-size", str(PROMPTS), "--max-new-tokens", str(MAX_NEW),
@@ -114,13 +114,13 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, threads: int) ->
 
 
 def summarize(times: list[float]) -> float:
-    """Median seconds per step, leaving out the first (model warm-up, allocator, caches)."""
-    return statistics.median(times[1:] if len(times) > 1 else times)
+    """Median seconds per step, leaving out the first two (warm-up: allocator, caches, lazy imports)."""
+    return statistics.median(times[2:] if len(times) > 2 else times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trl-python", default=str(Path(__file__).resolve().parents[1] / ".venv-bench/bin/python"))
     parser.add_argument("--skip-trl", action="store_true")

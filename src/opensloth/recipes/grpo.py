@@ -487,14 +487,22 @@ class GRPORecipe:
     def evaluate(self) -> dict[str, float]:
         """Greedy completions on this worker's share of the held-out set; sums reduced across workers.
 
-        Reports eval/rewards/<name>/mean, eval/accuracy (the math_answer reward's mean), eval/format_rate
-        (math_format's mean) and eval/mean_length.
+        Reports eval/rewards/<name>/mean, eval/reward, eval/accuracy (math_answer against the `answer`
+        column, whether or not it is one of the run's rewards), eval/format_rate (the share of completions
+        in exactly the reasoning format, math_format = 1) and eval/mean_length (tokens).
         """
+        from opensloth.rewards import math_answer, math_format
+
         if self.eval_rows is None or len(self.eval_rows) == 0:
             return {}
         rows = self.eval_rows.shard(self.ctx.world_size, self.ctx.rank, contiguous=True)
         self.model.eval()
-        totals: dict[str, float] = {}
+        # Fixed keys on every worker (one may hold no eval rows): the sums are reduced in one collective.
+        keys = [f"eval/rewards/{name}/mean" for name in self.rewards.names]
+        keys += ["eval/reward", "eval/mean_length", "eval/format_rate", "count"]
+        if "math_answer" in self.rewards.names or "answer" in self.eval_rows.column_names:
+            keys.append("eval/accuracy")
+        totals = dict.fromkeys(keys, 0.0)
         bs = max(1, self.cfg.grpo.rollout_batch_size * self.cfg.grpo.group_size // self.ctx.world_size)
         for start in range(0, len(rows), bs):
             chunk = rows.select(range(start, min(start + bs, len(rows))))
@@ -502,19 +510,21 @@ class GRPORecipe:
                                            max_new_tokens=self.cfg.grpo.max_new_tokens, greedy=True)
             scores = self.score(chunk, rollout.completions_text, 1)
             for name, values in scores.per_reward.items():
-                totals[f"eval/rewards/{name}/mean"] = totals.get(f"eval/rewards/{name}/mean", 0.0) + sum(
-                    float(v) for v in values if v is not None)
-            totals["eval/reward"] = totals.get("eval/reward", 0.0) + float(torch.as_tensor(scores.total).sum())
-            totals["eval/mean_length"] = totals.get("eval/mean_length", 0.0) + float(rollout.completion_mask.sum())
-            totals["count"] = totals.get("count", 0.0) + len(chunk)
+                totals[f"eval/rewards/{name}/mean"] += sum(v for v in values if v is not None)
+            totals["eval/reward"] += float(torch.as_tensor(scores.total).sum())
+            texts = rollout.completions_text
+            totals["eval/format_rate"] += sum(math_format.score_one(text) == 1.0 for text in texts)
+            correct = scores.per_reward.get("math_answer")
+            if correct is None and "answer" in chunk.column_names:
+                correct = math_answer(chunk["prompt"], texts, answer=list(chunk["answer"]))
+            if correct is not None:
+                totals["eval/accuracy"] += sum(v or 0.0 for v in correct)
+            totals["eval/mean_length"] += float(rollout.completion_mask.sum())
+            totals["count"] += len(chunk)
         keys = sorted(totals)
         reduced = dict(zip(keys, all_reduce_scalars([totals[k] for k in keys], op="sum")))
         count = max(reduced.pop("count"), 1.0)
         out = {k: v / count for k, v in reduced.items()}
-        if "eval/rewards/math_answer/mean" in out:
-            out["eval/accuracy"] = out["eval/rewards/math_answer/mean"]
-        if "eval/rewards/math_format/mean" in out:
-            out["eval/format_rate"] = out["eval/rewards/math_format/mean"]
         if self.ctx.is_main:
             from opensloth.distributed import print0
 
