@@ -9,7 +9,7 @@ carry `input_ids` and `assistant_masks` (1 on assistant tokens). TRL builds the 
 that mask (-100 elsewhere), so the loss covers exactly the assistant turns; with
 `--no-assistant-only-loss` the mask is dropped and every token is trained on.
 
-Workers. Every worker reads the whole prepared dataset (all shards, in order) and the HF
+Workers. Every worker reads the whole prepared dataset (`load_all`, the global order) and the HF
 Trainer (through accelerate) gives each rank its slice and averages gradients with DDP. So
 `--per-device-train-batch-size` is per worker and the global batch is
 per-device x gradient-accumulation x workers, as in TRL.
@@ -87,14 +87,11 @@ class SFTRecipe:
                         len(self.train_data), f"{trainable:,}", f"{total:,}", self.ctx.world_size)
 
     def _load_data(self):
-        """All shards of the prepared dataset (see the module docstring), and the eval split if any."""
-        import datasets
-
+        """The whole prepared dataset in its global order (see the module docstring), and the eval split if any."""
         from opensloth.data import load_prepared
 
         prepared = load_prepared(self.ctx.prepared_data_path)
-        shards = [prepared.load_shard(rank) for rank in range(prepared.num_shards)]
-        train = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+        train = prepared.load_all()
         eval_data = prepared.load_eval() if self.cfg.training.eval_steps else None
         return self._for_trainer(train), self._for_trainer(eval_data)
 
