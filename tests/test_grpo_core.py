@@ -243,7 +243,7 @@ def test_gradient_accumulation_equals_full_batch_gradient(mode):
 
 
 def _unchunked(hidden, weight, targets, temperature):
-    logits = (hidden @ weight.T).float() / temperature
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
     log_softmax = torch.log_softmax(logits, dim=-1)
     logp = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_softmax.exp() * log_softmax).sum(-1)
@@ -257,7 +257,7 @@ def test_chunked_log_probs_match_unchunked_values_and_gradients(chunk_size):
     hidden = torch.randn(B, L, H, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, V, (B, L), generator=g)
-    c1, c2 = torch.randn(B, L, generator=g), torch.randn(B, L, generator=g)
+    c1, c2 = torch.randn(B, L, generator=g, dtype=torch.float64), torch.randn(B, L, generator=g, dtype=torch.float64)
 
     logp, entropy = compute_token_log_probs(hidden, weight, targets, temperature=0.7, chunk_size=chunk_size,
                                             with_entropy=True)
@@ -265,10 +265,28 @@ def test_chunked_log_probs_match_unchunked_values_and_gradients(chunk_size):
     ref_logp, ref_entropy = _unchunked(hidden, weight, targets, 0.7)
     ref_grads = torch.autograd.grad((ref_logp * c1 + ref_entropy * c2).sum(), (hidden, weight))
 
-    torch.testing.assert_close(logp, ref_logp.float(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-6, atol=1e-6)
+    # float64 end to end: the closed-form backward must agree with autograd to rounding.
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_log_probs_in_bfloat16_match_autograd_with_float32_softmax():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 6, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(50, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 50, (2, 6), generator=g)
+    logp, entropy = compute_token_log_probs(hidden, weight, targets, chunk_size=5, with_entropy=True)
+    assert logp.dtype == torch.float32  # softmax upcast from bf16
+    grads = torch.autograd.grad((logp + entropy).sum(), (hidden, weight))
+    ref_logp, ref_entropy = _unchunked(hidden, weight, targets, 1.0)
+    ref_grads = torch.autograd.grad((ref_logp + ref_entropy).sum(), (hidden, weight))
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_log_probs_of_uniform_distribution_and_temperature():

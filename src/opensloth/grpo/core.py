@@ -33,8 +33,6 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "AGGREGATION_MODES",
@@ -385,26 +383,68 @@ def aggregate_loss(
 # -- chunked log-probs -------------------------------------------------------------------------
 
 
-def _chunk_log_probs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of `targets` and entropy for one chunk of tokens.
+def _softmax_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (bf16/fp16 softmax loses the log-probs), else the input's."""
+    return torch.promote_types(x.dtype, torch.float32)
 
-    Args:
-        hidden: (N, H). weight: (V, H). targets: (N,).
 
-    Returns:
-        logp (N,) and entropy (N,) (zeros when `with_entropy` is False), float32.
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """log pi(target) and entropy from hidden @ W^T / temperature, (chunk x V) at a time.
+
+    Forward keeps only the per-token log-normaliser (N,); backward recomputes each chunk's
+    logits once and writes the gradient in closed form (z = logits / temperature, p = softmax z):
+        d logp / dz    = onehot(target) - p
+        d entropy / dz = -p * (z - sum_v p_v z_v)
+    so neither pass ever holds more than one chunk's (chunk x V) tensors.
     """
-    logits = (hidden @ weight.T).float() / temperature  # (N, V)
-    log_z = torch.logsumexp(logits, dim=-1)  # (N,)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-    if with_entropy:
-        log_softmax = logits - log_z.unsqueeze(-1)  # (N, V)
-        entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)
-    else:
-        entropy = torch.zeros_like(logp)
-    return logp, entropy
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
+        # hidden (N, H), weight (V, H), targets (N,) -> logp (N,), entropy (N,), float32
+        N = hidden.shape[0]
+        dtype = _softmax_dtype(hidden)
+        logp = torch.empty(N, dtype=dtype, device=hidden.device)
+        entropy = torch.zeros(N, dtype=dtype, device=hidden.device)
+        log_z = torch.empty(N, dtype=dtype, device=hidden.device)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, start + chunk_size)
+            z = (hidden[rows] @ weight.T).to(dtype) / temperature  # (n, V)
+            log_z[rows] = torch.logsumexp(z, dim=-1)
+            logp[rows] = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - log_z[rows]
+            if with_entropy:
+                log_p = z.sub_(log_z[rows].unsqueeze(-1))  # (n, V), reuses z
+                entropy[rows] = -(log_p.exp() * log_p).sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, targets, log_z)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, log_z = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=log_z.dtype, device=weight.device) if need_w else None
+        use_entropy = ctx.with_entropy and grad_entropy is not None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            z = (hidden[rows] @ weight.T).to(log_z.dtype) / ctx.temperature  # (n, V)
+            # In place where possible: besides z and p, at most one (n, V) temporary is alive.
+            p = (z - log_z[rows].unsqueeze(-1)).exp_()  # (n, V)
+            g_logp = grad_logp[rows].unsqueeze(-1)  # (n, 1)
+            if use_entropy:
+                mean_z = (p * z).sum(dim=-1, keepdim=True)  # (n, 1)
+                grad_z = z.sub_(mean_z).mul_(p).mul_(-grad_entropy[rows].unsqueeze(-1))  # reuses z
+                grad_z.sub_(p.mul_(g_logp))
+            else:
+                grad_z = p.mul_(-g_logp)
+            grad_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g_logp)
+            # Through "/ temperature" and back to the matmul's dtype, as autograd would.
+            grad_z = grad_z.div_(ctx.temperature).to(hidden.dtype)
+            if need_h:
+                grad_h[rows] = grad_z @ weight
+            if need_w:
+                grad_w += (grad_z.T @ hidden[rows]).to(grad_w.dtype)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def compute_token_log_probs(
@@ -419,11 +459,11 @@ def compute_token_log_probs(
     """Per-token log-probs (and entropy) of `target_ids` under softmax(hidden @ W^T / temperature).
 
     Works through the B*L tokens `chunk_size` at a time, so at most (chunk_size x V) logits
-    exist at once. With gradients enabled each chunk is checkpointed: its logits are
-    recomputed in backward instead of kept, so the backward pass too holds one chunk's
-    logits at a time. Logits are divided by the sampling temperature so that log pi is the
-    distribution the completions were drawn from (as TRL does); they are upcast to float32
-    before the softmax.
+    exist at once, in the backward pass too: a custom autograd function keeps only each
+    token's log-normaliser and recomputes a chunk's logits in backward, where the gradient
+    is written in closed form. Logits are divided by the sampling temperature so that log pi
+    is the distribution the completions were drawn from (as TRL does), and upcast to float32
+    (from bf16/fp16) before the softmax.
 
     Args:
         hidden: (B, L, H) final hidden states (after the model's last norm), position t
@@ -435,23 +475,11 @@ def compute_token_log_probs(
         with_entropy: also return the entropy of each position's distribution.
 
     Returns:
-        logp: (B, L) float32.
-        entropy: (B, L) float32, or None when `with_entropy` is False.
+        logp: (B, L) float32 (float64 for float64 inputs).
+        entropy: (B, L) like logp, or None when `with_entropy` is False.
     """
     B, L, H = hidden.shape
-    flat_hidden = hidden.reshape(B * L, H)  # (N, H), N = B * L
-    flat_targets = target_ids.reshape(B * L)  # (N,)
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
-    logps, entropies = [], []
-    for start in range(0, B * L, chunk_size):
-        args = (flat_hidden[start : start + chunk_size], lm_head_weight, flat_targets[start : start + chunk_size],
-                temperature, with_entropy)
-        if needs_grad:
-            logp, entropy = checkpoint(_chunk_log_probs, *args, use_reentrant=False)
-        else:
-            logp, entropy = _chunk_log_probs(*args)
-        logps.append(logp)
-        entropies.append(entropy)
-    logp = torch.cat(logps).view(B, L)
-    entropy = torch.cat(entropies).view(B, L) if with_entropy else None
-    return logp, entropy
+    logp, entropy = _ChunkedTokenLogProbs.apply(
+        hidden.reshape(B * L, H), lm_head_weight, target_ids.reshape(B * L), temperature, chunk_size, with_entropy
+    )  # (N,), (N,) with N = B * L
+    return logp.view(B, L), (entropy.view(B, L) if with_entropy else None)
