@@ -144,8 +144,10 @@ def test_eval_reports_accuracy_and_writes_every_completion(trained_adapter, tmp_
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4
-    assert [r["completion"] for r in records] == [f"<SOLUTION>{a}</SOLUTION>" for _, a in PROBLEMS]
-    assert [r["correct"] for r in records] == [True, True, True, False]
+    for record in records:  # data prep may reorder rows: match each record to its problem
+        (question, answer), = [(q, a) for q, a in PROBLEMS if f"What is {q}?" in record["prompt"]]
+        assert record["completion"] == f"<SOLUTION>{answer}</SOLUTION>"
+        assert record["correct"] == (question != "9+0")
     assert "pass@1" in proc.stdout and "0.7500" in proc.stdout
 
     # k samples per prompt: pass@k from the same JSONL.
