@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "opensloth"
 # not listed here (a new helper module) is treated as a library module.
 RANKS = {
     "cli": 5,
+    "demo": 5,  # `os demo` drives the whole pipeline (launch, evaluate) like a CLI command
     "launch": 4,
     "recipes": 3,
     "evaluate": 3,  # composes models, data and rewards for `os eval`, like a recipe
