@@ -22,6 +22,7 @@ from opensloth.rewards import (
     MathAnswerReward,
     RewardFunction,
     RewardSet,
+    code_correctness,
     get_length_penalty,
     get_reward_functions,
     length_penalty,
@@ -65,6 +66,7 @@ EXACT = "<start_working_out>3 apples + 4 apples = 7 apples<end_working_out><SOLU
     [
         (EXACT, 1.0),
         ("  " + EXACT + "\n", 1.0),
+        (EXACT + "<|im_end|>\n<|endoftext|>", 1.0),  # end-of-turn markers left by the decoder
         # The reasoning template's generation prompt already ends with <start_working_out>.
         ("3 + 4 = 7<end_working_out>\n<SOLUTION>7</SOLUTION>", 1.0),
         ("Donc x = 2<end_working_out><SOLUTION>x = 2 ✓</SOLUTION>", 1.0),
@@ -187,6 +189,26 @@ def test_extraction_helpers():
     assert parse_number("1 234 567") == 1234567.0
     assert parse_number(".5") == 0.5
     assert parse_number("none") is None
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<start_working_out>" + "a" * 20000 + "<end_working_out><SOLUTION>" + "b" * 20000 + "</SOLUTION> junk",
+        "<SOLUTION>" * 20000,
+        "</SOLUTION>" * 20000,
+        "```python\n" * 20000,
+        "\\boxed{" * 20000,
+        "1," * 20000 + "<SOLUTION>" + "1,000 " * 20000 + "</SOLUTION>",
+    ],
+    ids=["long-junk-after", "unclosed-tags", "closing-tags", "fences", "boxed", "separators"],
+)
+def test_text_rewards_stay_linear_on_long_adversarial_completions(completion):
+    """Backtracking regexes once took minutes here; a rollout can be this long."""
+    start = time.monotonic()
+    for reward in (math_format, math_answer, math_number, length_penalty, code_correctness):
+        assert len(reward(["q"], [completion], answer=["1"])) == 1
+    assert time.monotonic() - start < 2
 
 
 # ---------------------------------------------------------------------------------------------

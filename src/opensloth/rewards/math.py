@@ -31,12 +31,8 @@ logger = logging.getLogger(__name__)
 
 WORK_START, WORK_END = "<start_working_out>", "<end_working_out>"
 SOLUTION_START, SOLUTION_END = "<SOLUTION>", "</SOLUTION>"
-_EXACT_FORMAT = re.compile(
-    rf"\s*(?:{re.escape(WORK_START)})?(?P<work>.*?\S.*?){re.escape(WORK_END)}\s*"
-    rf"{re.escape(SOLUTION_START)}(?P<solution>.*?\S.*?){re.escape(SOLUTION_END)}\s*",
-    re.DOTALL,
-)
-_SOLUTION = re.compile(rf"{re.escape(SOLUTION_START)}(.*?){re.escape(SOLUTION_END)}", re.DOTALL)
+# End-of-turn markers a decoder may leave at the end (when special tokens are not skipped).
+_END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,12 +57,39 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _is_exact_format(text: str) -> bool:
+    """[<start_working_out>] work <end_working_out> <SOLUTION> answer </SOLUTION>, each tag at most
+    once (checked by the caller), work and answer non-empty, only whitespace around the rest.
+    String positions, not a regex: a backtracking pattern is quadratic on long completions."""
+    body = text.strip()
+    if body.startswith(WORK_START):
+        body = body[len(WORK_START):]
+    elif WORK_START in body:
+        return False
+    i, j, k = body.find(WORK_END), body.find(SOLUTION_START), body.find(SOLUTION_END)
+    if not 0 <= i < j < k:
+        return False
+    work, between = body[:i], body[i + len(WORK_END): j]
+    answer, after = body[j + len(SOLUTION_START): k], body[k + len(SOLUTION_END):]
+    return bool(work.strip() and answer.strip()) and not between.strip() and not after.strip()
+
+
+def strip_end_markers(text: str) -> str:
+    """Drop trailing whitespace and end-of-turn markers (`<|im_end|>`, `<|endoftext|>`, ...)."""
+    text = text.rstrip()
+    while text.endswith(_END_MARKERS):
+        text = text[: -len(next(m for m in _END_MARKERS if text.endswith(m)))].rstrip()
+    return text
+
+
 def extract_solution(text: str) -> str | None:
     r"""The answer part of a completion: inside the last <SOLUTION>...</SOLUTION>, else the last
     \boxed{}, else None."""
-    found = _SOLUTION.findall(text)
-    if found and found[-1].strip():
-        return found[-1].strip()
+    # rfind, not a regex: a lazy pattern is quadratic on completions full of unclosed tags.
+    end = text.rfind(SOLUTION_END)
+    start = text.rfind(SOLUTION_START, 0, max(end, 0))
+    if end >= 0 and start >= 0 and text[start + len(SOLUTION_START): end].strip():
+        return text[start + len(SOLUTION_START): end].strip()
     boxed = last_boxed(text)
     return boxed.strip() if boxed is not None and boxed.strip() else None
 
@@ -203,7 +226,8 @@ class MathFormatReward(RewardFunction):
     r"""Scores the reasoning format `<start_working_out>...<end_working_out><SOLUTION>...</SOLUTION>`.
 
     - 1.0: exactly the format: non-empty working, then a non-empty solution, each tag once,
-      nothing after `</SOLUTION>` but whitespace (the opening tag may be left to the prompt);
+      nothing after `</SOLUTION>` but whitespace or end-of-turn markers such as `<|im_end|>`
+      (the opening tag may be left to the prompt);
     - otherwise partial credit: +1/6 for each of `<end_working_out>`, `<SOLUTION>`, `</SOLUTION>`
       present exactly once (at most 0.5), and -0.25 for each tag (the opening one included)
       repeated. Range [-1, 1].
@@ -221,8 +245,9 @@ class MathFormatReward(RewardFunction):
 
     @staticmethod
     def score_one(text: str) -> float:
+        text = strip_end_markers(text)
         counts = {tag: text.count(tag) for tag in (WORK_START, WORK_END, SOLUTION_START, SOLUTION_END)}
-        if all(n <= 1 for n in counts.values()) and _EXACT_FORMAT.fullmatch(text):
+        if all(n <= 1 for n in counts.values()) and _is_exact_format(text):
             return 1.0
         partial = sum(1 / 6 for tag in (WORK_END, SOLUTION_START, SOLUTION_END) if counts[tag] == 1)
         return round(partial - 0.25 * sum(n > 1 for n in counts.values()), 6)
@@ -232,7 +257,8 @@ class MathAnswerReward(RewardFunction):
     r"""1.0 when the answer equals the reference `answer` (or TRL's `solution`) per math-verify, else 0.0.
 
     The answer is the text inside the last `<SOLUTION>...</SOLUTION>`, else the last `\boxed{}`;
-    equivalent forms count (1/2, 0.5, \frac{1}{2}; 1,000 and 1000). No answer: 0.0. A reference
+    equivalent forms count (1/2, 0.5, \frac{1}{2}; 1,000 and 1000). No answer, or one longer than
+    `max_answer_chars` (not a final answer; spares math-verify a huge parse): 0.0. A reference
     math-verify cannot parse: None (not scored). Each check has a time limit (`time_limit_s`);
     one that overruns scores 0.0.
 
@@ -245,8 +271,8 @@ class MathAnswerReward(RewardFunction):
     description = "Answer in <SOLUTION> (else last \\boxed{}) equals the reference per math-verify: 1, else 0."
     self_limited = True
 
-    def __init__(self, time_limit_s: int = 5):
-        self.time_limit_s = time_limit_s
+    def __init__(self, time_limit_s: int = 5, max_answer_chars: int = 1000):
+        self.time_limit_s, self.max_answer_chars = time_limit_s, max_answer_chars
 
     def score(self, prompts, completions, **columns):
         out: list[float | None] = []
@@ -255,7 +281,7 @@ class MathAnswerReward(RewardFunction):
                 out.append(None)
                 continue
             pred = extract_solution(completion_text(completion))
-            if pred is None:
+            if pred is None or len(pred) > self.max_answer_chars:
                 out.append(0.0)
                 continue
             result = verify_answer(str(gold), pred, self.time_limit_s)
