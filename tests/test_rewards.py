@@ -480,3 +480,14 @@ def test_list_rewards_cli_table_json_and_errors(clean_registry, tmp_path):
     failed = runner.invoke(app, ["list-rewards", "--reward-module", str(bad)])
     assert failed.exit_code == 2
     assert "bad.py, line 1: syntax error" in failed.output
+
+
+@pytest.mark.parametrize("module", ["base", "math", "general", "code", "sandbox"])
+def test_docstring_examples_run(module):
+    """Each reward's docstring example is runnable and true."""
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"opensloth.rewards.{module}")
+    result = doctest.testmod(mod, extraglobs=vars(importlib.import_module("opensloth.rewards")))
+    assert result.attempted > 0 and result.failed == 0
