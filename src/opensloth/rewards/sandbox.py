@@ -199,7 +199,9 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LI
         '42\\n'
     """
     python = sandbox_python()
-    workdir = Path(tempfile.mkdtemp(prefix="opensloth-sandbox-"))
+    # As `nobody`, the working directory's parents must be traversable: /tmp is, $TMPDIR may not be.
+    base = "/tmp" if _dropping_privileges() and os.path.isdir("/tmp") else None
+    workdir = Path(tempfile.mkdtemp(prefix="opensloth-sandbox-", dir=base))
     start = time.monotonic()
     try:
         (workdir / "solution.py").write_text(code)
