@@ -21,7 +21,7 @@ from opensloth.grpo.core import (
     register_policy_loss,
 )
 
-TOL = dict(rtol=1e-6, atol=1e-6)
+TOL = {"rtol": 1e-6, "atol": 1e-6}
 
 
 # -- advantages --------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ Glossary:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 
@@ -53,7 +52,7 @@ __all__ = [
 
 
 def masked_normalize(
-    x: torch.Tensor, mask: torch.Tensor, normalize_constant: float, dim: Optional[int] = None
+    x: torch.Tensor, mask: torch.Tensor, normalize_constant: float, dim: int | None = None
 ) -> torch.Tensor:
     """Sum of `x` where `mask` is set, divided by a given constant.
 
@@ -74,7 +73,7 @@ def masked_normalize(
     return total / normalize_constant
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `x` over the entries where `mask` is set (0 where the mask is empty).
 
     Args:
@@ -225,7 +224,7 @@ def compute_grpo_clip_loss(
     advantages: torch.Tensor,
     *,
     epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
+    epsilon_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-style clipped surrogate: l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A).
 
@@ -266,8 +265,8 @@ def compute_policy_loss(
     advantages: torch.Tensor,
     *,
     epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    importance_weights: Optional[torch.Tensor] = None,
+    epsilon_high: float | None = None,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token policy loss of the registered `loss_type`, optionally re-weighted per token.
 
@@ -455,7 +454,7 @@ def compute_token_log_probs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (and entropy) of `target_ids` under softmax(hidden @ W^T / temperature).
 
     Works through the B*L tokens `chunk_size` at a time, so at most (chunk_size x V) logits

@@ -14,7 +14,7 @@ Duck-typed on the model: this module imports no transformers.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -52,7 +52,7 @@ def compute_model_log_probs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the last `num_completion_tokens` tokens of each sequence.
 
     Position ids follow the attention mask (0 at each row's first real token), exactly as

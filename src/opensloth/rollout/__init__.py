@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -26,7 +26,7 @@ __all__ = ["ENGINES", "RolloutBatch", "RolloutEngine", "get_rollout_engine"]
 
 
 def get_rollout_engine(
-    name: str, model: Any, tokenizer: Any, device: Union[str, torch.device], cfg: Optional[Any] = None
+    name: str, model: Any, tokenizer: Any, device: str | torch.device, cfg: Any | None = None
 ) -> Any:
     """Build the rollout engine `name` for `model`.
 
@@ -65,7 +65,7 @@ def _vllm_status() -> tuple[bool, str]:
     return vllm_status()
 
 
-def _build_vllm(model: Any, tokenizer: Any, device: Union[str, torch.device], cfg: Optional[Any]) -> Any:
+def _build_vllm(model: Any, tokenizer: Any, device: str | torch.device, cfg: Any | None) -> Any:
     from opensloth.rollout.vllm import VLLMRolloutEngine
 
     if cfg is None:

@@ -14,14 +14,14 @@ Glossary:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence, Union
 
 import torch
 
 # A prompt is either text already rendered with the chat template (and generation prompt),
 # or its token ids (the prepared dataset's `prompt_ids`, which saves re-tokenising).
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 
 
 @dataclass
@@ -48,7 +48,7 @@ class RolloutBatch:
     completions_text: list[str]
     is_truncated: torch.Tensor
     prompt_index: torch.Tensor
-    sampler_log_probs: Optional[torch.Tensor] = None
+    sampler_log_probs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -73,7 +73,7 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    def to(self, device: Union[str, torch.device]) -> "RolloutBatch":
+    def to(self, device: str | torch.device) -> RolloutBatch:
         """A copy with every tensor on `device`."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
@@ -98,7 +98,7 @@ class RolloutEngine(ABC):
         temperature: float = 1.0,
         top_p: float = 1.0,
         min_p: float = 0.0,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         greedy: bool = False,
     ) -> RolloutBatch:
         """Sample `group_size` completions for each prompt with the current policy (LoRA active).
@@ -132,7 +132,7 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: Sequence[int
         completion_mask: (B, T) int64, 1 at positions <= the first EOS (everywhere if none).
         is_truncated: (B,) bool, True where the row has no EOS.
     """
-    B, T = completion_ids.shape
+    T = completion_ids.shape[1]
     is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_ids), device=completion_ids.device))  # (B, T)
     has_eos = is_eos.any(dim=1)  # (B,)
     # argmax of a bool row is its first True; rows without EOS keep every token.

