@@ -126,7 +126,9 @@ class RewardSet:
             RewardResult (see its docstring).
         """
         n = len(completions)
-        columns = {k: list(v) for k, v in (columns or {}).items()}
+        # Names the calling convention itself uses cannot also be columns.
+        columns = {k: list(v) for k, v in (columns or {}).items()
+                   if k not in ("prompts", "completions", "reward_scores")}
         if "answer" in columns and "solution" not in columns:
             columns["solution"] = columns["answer"]
         for key, values in {"prompts": prompts, **columns}.items():
