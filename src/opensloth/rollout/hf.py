@@ -8,9 +8,8 @@ from, and the policy-gradient log-probs would no longer describe it.
 
 On CUDA the engine asks for `cache_implementation="static"`: transformers then compiles the
 decode step (measured on an H100, 64 x 256 sampled tokens from a 0.5B Qwen2: 2.3 s against
-13.5 s with the dynamic cache). Prompts
-are left-padded to a multiple of 64 there so that the cache length, hence the compiled
-graph, changes rarely. On the CPU the dynamic cache is used.
+13.5 s with the dynamic cache). Prompts are left-padded to a multiple of 64 there so that the
+cache length, hence the compiled graph, changes rarely. On the CPU the dynamic cache is used.
 """
 
 from __future__ import annotations
