@@ -111,6 +111,21 @@ def test_grpo_clip_epsilon_high_defaults_to_epsilon_low():
     assert meta["clip_high"].item() == 1.0
 
 
+def test_on_policy_grpo_clip_gradient_is_the_reinforce_gradient():
+    """With pi_old = pi.detach() (one update per rollout batch) rho = 1, nothing clips, and the
+    gradient of the clipped objective is -A per token, as for REINFORCE with a baseline."""
+    g = torch.Generator().manual_seed(4)
+    log_probs = (-torch.rand(3, 5, generator=g) * 4).requires_grad_()
+    adv = torch.tensor([1.5, -0.5, 0.0])
+    clip_loss, meta = compute_policy_loss("grpo_clip", log_probs, log_probs.detach(), adv, epsilon_low=0.2)
+    (clip_grad,) = torch.autograd.grad(clip_loss.sum(), log_probs)
+    reinforce_loss, _ = compute_policy_loss("reinforce_with_baseline", log_probs, log_probs.detach(), adv)
+    (reinforce_grad,) = torch.autograd.grad(reinforce_loss.sum(), log_probs)
+    torch.testing.assert_close(clip_grad, -adv[:, None].expand(3, 5), **TOL)
+    torch.testing.assert_close(clip_grad, reinforce_grad, **TOL)
+    assert float(meta["clip"].sum()) == 0.0
+
+
 def test_reinforce_losses_and_importance_weights():
     log_probs = torch.tensor([[-1.0, -2.0], [-0.5, -0.25]])
     scores = torch.tensor([2.0, -1.0])
