@@ -18,5 +18,11 @@ from opensloth.data.prepare import (
     reshard,
 )
 
-__all__ = ["PreparedDataset", "prepare_sft_dataset", "prepare_grpo_dataset", "load_prepared", "reshard",
-           "check_shards"]
+__all__ = [
+    "PreparedDataset",
+    "check_shards",
+    "load_prepared",
+    "prepare_grpo_dataset",
+    "prepare_sft_dataset",
+    "reshard",
+]

@@ -25,7 +25,7 @@ wrong; the caller adds the row index and stops, or drops it under --skip-bad-row
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 from opensloth.data.templates import (
     REASONING_SYSTEM_PROMPT,
@@ -157,7 +157,7 @@ def _preview(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _with_system(messages: Messages, system_prompt: Optional[str]) -> Messages:
+def _with_system(messages: Messages, system_prompt: str | None) -> Messages:
     if system_prompt and messages[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}, *messages]
     return messages
@@ -173,7 +173,7 @@ def reasoning_answer(solution: str, answer: str) -> str:
     return f"{WORK_START}{solution}{WORK_END}{SOLUTION_START}{answer}{SOLUTION_END}"
 
 
-def format_sft_row(fmt: str, row: dict, system_prompt: Optional[str] = None) -> Union[Messages, str]:
+def format_sft_row(fmt: str, row: dict, system_prompt: str | None = None) -> Messages | str:
     """One source row -> chat messages (or the raw text for `text`).
 
     Raises:
@@ -209,7 +209,7 @@ def format_sft_row(fmt: str, row: dict, system_prompt: Optional[str] = None) -> 
     return messages
 
 
-def format_grpo_row(fmt: str, row: dict, system_prompt: Optional[str] = None) -> tuple[Messages, str, dict]:
+def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None) -> tuple[Messages, str, dict]:
     """One source row -> (prompt messages, reference answer, extra columns).
 
     Raises:

@@ -60,7 +60,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from opensloth.config import RunConfig
 from opensloth.data.formats import (
@@ -71,7 +71,7 @@ from opensloth.data.formats import (
     format_sft_row,
 )
 from opensloth.data.sources import PREPARED_META, is_prepared_dir, load_source, source_identity
-from opensloth.data.templates import render, resolve_template
+from opensloth.data.templates import render, resolve_template, resolve_template_name
 from opensloth.errors import UserError
 
 logger = logging.getLogger("opensloth")
@@ -114,7 +114,7 @@ class PreparedDataset:
         return self.meta["recipe"]
 
     @property
-    def chat_template(self) -> Optional[str]:
+    def chat_template(self) -> str | None:
         """The chat template the rows were rendered with (save it with the tokenizer)."""
         return self.meta.get("chat_template")
 
@@ -202,7 +202,7 @@ def prepare_grpo_dataset(cfg: RunConfig, tokenizer: Any, num_shards: int) -> Pre
     return _prepare(cfg, tokenizer, num_shards, "grpo")
 
 
-def cache_root(cache_dir: Optional[Path]) -> Path:
+def cache_root(cache_dir: Path | None) -> Path:
     """--cache-dir, else $OPENSLOTH_CACHE, else ~/.cache/opensloth."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
@@ -253,6 +253,8 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
 
     build = _build_sft if recipe == "sft" else _build_grpo
     train, held_out, stats = build(cfg, tokenizer, template, fmt, source, eval_source)
+    stats["format"] = fmt
+    stats["chat_template"] = resolve_template_name(d.chat_template, fmt, task, tokenizer)
     stats["seconds"] = round(time.perf_counter() - started, 2)
     meta = {
         "version": PIPELINE_VERSION, "recipe": recipe, "format": fmt, "fingerprint": key,
@@ -280,7 +282,7 @@ def _use_prepared_dir(path: Path, tokenizer: Any, tok_id: dict, num_shards: int,
     return prepared
 
 
-def _fingerprint(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str, task: Optional[str]) -> str:
+def _fingerprint(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str, task: str | None) -> str:
     d = cfg.data
     template_file = Path(d.chat_template).expanduser()
     parts = {
@@ -305,14 +307,14 @@ def _fingerprint(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str, task
 # ---------------------------------------------------------------------------------------------
 
 
-def _seeded_order(n: int, seed: int, num_samples: Optional[int]) -> list[int]:
+def _seeded_order(n: int, seed: int, num_samples: int | None) -> list[int]:
     """Row indices in the seeded global order; the first `num_samples` of it when given."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order[:num_samples] if num_samples else order
 
 
-def _format_rows(source, order: list[int], fmt: str, fn, system_prompt: Optional[str], skip: bool,
+def _format_rows(source, order: list[int], fmt: str, fn, system_prompt: str | None, skip: bool,
                  option: str, stats: dict) -> list[tuple[int, Any]]:
     """Apply formatter `fn` to the rows `order`; a bad row stops the run unless `skip`."""
     out, bad = [], []
@@ -345,7 +347,7 @@ def _split_eval(n: int, ratio: float) -> int:
 
 
 def assistant_char_spans(tokenizer: Any, messages: list[dict],
-                         chat_template: Optional[str] = None) -> tuple[str, list[tuple[int, int]]]:
+                         chat_template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and find each assistant turn's [start, end) characters in the text.
 
     Returns:
@@ -377,7 +379,7 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict],
     return full, spans
 
 
-def _render_prefix(tokenizer: Any, messages: list[dict], chat_template: Optional[str]) -> str:
+def _render_prefix(tokenizer: Any, messages: list[dict], chat_template: str | None) -> str:
     if messages:
         return render(tokenizer, messages, chat_template=chat_template)
     try:  # some templates cannot render an empty conversation

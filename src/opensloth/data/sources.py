@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from opensloth.errors import UserError
 
@@ -23,12 +23,12 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 PREPARED_META = "opensloth_prepared.json"
 
 
-def is_prepared_dir(spec: Optional[str]) -> bool:
+def is_prepared_dir(spec: str | None) -> bool:
     """True for a directory written by `os-train data` (it holds opensloth_prepared.json)."""
     return bool(spec) and (Path(spec).expanduser() / PREPARED_META).is_file()
 
 
-def source_identity(spec: str, split: str, config: Optional[str]) -> dict[str, Any]:
+def source_identity(spec: str, split: str, config: str | None) -> dict[str, Any]:
     """What identifies the source rows for the cache: a changed file or dir gives a new identity."""
     path = Path(spec).expanduser()
     if path.is_file():
@@ -43,8 +43,8 @@ def source_identity(spec: str, split: str, config: Optional[str]) -> dict[str, A
     return {"kind": "hub", "name": spec, "split": split, "config": config}
 
 
-def load_source(spec: str, split: str = "train", config: Optional[str] = None,
-                cache_dir: Optional[Path] = None, option: str = "--dataset"):
+def load_source(spec: str, split: str = "train", config: str | None = None,
+                cache_dir: Path | None = None, option: str = "--dataset"):
     """Load the rows of `spec` as a `datasets.Dataset`.
 
     Args:
@@ -72,7 +72,7 @@ def load_source(spec: str, split: str = "train", config: Optional[str] = None,
                             ".parquet, a saved dataset directory, or a hub dataset name.")
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
-        except Exception as exc:  # pyarrow / json errors: the file is malformed
+        except Exception as exc:  # noqa: BLE001 - pyarrow / json errors: the file is malformed
             raise UserError(f"{option} {spec}: could not read it as {path.suffix} "
                             f"({type(exc).__name__}: {_short(exc)}). Check the file's contents.") from None
     if path.suffix.lower() in FILE_BUILDERS or spec.startswith((".", "/", "~")):
@@ -86,7 +86,7 @@ def _load_saved_dir(path: Path, split: str, option: str):
 
     try:
         data = datasets.load_from_disk(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a saved dataset"
         raise UserError(f"{option} {path}: a directory, but not a saved dataset (Dataset.save_to_disk) "
                         f"nor a prepared one (os-train data): {_short(exc)}") from None
     if isinstance(data, datasets.DatasetDict):
@@ -96,7 +96,7 @@ def _load_saved_dir(path: Path, split: str, option: str):
     return data
 
 
-def _load_hub(name: str, split: str, config: Optional[str], cache: Optional[str], option: str):
+def _load_hub(name: str, split: str, config: str | None, cache: str | None, option: str):
     import datasets
 
     try:
@@ -108,7 +108,7 @@ def _load_hub(name: str, split: str, config: Optional[str], cache: Optional[str]
         if "config" in text.lower():
             raise UserError(f"--dataset-config {config!r} does not fit {name}: {_short(exc)}") from None
         raise UserError(f"{option} {name}: could not be loaded: {_short(exc)}") from None
-    except Exception as exc:  # offline, unknown name, gated repo, network errors
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, gated repo, network errors
         raise UserError(
             f"{option} {name}: the dataset could not be downloaded from the Hugging Face hub "
             f"({type(exc).__name__}: {_short(exc)}). Check the name and your connection, or pass a local "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from opensloth.errors import UserError
 
@@ -58,7 +58,7 @@ def _jinja_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=True)
 
 
-def chatml_template(system_prompt: Optional[str] = None) -> str:
+def chatml_template(system_prompt: str | None = None) -> str:
     """ChatML; with `system_prompt`, conversations without a system turn get this one first."""
     head = "{%- set loop_messages = messages %}"
     if system_prompt:
@@ -70,7 +70,7 @@ def chatml_template(system_prompt: Optional[str] = None) -> str:
     return head + _TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 
 
-def reasoning_template(system_prompt: Optional[str] = None) -> str:
+def reasoning_template(system_prompt: str | None = None) -> str:
     """ChatML with a system turn first (default: REASONING_SYSTEM_PROMPT); the generation prompt
     is `<|im_start|>assistant\\n<start_working_out>`."""
     system = _jinja_string(system_prompt or REASONING_SYSTEM_PROMPT)
@@ -86,7 +86,7 @@ def reasoning_template(system_prompt: Optional[str] = None) -> str:
     return head + _TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n" + WORK_START + "' }}{%- endif %}"
 
 
-def resolve_template_name(name: str, data_format: Optional[str] = None, task: Optional[str] = None,
+def resolve_template_name(name: str, data_format: str | None = None, task: str | None = None,
                           tokenizer: Any = None) -> str:
     """`auto` -> reasoning (math formats, --task math), model (it has a template) or chatml."""
     if name != "auto":
@@ -98,7 +98,7 @@ def resolve_template_name(name: str, data_format: Optional[str] = None, task: Op
     return "chatml"
 
 
-def template_text(tokenizer: Any, name: str, system_prompt: Optional[str] = None) -> str:
+def template_text(tokenizer: Any, name: str, system_prompt: str | None = None) -> str:
     """The Jinja text of template `name` (not `auto`: see resolve_template_name) for `tokenizer`.
 
     Raises:
@@ -132,8 +132,8 @@ def template_text(tokenizer: Any, name: str, system_prompt: Optional[str] = None
                     f"{', '.join(TEMPLATE_NAMES)}, or a path to a Jinja file.")
 
 
-def apply_chat_template(tokenizer: Any, name: str = "auto", system_prompt: Optional[str] = None, *,
-                        data_format: Optional[str] = None, task: Optional[str] = None) -> str:
+def apply_chat_template(tokenizer: Any, name: str = "auto", system_prompt: str | None = None, *,
+                        data_format: str | None = None, task: str | None = None) -> str:
     """Set `tokenizer.chat_template` to the chosen template and return its text.
 
     Args:
@@ -154,18 +154,18 @@ def apply_chat_template(tokenizer: Any, name: str = "auto", system_prompt: Optio
     return text
 
 
-def resolve_template(tokenizer: Any, name: str = "auto", system_prompt: Optional[str] = None, *,
-                     data_format: Optional[str] = None, task: Optional[str] = None) -> str:
+def resolve_template(tokenizer: Any, name: str = "auto", system_prompt: str | None = None, *,
+                     data_format: str | None = None, task: str | None = None) -> str:
     """The text `apply_chat_template` would set, without modifying the tokenizer."""
     return template_text(tokenizer, resolve_template_name(name, data_format, task, tokenizer), system_prompt)
 
 
 def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
-           chat_template: Optional[str] = None) -> str:
+           chat_template: str | None = None) -> str:
     """Render `messages` with `chat_template` (default: the tokenizer's); template errors become UserErrors."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              chat_template=chat_template)
-    except Exception as exc:  # jinja2 errors, raise_exception() calls inside templates
+    except Exception as exc:  # noqa: BLE001 - jinja2 errors, raise_exception() calls in templates
         raise UserError(f"The chat template failed on a conversation ({type(exc).__name__}: {exc}). "
                         "Check --chat-template (or the model's template) against your rows' roles.") from None
