@@ -246,3 +246,100 @@ def test_stop_signal_sets_flag_then_second_sigint_raises():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ------------------------------------------------------------------------------------------------
+# The real recipes through the real CLI: SIGKILL mid-run, then --resume
+# ------------------------------------------------------------------------------------------------
+
+TRAIN = "from opensloth.cli.train import app; app()"
+# Keys that depend on wall-clock time, not on the computation; and the HF Trainer's end-of-run
+# `train_loss`, which after a resume averages only the resumed session's losses over all steps.
+TIMING = ("time", "per_second", "runtime", "flos", "train_loss")
+
+
+def _recipe_args(recipe: str, model: Path, data: Path, out: Path) -> list[str]:
+    common = ["--model", str(model), "--dataset", str(data), "--output-dir", str(out), "--devices", "cpu",
+              "--cache-dir", str(out.parent / "cache"), "--report-to", "none", "--max-steps", "6",
+              "--save-steps", "2", "--seed", "5", "--lora-r", "4"]
+    if recipe == "grpo":
+        return ["grpo", *common, "--format", "prompt-answer", "--rewards", "math_answer,math_format",
+                "--group-size", "4", "--rollout-batch-size", "4", "--max-new-tokens", "10",
+                "--per-device-train-batch-size", "8", "--learning-rate", "1e-2", "--print-sample-every", "0",
+                "--temperature", "1.0"]
+    return ["sft", *common, "--format", "openmath-reasoning", "--system-prompt", "Think.",
+            "--per-device-train-batch-size", "4", "--learning-rate", "3e-3", "--max-seq-length", "128",
+            "--lora-dropout", "0.1"]  # dropout: the torch RNG must come back too
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    """step -> the last record logged for it (a resumed step overwrites the killed run's)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], {}).update(
+            {k: v for k, v in row.items() if not any(t in k for t in TIMING)})
+    return by_step
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+def _kill_after_first_checkpoint(args: list[str], out: Path) -> int:
+    """Start `os-train`, SIGKILL its whole process group once checkpoint-2 is sealed; its exit code."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    manifest = out / "checkpoints" / "checkpoint-2" / ck.MANIFEST
+    deadline = time.monotonic() + 500
+    while proc.poll() is None and not manifest.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory) -> dict[str, Path]:
+    from opensloth.data.synthetic import make_arithmetic_rows, write_rows
+
+    tmp = tmp_path_factory.mktemp("resume_data")
+    prompts = tmp / "add.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                               for a in range(10) for b in range(10)))
+    return {"grpo": prompts, "sft": write_rows(make_arithmetic_rows(48, seed=0, schema="openmath"),
+                                               tmp / "sft.jsonl")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sft", "grpo"])
+def test_cli_sigkill_then_resume_equals_uninterrupted(recipe, recipe_data, tiny_model_dir, tmp_path):
+    full = tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-c", TRAIN, *_recipe_args(recipe, tiny_model_dir, recipe_data[recipe],
+                                                                        full)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    args = _recipe_args(recipe, tiny_model_dir, recipe_data[recipe], out)
+    assert _kill_after_first_checkpoint(args, out) == -signal.SIGKILL
+    assert not (out / "adapter_model.safetensors").exists()
+    resume_step = ck.checkpoint_step(ck.find_latest_checkpoint(out))
+    assert resume_step in (2, 4)
+
+    proc = subprocess.run([sys.executable, "-c", TRAIN, *args, "--resume"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    want, got = _adapter(full), _adapter(out)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    want_m, got_m = _metrics(full), _metrics(out)
+    after = [s for s in want_m if s > resume_step]
+    assert after and [got_m[s] for s in after] == [want_m[s] for s in after]
