@@ -71,7 +71,9 @@ def install_fault_injection(rank: int) -> Optional[Callable[[], None]]:
                 time.sleep(1)
         raise RuntimeError(f"injected fault on rank {rank} at optimizer step {target} ({FAULT_ENV})")
 
-    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(pre_step)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(pre_step)
     return handle.remove
 
 
