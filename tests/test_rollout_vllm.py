@@ -13,7 +13,13 @@ import os
 import pytest
 import torch
 
-from opensloth.rollout.vllm import VLLMRolloutEngine, kv_cache_bytes, vllm_lora_rank, vllm_status
+from opensloth.rollout.vllm import (
+    VLLMRolloutEngine,
+    compute_sampler_mismatch,
+    kv_cache_bytes,
+    vllm_lora_rank,
+    vllm_status,
+)
 
 USABLE, REASON = vllm_status()
 needs_vllm = pytest.mark.skipif(not USABLE, reason=f"vllm engine unusable here: {REASON}")
@@ -160,8 +166,9 @@ def test_greedy_matches_hf_before_and_after_a_training_step(lora_setup):
     before = engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
     _assert_same_greedy(before_hf, before)
     # The sampler's log-probs are the trainer's (same weights, fp32): the mismatch is round-off.
-    diff = (before.sampler_log_probs - _policy_log_probs(policy, before)).abs() * before.completion_mask
-    assert diff.max().item() < 1e-3
+    mismatch = compute_sampler_mismatch(_policy_log_probs(policy, before), before.sampler_log_probs,
+                                        before.completion_mask)
+    assert mismatch["rollout/logprob_diff_max"].item() < 1e-3
     assert engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True) is not None
     syncs = engine.num_syncs  # unchanged weights were not re-sent
 
@@ -172,8 +179,9 @@ def test_greedy_matches_hf_before_and_after_a_training_step(lora_setup):
     assert engine.num_syncs == syncs + 1  # the step was noticed and the new adapter sent
     assert after_hf.completion_ids.tolist() != before_hf.completion_ids.tolist(), "the step changed nothing"
     _assert_same_greedy(after_hf, after)  # so vLLM generated with the updated adapter
-    diff = (after.sampler_log_probs - _policy_log_probs(policy, after)).abs() * after.completion_mask
-    assert diff.max().item() < 1e-3
+    mismatch = compute_sampler_mismatch(_policy_log_probs(policy, after), after.sampler_log_probs,
+                                        after.completion_mask)
+    assert mismatch["rollout/logprob_diff_max"].item() < 1e-3
 
 
 @needs_vllm
@@ -239,3 +247,28 @@ def test_full_finetune_weights_are_reloaded(vllm_model_dir, process_group):
         _assert_same_greedy(after_hf, engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True))
     finally:
         engine.close()
+
+
+def test_cpu_head_dim_check_names_the_fix(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from opensloth.errors import UserError
+    from opensloth.rollout.vllm import check_cpu_head_dim
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)  # head_dim 16
+    with pytest.raises(UserError, match="head size is 16.*--rollout-engine hf"):
+        check_cpu_head_dim(config, torch.device("cpu"))
+    check_cpu_head_dim(config, torch.device("cuda", 0))  # GPU kernels take it
+    config.num_attention_heads = 2  # head_dim 32
+    check_cpu_head_dim(config, torch.device("cpu"))
+
+
+def test_sampler_mismatch_is_masked_mean_and_max_of_abs_difference():
+    trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    sampler = torch.tensor([[-1.5, -2.0, -1.0], [-0.25, -0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the -3 vs -1 and -9 vs 0 pairs are padding
+    out = compute_sampler_mismatch(trainer, sampler, mask)
+    assert out["rollout/logprob_diff_mean"].item() == pytest.approx((0.5 + 0 + 0.25 + 0) / 4)
+    assert out["rollout/logprob_diff_max"].item() == pytest.approx(0.5)
+    empty = compute_sampler_mismatch(trainer, sampler, torch.zeros_like(mask))
+    assert empty["rollout/logprob_diff_max"].item() == 0.0

