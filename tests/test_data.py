@@ -448,3 +448,23 @@ def test_num_samples_selects_seeded_rows(tiny_model_dir, tok, tmp_path):
                                                       num_samples=7, seed=seed, prompt_length_percentile=1.0),
                                              tok, 1).load_all()["prompt_text"]
     assert len(pick(1)) == 7 and pick(1) == pick(1) and pick(1) != pick(2)
+
+
+# ------------------------------------------------------------------------------------------- TRL
+
+
+def test_trl_sft_trainer_labels_exactly_the_assistant_tokens(tiny_model_dir, tok, sft_file, tmp_path):
+    """TRL 1.15's SFTTrainer, given our pre-tokenized rows, builds labels from `assistant_masks`."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    rows = prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, tmp_path / "c", num_samples=4), tok, 1).load_all()
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_length=512,
+                     assistant_only_loss=False, dataset_num_proc=None)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=rows, processing_class=tok)
+    prepared = trainer.train_dataset
+    assert len(prepared) == len(rows)
+    for ours, theirs in zip(rows, prepared):
+        assert theirs["input_ids"] == ours["input_ids"]
+        assert theirs["labels"] == [i if m else -100 for i, m in zip(ours["input_ids"], ours["assistant_masks"])]

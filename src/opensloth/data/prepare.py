@@ -318,8 +318,8 @@ def _format_rows(source, order: list[int], fmt: str, fn, system_prompt: str | No
                  option: str, stats: dict) -> list[tuple[int, Any]]:
     """Apply formatter `fn` to the rows `order`; a bad row stops the run unless `skip`."""
     out, bad = [], []
-    for index in order:
-        row = source[index]
+    # One Arrow read of the selected rows; indexing row by row costs ~10x more.
+    for index, row in zip(order, source.select(order).to_list()):
         try:
             out.append((index, fn(fmt, row, system_prompt)))
         except BadRow as exc:
