@@ -161,7 +161,7 @@ class GRPORecipe:
                 "--filter-zero-std drops groups whose advantage is zero, but --loss-type no_baseline uses raw "
                 "rewards, not advantages. Use --loss-type reinforce_with_baseline or grpo_clip, or drop the flag."
             )
-        if not cfg.model.full_finetune and not any(True for _ in cfg.lora.target_modules):
+        if not cfg.model.full_finetune and not cfg.lora.target_modules:
             raise UserError("--target-modules is empty: LoRA needs at least one module (or use --full-finetune).")
         self.local_prompts = g.rollout_batch_size // ctx.world_size
         self.minibatch_size = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -247,6 +247,9 @@ class GRPORecipe:
         with StopSignal() as stop, TrainingProgress(self.total_steps, self.ctx.is_main, "grpo",
                                                     show_keys=shown) as progress:
             progress.update(self.start_step - 1)
+            if t.eval_steps > 0 and self.start_step == 1:
+                # A baseline, so the eval curve shows what GRPO changed (logged as step 0).
+                self.metrics_logger.log(0, self.evaluate())
             for step in range(self.start_step, self.total_steps + 1):
                 self.global_step = step
                 progress.update(step, self.train_step(step))
