@@ -84,7 +84,7 @@ def test_cli_logs_trl_metrics_and_saves_adapter(cli_run):
     # The linear schedule decays from the peak.
     assert train_rows[0]["learning_rate"] > train_rows[-1]["learning_rate"]
     eval_rows = [r for r in rows if "eval/accuracy" in r]
-    assert [r["step"] for r in eval_rows] == [2, 3]
+    assert [r["step"] for r in eval_rows] == [0, 2, 3]  # a baseline before training, every 2 steps, the end
     assert all(0 <= r["eval/accuracy"] <= 1 and "eval/format_rate" in r for r in eval_rows)
 
     from peft import PeftModel
