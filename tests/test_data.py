@@ -244,6 +244,7 @@ def test_cache_hit_miss_invalidation_and_overwrite(tiny_model_dir, tok, sft_file
     cache = tmp_path / "cache"
     base = {"num_samples": 20, "seed": 1}
     first = prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, cache, **base), tok, 1)
+    tok(["a", "bb"], padding=True, truncation=True, max_length=2)  # changes the saved padding state, not the ids
     again = prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, cache, **base), tok, 1)
     assert not first.cache_hit and again.cache_hit and again.path == first.path
     assert again.fingerprint == first.fingerprint

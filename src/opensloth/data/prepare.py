@@ -211,13 +211,22 @@ def cache_root(cache_dir: Path | None) -> Path:
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
-    """Name and a hash of the tokenizer's full definition (vocab, merges, added tokens, specials)."""
+    """Name and a hash of what decides token ids: vocab, merges, added tokens, normalizer,
+    pre-tokenizer, post-processor, and the eos/bos tokens (the text format appends eos).
+
+    Padding and truncation settings are left out: calling the tokenizer with padding=True
+    changes them (and they are saved with it), but never the ids of a row.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         definition = backend.to_str()
+        # The serializer writes version, truncation, padding, then added_tokens ... model; keep
+        # from added_tokens on (parsing the JSON of a 150k vocabulary would take seconds).
+        cut = definition.find('"added_tokens":')
+        definition = definition[cut:] if cut >= 0 else definition
     else:
         definition = json.dumps(sorted(tokenizer.get_vocab().items()))
-    definition += json.dumps([str(tokenizer.eos_token), str(tokenizer.pad_token), str(tokenizer.bos_token)])
+    definition += json.dumps([str(tokenizer.eos_token), str(tokenizer.bos_token)])
     return {"name": str(getattr(tokenizer, "name_or_path", "")),
             "hash": hashlib.sha256(definition.encode()).hexdigest()}
 
