@@ -176,16 +176,9 @@ def test_worker_raising_in_its_first_step_ends_the_job(tiny_model_dir, rows_file
 
 def test_killing_a_worker_mid_training_ends_the_job_within_30s(tiny_model_dir, rows_file, cache_dir, tmp_path):
     tag, out = uuid.uuid4().hex, tmp_path / "out"
-    log = (tmp_path / "log.txt").open("w")
     args = sft_args(tiny_model_dir, rows_file, cache_dir, out, "--devices", "cpu:2", "--max-steps", "500")
-    proc = subprocess.Popen([sys.executable, "-c", CLI, *args], env=tagged_env(tag), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = _start_and_wait_for_a_step(args, tag, out, tmp_path / "log.txt")
     try:
-        deadline = time.monotonic() + 180
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
-            assert time.monotonic() < deadline, "training never logged a step"
-            time.sleep(0.5)
         victim = worker_pid(tag, rank=1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
@@ -195,7 +188,6 @@ def test_killing_a_worker_mid_training_ends_the_job_within_30s(tiny_model_dir, r
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
     output = (tmp_path / "log.txt").read_text()
     assert code != 0
     assert elapsed < 30
@@ -215,3 +207,31 @@ def test_prepared_dir_for_two_workers_refused_with_one(tiny_model_dir, rows_file
     assert result.returncode == 2
     assert "2" in result.stderr and "1" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def _start_and_wait_for_a_step(args: list[str], tag: str, out: Path, log_path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *args], env=tagged_env(tag), stdout=log_path.open("w"),
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("training never logged a step:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.5)
+    return proc
+
+
+def test_ctrl_c_stops_every_worker(tiny_model_dir, rows_file, cache_dir, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "out"
+    args = sft_args(tiny_model_dir, rows_file, cache_dir, out, "--devices", "cpu:2", "--max-steps", "500")
+    proc = _start_and_wait_for_a_step(args, tag, out, tmp_path / "log.txt")
+    try:
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends to the launcher
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "log.txt").read_text()
+    assert code == 130, output[-3000:]
+    assert "Stopping the workers" in output
+    assert tagged_processes(tag) == []
