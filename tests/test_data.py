@@ -14,7 +14,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from opensloth.config import resolve_config
-from opensloth.data import check_shards, load_prepared, prepare_grpo_dataset, prepare_sft_dataset, reshard
+from opensloth.data import (
+    check_shards,
+    find_cached,
+    load_prepared,
+    prepare_grpo_dataset,
+    prepare_sft_dataset,
+    reshard,
+)
 from opensloth.data.formats import BadRow, detect_format, format_grpo_row, format_sft_row
 from opensloth.data.prepare import assistant_char_spans, nearest_rank, spans_to_mask
 from opensloth.data.synthetic import make_arithmetic_rows, write_rows
@@ -243,7 +250,9 @@ def test_truncation_is_counted(tiny_model_dir, tok, tmp_path):
 def test_cache_hit_miss_invalidation_and_overwrite(tiny_model_dir, tok, sft_file, tmp_path, qwen_tokenizer):
     cache = tmp_path / "cache"
     base = {"num_samples": 20, "seed": 1}
+    assert find_cached(sft_cfg(tiny_model_dir, sft_file, cache, **base), tok) is None
     first = prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, cache, **base), tok, 1)
+    assert find_cached(sft_cfg(tiny_model_dir, sft_file, cache, **base), tok).path == first.path
     tok(["a", "bb"], padding=True, truncation=True, max_length=2)  # changes the saved padding state, not the ids
     again = prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, cache, **base), tok, 1)
     assert not first.cache_hit and again.cache_hit and again.path == first.path
@@ -290,6 +299,21 @@ def test_bad_row_stops_with_its_index_unless_skipped(tiny_model_dir, tok, tmp_pa
     prepared = prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c", skip_bad_rows=True), tok, 1)
     assert prepared.num_rows == 4 and prepared.stats["bad_rows"] == 2
     assert any(e.startswith("row 4: column 'problem' is empty") for e in prepared.stats["bad_row_examples"])
+
+
+def test_chatml_on_a_tokenizer_without_im_end_warns(tiny_model_dir, tmp_path, caplog):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from opensloth.models.tiny import _bytes_to_unicode
+
+    backend = Tokenizer(models.BPE(vocab={c: b for b, c in _bytes_to_unicode().items()}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    foreign = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eot|>")
+    data = write_rows([{"prompt": "q", "answer": "1"}], tmp_path / "pa.jsonl")
+    with caplog.at_level("WARNING", logger="opensloth"):
+        prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", chat_template="chatml"), foreign, 1)
+    assert "not a token of" in caplog.text and "--chat-template model" in caplog.text
 
 
 def test_wrong_format_names_the_missing_columns(tiny_model_dir, tok, sft_file, tmp_path):

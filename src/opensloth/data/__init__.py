@@ -4,14 +4,16 @@ Public API (see `opensloth.data.prepare` for the cache and the sharding rule):
 
     prepare_sft_dataset(cfg, tokenizer, num_shards) -> PreparedDataset
     prepare_grpo_dataset(cfg, tokenizer, num_shards) -> PreparedDataset
-    load_prepared(path) -> PreparedDataset      # .load_shard(rank), .load_all(), .load_eval()
+    load_prepared(path) -> PreparedDataset      # .load_shard(rank), .load_all(), .load_eval(), .chat_template
     reshard(prepared, num_shards) -> PreparedDataset
     check_shards(prepared, num_workers)          # UserError when the counts differ
+    find_cached(cfg, tokenizer) -> PreparedDataset | None   # cache lookup only (dry runs)
 """
 
 from opensloth.data.prepare import (
     PreparedDataset,
     check_shards,
+    find_cached,
     load_prepared,
     prepare_grpo_dataset,
     prepare_sft_dataset,
@@ -21,6 +23,7 @@ from opensloth.data.prepare import (
 __all__ = [
     "PreparedDataset",
     "check_shards",
+    "find_cached",
     "load_prepared",
     "prepare_grpo_dataset",
     "prepare_sft_dataset",

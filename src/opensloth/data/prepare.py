@@ -240,10 +240,9 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
     if is_prepared_dir(d.dataset):
         return _use_prepared_dir(Path(d.dataset).expanduser(), tokenizer, tok_id, num_shards, recipe)
 
-    task = cfg.grpo.task if recipe == "grpo" else None
-    key = _fingerprint(cfg, tokenizer, tok_id, recipe, task)
-    root = cache_root(d.cache_dir)
-    entry = root / f"{recipe}-{key[:24]}"
+    task = cfg.grpo.task if recipe == "grpo" else None  # steers the `auto` template
+    entry, key = _cache_entry(cfg, tokenizer, tok_id, recipe)
+    root = entry.parent
     if (entry / PREPARED_META).is_file() and not d.overwrite_cache:
         prepared = load_prepared(entry)
         logger.info("Reusing the prepared dataset %s (cache hit; --overwrite-cache rebuilds it)", entry)
@@ -255,6 +254,7 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
     fmt = d.format or detect_format(source.column_names, recipe)
     check_columns(fmt, source.column_names, recipe)
     template = resolve_template(tokenizer, d.chat_template, d.system_prompt, data_format=fmt, task=task)
+    _warn_foreign_template(tokenizer, template, fmt)
     eval_source = None
     if d.eval_dataset:
         eval_source = load_source(d.eval_dataset, d.dataset_split, d.dataset_config, hf_cache, "--eval-dataset")
@@ -276,6 +276,39 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
     _write_entry(entry, train, held_out, meta)
     logger.info("Prepared %d %s rows in %.1fs: %s", len(train), recipe, stats["seconds"], entry)
     return PreparedDataset(path=entry, meta=meta, cache_hit=False)
+
+
+def _cache_entry(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str) -> tuple[Path, str]:
+    """(cache directory, full fingerprint) of this config's prepared data."""
+    task = cfg.grpo.task if recipe == "grpo" else None
+    key = _fingerprint(cfg, tokenizer, tok_id, recipe, task)
+    return cache_root(cfg.data.cache_dir) / f"{recipe}-{key[:24]}", key
+
+
+def find_cached(cfg: RunConfig, tokenizer: Any) -> PreparedDataset | None:
+    """The cache entry (or prepared --dataset directory) this config would use, without preparing
+    anything (None on a cache miss or with --overwrite-cache): what a dry run can report."""
+    d = cfg.data
+    if not d.dataset:
+        return None
+    if is_prepared_dir(d.dataset):
+        return load_prepared(d.dataset)
+    entry, _ = _cache_entry(cfg, tokenizer, tokenizer_identity(tokenizer), cfg.recipe)
+    if d.overwrite_cache or not (entry / PREPARED_META).is_file():
+        return None
+    return load_prepared(entry)
+
+
+def _warn_foreign_template(tokenizer: Any, template: str, fmt: str) -> None:
+    """ChatML-style templates end turns with <|im_end|>: say so when this tokenizer lacks it."""
+    if fmt == "text" or "<|im_end|>" not in template:
+        return
+    if "<|im_end|>" not in tokenizer.get_vocab():
+        logger.warning(
+            "The chat template ends turns with <|im_end|>, which is not a token of %s (its end of turn is %s): "
+            "generation will not stop at the end of an answer. Prefer --chat-template model (the model's own) "
+            "or a Jinja file written for this model.", getattr(tokenizer, "name_or_path", "this tokenizer"),
+            tokenizer.eos_token)
 
 
 def _use_prepared_dir(path: Path, tokenizer: Any, tok_id: dict, num_shards: int, recipe: str) -> PreparedDataset:
