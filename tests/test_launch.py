@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -166,3 +167,21 @@ def test_tmux_launcher_reports_a_failing_pane(tmp_path):
         run_workers("sft", config, tmp_path / "missing", ["cpu", "cpu"], launcher="tmux")
     sessions = subprocess.run(["tmux", "list-sessions"], capture_output=True, text=True).stdout
     assert f"opensloth-{os.getpid()}:" not in sessions  # the launcher closed its session
+
+
+def test_dry_run_reports_cache_miss_then_hit_without_writing(tiny_model_dir, tmp_path):
+    from opensloth.data.synthetic import make_arithmetic_rows
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(8, seed=0, schema="openmath")))
+    common = ["--model", str(tiny_model_dir), "--dataset", str(rows), "--format", "openmath-reasoning",
+              "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    miss = _os_train("sft", *common, "--dry-run", cwd=tmp_path)
+    assert miss.returncode == 0, miss.stderr
+    assert "cache miss" in miss.stdout
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+    prepared = _os_train("data", "sft", *common, cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    hit = _os_train("sft", *common, "--dry-run", cwd=tmp_path)
+    assert "cache hit" in hit.stdout
+    assert not (tmp_path / "out").exists()

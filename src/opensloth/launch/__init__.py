@@ -129,6 +129,29 @@ def prepare_data(cfg: RunConfig, tokenizer: Any, num_shards: int) -> Any:
     return prepare(cfg, tokenizer, num_shards)
 
 
+def cache_status(cfg: RunConfig) -> str:
+    """For a dry run: would the data come from the cache? Computed as the data pipeline keys its
+    cache, without loading the dataset or writing anything. A hub --model is not downloaded
+    for this, so its status is left open."""
+    from opensloth.data.prepare import _fingerprint, cache_root, tokenizer_identity
+    from opensloth.data.sources import PREPARED_META, is_prepared_dir
+
+    d = cfg.data
+    if not d.dataset:
+        return "no --dataset given"
+    if is_prepared_dir(d.dataset):
+        return f"{d.dataset} (prepared by `os-train data`; its shard count is checked at start)"
+    if not Path(cfg.model.model).expanduser().exists():
+        return f"{d.dataset} (cache not checked: the hub model's tokenizer is not downloaded in a dry run)"
+    tokenizer = load_tokenizer(cfg)
+    task = cfg.grpo.task if cfg.recipe == "grpo" else None
+    key = _fingerprint(cfg, tokenizer, tokenizer_identity(tokenizer), cfg.recipe, task)
+    entry = cache_root(d.cache_dir) / f"{cfg.recipe}-{key[:24]}"
+    if (entry / PREPARED_META).is_file() and not d.overwrite_cache:
+        return f"{d.dataset}: cache hit, {entry}"
+    return f"{d.dataset}: cache miss (prepared when the run starts) into {entry}"
+
+
 def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> None:
     """The devices, workers, data, output dir and global batch, as a small table."""
     world = len(devices)
@@ -140,7 +163,7 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
                   f"{'in this process' if devices == ['cpu'] else cfg.distributed.launcher + ' launcher'})")
     table.add_row("model", cfg.model.model)
     if prepared is None:
-        table.add_row("data", f"{cfg.data.dataset} (not prepared in a dry run)")
+        table.add_row("data", cache_status(cfg))
     else:
         hit = "cache hit" if prepared.cache_hit else "prepared now (cache miss)"
         table.add_row("data", f"{prepared.num_rows} rows, {prepared.num_shards} shards, {hit}: {prepared.path}")
@@ -189,11 +212,15 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     devices = resolve_devices(cfg.distributed.devices)
     check_batch(cfg, len(devices))
     check_output_dir(cfg)
-    # Fail fast (before data prep and model loading) on a bad --resume-from or an unwritable output dir.
+    # Fail fast (before data prep and model loading): bad --resume-from, rewards, unwritable output dir.
     from opensloth.checkpoint import check_writable, resolve_resume
 
     if cfg.training.resume_from is not None:
         resolve_resume(cfg.training.output_dir, False, cfg.training.resume_from)
+    if cfg.recipe == "grpo":  # an unknown reward or a broken --reward-module, before anything is written
+        from opensloth.rewards import resolve_rewards
+
+        resolve_rewards(cfg.grpo.task, cfg.grpo.rewards, cfg.grpo.reward_weights, cfg.grpo.reward_modules)
     if dry_run:
         console.print(config_to_yaml(cfg), markup=False, highlight=False)
         print_plan(cfg, devices)
