@@ -101,6 +101,7 @@ def test_grpo_formatters():
     assert answer == "1234" and extra == {"reference_solution": "work\n#### 1,234"}
     msgs, answer, _ = format_grpo_row("prompt-answer", {"prompt": "3+4=", "answer": "7"})
     assert msgs == [{"role": "user", "content": "3+4="}] and answer == "7"
+    assert format_grpo_row("prompt-answer", {"prompt": "Write f.", "tests": "assert f()"})[1] is None  # code tasks
     with pytest.raises(BadRow, match="####"):
         format_grpo_row("gsm8k", {"question": "q", "answer": "no marker"})
 
@@ -125,6 +126,7 @@ def test_format_detection():
     assert detect_format(["question", "answer"], "grpo") == "gsm8k"
     assert detect_format(["prompt", "solution", "data_source"], "grpo") == "dapo-math"
     assert detect_format(["prompt", "answer"], "grpo") == "prompt-answer"
+    assert detect_format(["prompt", "tests"], "grpo") == "prompt-answer"
     with pytest.raises(UserError, match=r"\(foo, bar\).*--format"):
         detect_format(["foo", "bar"], "grpo")
 
@@ -434,6 +436,14 @@ def test_grpo_rows_and_passthrough_columns(tiny_model_dir, tok, tmp_path):
         assert row["prompt"][-1] == {"role": "user", "content": src["prompt"]}
         assert row["prompt_text"].endswith("<|im_start|>assistant\n<start_working_out>")
         assert row["prompt_ids"] == tok(row["prompt_text"], add_special_tokens=False)["input_ids"]
+
+
+def test_code_prompts_without_answers_keep_their_tests(tiny_model_dir, tok, tmp_path):
+    rows = [{"prompt": "Write add(a, b).", "tests": ["assert add(1, 2) == 3"]}, {"prompt": "Write f().", "tests": []}]
+    data = write_rows(rows, tmp_path / "code.jsonl")
+    out = prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", prompt_length_percentile=1.0,
+                                        seed=0), tok, 1).load_all()
+    assert sorted(map(len, out["tests"])) == [0, 1] and out["answer"] == [None, None]
 
 
 def test_long_prompts_are_dropped_and_counted(tiny_model_dir, tok, tmp_path):

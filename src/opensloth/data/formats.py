@@ -16,7 +16,8 @@ GRPO formats (each gives the prompt messages and the reference answer):
     open-r1/DAPO-Math-17k-Processed (config "en");
   - `gsm8k`: `question` and `answer` whose last line is `#### n` -> answer n (commas dropped);
     the full original answer is kept as `reference_solution`;
-  - `prompt-answer`: `prompt` (text or messages) and `answer`.
+  - `prompt-answer`: `prompt` (text or messages) and `answer`; a dataset without an `answer`
+    column (e.g. code tasks, whose rewards read a `tests` column) gets answer None.
 The math formats start the conversation with the reasoning system prompt (or --system-prompt).
 
 A row that does not fit (missing value, wrong type, empty text) raises `BadRow` with what is
@@ -47,7 +48,7 @@ SFT_COLUMNS: dict[str, tuple[str, ...]] = {
 GRPO_COLUMNS: dict[str, tuple[str, ...]] = {
     "gsm8k": ("question", "answer"),
     "dapo-math": ("prompt", "solution"),
-    "prompt-answer": ("prompt", "answer"),
+    "prompt-answer": ("prompt",),  # `answer` too when there is one (code tasks have `tests` instead)
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool"}
@@ -209,7 +210,7 @@ def format_sft_row(fmt: str, row: dict, system_prompt: str | None = None) -> Mes
     return messages
 
 
-def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None) -> tuple[Messages, str, dict]:
+def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None) -> tuple[Messages, str | None, dict]:
     """One source row -> (prompt messages, reference answer, extra columns).
 
     Raises:
@@ -229,7 +230,7 @@ def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None) -> tu
     elif fmt == "prompt-answer":
         value = row.get("prompt")
         prompt = _messages(value, "prompt") if isinstance(value, list) else _text(row, "prompt")
-        answer = _answer(row, "answer")
+        answer = _answer(row, "answer") if "answer" in row else None
     else:
         raise ValueError(f"unknown GRPO format {fmt!r}")
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
