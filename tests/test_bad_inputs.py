@@ -220,3 +220,101 @@ def test_export_bad_dtype(tmp_path):
 
 def test_plot_without_metrics(tmp_path):
     assert_clean_error(cli("os", "plot", tmp_path), "no metrics.jsonl")
+
+
+# -- datasets, rewards, interrupts (need data prep, so they use the tiny model) -------------------
+
+
+def _train(recipe: str, model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    if recipe == "grpo" and "--rewards" not in extra:
+        extra = ("--task", "math", *extra)
+    return cli("os-train", recipe, "--model", model, "--dataset", data, "--devices", "cpu", "--output-dir", out,
+               "--cache-dir", out.parent / "cache", "--report-to", "none", *extra)
+
+
+def test_missing_dataset_file(tiny_model_dir, tmp_path):
+    assert_clean_error(_train("grpo", tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "o"),
+                       "--dataset", "missing.jsonl", "no such file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_columns(tiny_model_dir, tmp_path):
+    data = tmp_path / "cols.jsonl"
+    data.write_text('{"question": "1+1", "solution": "2"}\n')
+    assert_clean_error(_train("grpo", tiny_model_dir, data, tmp_path / "o"), "cannot tell the row format",
+                       "question, solution", "prompt-answer needs prompt + answer", "--format")
+    assert_clean_error(_train("sft", tiny_model_dir, data, tmp_path / "o", "--format", "chat"),
+                       "--format chat needs the columns messages", "question, solution")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_and_unreadable_dataset(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_clean_error(_train("grpo", tiny_model_dir, empty, tmp_path / "o"), "--dataset", "empty.jsonl")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n")
+    assert_clean_error(_train("grpo", tiny_model_dir, broken, tmp_path / "o"), "--dataset", "broken.jsonl",
+                       "could not read it")
+    assert broken.read_text() == "not json\n"
+
+
+def test_prompts_longer_than_the_limit(tiny_model_dir, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "x" * 300, "answer": "1"}) + "\n")
+    assert_clean_error(_train("grpo", tiny_model_dir, data, tmp_path / "o", "--max-prompt-length", "50"),
+                       "longer than --max-prompt-length 50", "Raise --max-prompt-length")
+
+
+def test_grpo_without_any_reward(tiny_model_dir, tmp_path):
+    assert_clean_error(cli("os-train", "grpo", "--model", tiny_model_dir, "--dataset", tmp_path / "d.jsonl",
+                           "--devices", "cpu", "--output-dir", tmp_path / "o"),
+                       "GRPO needs at least one reward", "--task", "--rewards")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_reward_in_training_writes_nothing(tiny_model_dir, tmp_path):
+    data = tmp_path / "ok.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    assert_clean_error(_train("grpo", tiny_model_dir, data, tmp_path / "o", "--rewards", "nope"),
+                       "Unknown reward 'nope'", "os list-rewards")
+    assert not (tmp_path / "o").exists()  # checked before any data prep or output
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path):
+    """SIGINT mid-run: the step finishes, checkpoint-<step> is sealed, --resume picks it up."""
+    import signal
+    import time
+
+    from opensloth import checkpoint as ck
+
+    data = tmp_path / "ok.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(8)))
+    out = tmp_path / "run"
+    args = [sys.executable, "-c", ENTRY["os-train"], "grpo", "--model", str(tiny_model_dir), "--dataset",
+            str(data), "--devices", "cpu", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--report-to", "none", "--rewards", "math_answer", "--group-size", "2", "--rollout-batch-size", "2",
+            "--max-new-tokens", "8", "--print-sample-every", "0", "--max-steps", "400"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert "Traceback" not in output, output
+    assert "continue with --resume" in output
+    latest = ck.find_latest_checkpoint(out)
+    assert latest is not None and ck.verify_checkpoint(latest) is None
+    stopped_at = ck.checkpoint_step(latest)
+    assert 2 <= stopped_at < 400
+
+    resumed = subprocess.run([*args[:-1], str(stopped_at + 2), "--resume"], capture_output=True, text=True,
+                             timeout=400, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
