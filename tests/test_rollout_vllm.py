@@ -272,3 +272,49 @@ def test_sampler_mismatch_is_masked_mean_and_max_of_abs_difference():
     assert out["rollout/logprob_diff_max"].item() == pytest.approx(0.5)
     empty = compute_sampler_mismatch(trainer, sampler, torch.zeros_like(mask))
     assert empty["rollout/logprob_diff_max"].item() == 0.0
+
+
+# ---------------------------------------------------------------- GRPO through the CLI with vllm
+
+LETTERS_REWARD = '''
+def letters_reward(prompts, completions, **kwargs):
+    """Fraction of lowercase ASCII letters: dense enough that a random tiny model starts near 10%."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum("a" <= ch <= "z" for ch in t) / max(1, len(t)) for t in texts]
+'''
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_cli_with_vllm_engine_raises_reward(vllm_model_dir, tmp_path):
+    """`os-train grpo --rollout-engine vllm`: 20 steps raise a dense reward, as the hf engine does.
+
+    Measured once on this machine (same flags, seed 3): mean reward of steps 1-5 -> 16-20 was
+    0.126 -> 0.164 with vllm and 0.123 -> 0.165 with hf.
+    """
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(10) for b in range(10)))
+    module = tmp_path / "letters.py"
+    module.write_text(LETTERS_REWARD)
+    out = tmp_path / "run"
+    args = ["grpo", "--model", str(vllm_model_dir), "--dataset", str(data), "--format", "prompt-answer",
+            "--output-dir", str(out), "--devices", "cpu", "--cache-dir", str(tmp_path / "cache"),
+            "--rewards", "letters_reward", "--reward-module", str(module), "--group-size", "8",
+            "--rollout-batch-size", "8", "--max-new-tokens", "12", "--per-device-train-batch-size", "64",
+            "--learning-rate", "3e-2", "--beta", "0", "--lora-r", "4", "--seed", "3", "--max-steps", "20",
+            "--report-to", "none", "--print-sample-every", "0", "--rollout-engine", "vllm"]
+    proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", *args],
+                          check=False, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rewards = [json.loads(line)["reward"] for line in (out / "metrics.jsonl").read_text().splitlines()
+               if "reward" in json.loads(line)]
+    assert len(rewards) == 20
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.015, rewards
+    assert (out / "adapter_model.safetensors").is_file()
