@@ -2,7 +2,9 @@
 
 Each worker runs `python -m opensloth.launch.worker` in its own session (process group), so
 the launcher can stop a worker together with anything it spawned, and a terminal Ctrl-C
-reaches only the launcher, which then stops every worker itself.
+reaches only the launcher, which then stops every worker itself: SIGTERM first (the recipes
+finish the step, save a checkpoint and exit), SIGKILL on a second Ctrl-C. SIGTERM to the
+launcher does the same, with at most INTERRUPT_GRACE_SECONDS for the checkpoint.
 
 Failure policy: the first worker to exit non-zero (or be killed) fails the job. The others
 get SIGTERM, then SIGKILL after a grace period; the launcher raises `WorkerFailed` naming the
