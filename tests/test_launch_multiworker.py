@@ -235,3 +235,21 @@ def test_ctrl_c_stops_every_worker(tiny_model_dir, rows_file, cache_dir, tmp_pat
     assert code == 130, output[-3000:]
     assert "Stopping the workers" in output
     assert tagged_processes(tag) == []
+
+
+def test_grpo_two_workers_train_and_rank0_saves(tiny_model_dir, cache_dir, tmp_path):
+    from opensloth.data.synthetic import make_arithmetic_rows
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(16, seed=0, schema="dapo")))
+    out, tag = tmp_path / "out", uuid.uuid4().hex
+    result = os_train(["grpo", "--model", str(tiny_model_dir), "--dataset", str(prompts), "--task", "math",
+                       "--cache-dir", str(cache_dir), "--output-dir", str(out), "--devices", "cpu:2",
+                       "--max-steps", "2", "--rollout-batch-size", "4", "--group-size", "2",
+                       "--max-new-tokens", "8", "--report-to", "none", "--lora-r", "4"], tag)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 prompts per worker" in result.stdout
+    assert "[rank1]" not in result.stdout + result.stderr
+    assert [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert tagged_processes(tag) == []
