@@ -91,6 +91,9 @@ class SFTRecipe:
         from opensloth.data import load_prepared
 
         prepared = load_prepared(self.ctx.prepared_data_path)
+        if prepared.chat_template:
+            # Saved with the tokenizer, so generation and GRPO later render prompts as training did.
+            self.tokenizer.chat_template = prepared.chat_template
         train = prepared.load_all()
         eval_data = prepared.load_eval() if self.cfg.training.eval_steps else None
         return self._for_trainer(train), self._for_trainer(eval_data)
