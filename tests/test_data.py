@@ -282,6 +282,22 @@ def test_cache_hit_miss_invalidation_and_overwrite(tiny_model_dir, tok, sft_file
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
+def test_an_interrupted_write_leaves_no_entry(tiny_model_dir, tok, sft_file, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    real_save = datasets.Dataset.save_to_disk
+
+    def save_then_die(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)  # the rows are on disk, the metadata is not yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, cache), tok, 1)
+    assert [p.name for p in cache.iterdir()] == ["hf-datasets"]  # nothing that looks prepared, no temp dir
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
+    assert not prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, cache), tok, 1).cache_hit
+
+
 def test_cache_dir_defaults_to_the_environment(tiny_model_dir, tok, sft_file, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENSLOTH_CACHE", str(tmp_path / "envcache"))
     cfg = resolve_config("sft", None, {"model": str(tiny_model_dir), "dataset": str(sft_file)})

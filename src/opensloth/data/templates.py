@@ -1,8 +1,9 @@
 """Chat templates: the model's own, ChatML, the reasoning template, or a Jinja file.
 
 `apply_chat_template(tokenizer, name, system_prompt)` sets `tokenizer.chat_template` and returns
-its text; the data pipeline renders every row with it and records it in the prepared dataset's
-metadata, so the trainer can save the same template with the tokenizer.
+its text. The data pipeline uses `resolve_template` (the same text, tokenizer untouched), renders
+every row with it and records it in the prepared dataset's metadata
+(`PreparedDataset.chat_template`), so the trainer saves the same template with the tokenizer.
 
 Names:
   - `model`: the tokenizer's own template (UserError if it has none);
