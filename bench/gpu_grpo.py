@@ -53,7 +53,6 @@ import argparse
 import functools
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -64,7 +63,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from grpo_vs_trl import digit_share_reward  # noqa: E402  (the shared reward of both benches)
+from grpo_vs_trl import digit_share_reward
 
 SIDES = ("ours-hf", "ours-vllm", "ours-unsloth", "trl")
 LORA_R, BETA, LR, SEED = 16, 0.04, 1e-5, 0
@@ -364,7 +363,7 @@ def run_side(side: str, python: str, root: Path, args: argparse.Namespace) -> di
     result_file = root / f"{side}.json"
     cmd = [python, __file__, "--worker", side, "--root", str(root), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device] + (["--tiny"] if args.tiny else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"failed": f"exit {proc.returncode}: " + " | ".join(tail)}
