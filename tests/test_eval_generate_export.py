@@ -159,3 +159,26 @@ def test_eval_reports_accuracy_and_writes_every_completion(trained_adapter, tmp_
     records = [json.loads(line) for line in out_k.read_text().splitlines()]
     assert len(records) == 12 and {r["sample"] for r in records} == {0, 1, 2}
     assert "pass@3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_save_merged_on_training(tiny_model_dir, tmp_path):
+    """`os-train sft --save-merged`: OUTPUT_DIR/merged is a plain bf16 transformers model beside the adapter."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from opensloth.data.synthetic import make_arithmetic_rows, write_rows
+
+    data = write_rows(make_arithmetic_rows(16, seed=0, schema="openmath"), tmp_path / "rows.jsonl")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from opensloth.cli.train import app; app()", "sft", "--model", str(tiny_model_dir),
+         "--dataset", str(data), "--devices", "cpu", "--output-dir", str(out), "--cache-dir", str(tmp_path / "c"),
+         "--report-to", "none", "--max-steps", "2", "--max-seq-length", "512", "--system-prompt", "Think.",
+         "--save-merged"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert merged.dtype == torch.bfloat16 and not any("lora" in n for n, _ in merged.named_parameters())

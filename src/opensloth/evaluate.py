@@ -219,3 +219,18 @@ def export_merged(model_dir: Path, output_dir: Path, dtype: str = "bfloat16", ov
         raise UserError(f"--output {output_dir} exists and is not empty. Choose another --output, or pass "
                         "--overwrite to write into it.")
     return merge_and_save(model_dir, output_dir, dtype=dtype)
+
+
+def save_merged_after_training(cfg: RunConfig) -> Optional[Path]:
+    """`--save-merged`: merge the run's saved adapter into bf16 base weights in OUTPUT_DIR/merged.
+
+    Runs in the launcher after every worker finished. A full fine-tune has nothing to merge: its
+    output dir already holds the full model.
+    """
+    out = Path(cfg.training.output_dir)
+    if cfg.model.full_finetune or not (out / "adapter_config.json").is_file():
+        logger.info("--save-merged: %s holds a full model already; nothing to merge.", out)
+        return None
+    merged = export_merged(out, out / "merged", dtype="bfloat16", overwrite=True)
+    logger.info("Saved the merged bf16 model to %s", merged)
+    return merged

@@ -241,6 +241,10 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
         run_workers(cfg.recipe, config_path, prepared.path, devices,
                     launcher=cfg.distributed.launcher, master_port=cfg.distributed.master_port,
                     finish_timeout=cfg.distributed.collective_timeout + 60)
+    if cfg.training.save_merged:
+        from opensloth.evaluate import save_merged_after_training
+
+        save_merged_after_training(cfg)
 
 
 def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None, num_workers: Optional[int] = None) -> None:
