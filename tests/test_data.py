@@ -312,7 +312,7 @@ def test_bad_row_stops_with_its_index_unless_skipped(tiny_model_dir, tok, tmp_pa
     rows[4]["problem"] = ""
     rows[2]["expected_answer"] = None
     data = write_rows(rows, tmp_path / "bad.jsonl")
-    with pytest.raises(UserError, match=r"Row (2|4) of --dataset is malformed.*--skip-bad-rows"):
+    with pytest.raises(UserError, match=r"Row (2|4) of --dataset \S+bad.jsonl is malformed.*--skip-bad-rows"):
         prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c"), tok, 1)
     prepared = prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c", skip_bad_rows=True), tok, 1)
     assert prepared.num_rows == 4 and prepared.stats["bad_rows"] == 2
@@ -413,6 +413,12 @@ def test_source_errors(tiny_model_dir, tok, tmp_path):
     cfg = lambda ds, **o: sft_cfg(tiny_model_dir, ds, tmp_path / "c", **o)
     with pytest.raises(UserError, match="no such file"):
         prepare_sft_dataset(cfg(tmp_path / "missing.jsonl"), tok, 1)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="empty.jsonl: the file is empty"):
+        prepare_sft_dataset(cfg(tmp_path / "empty.jsonl"), tok, 1)
+    (tmp_path / "cols.jsonl").write_text('{"question": "1+1", "solution": "2"}\n')
+    with pytest.raises(UserError, match=r"--dataset \S+cols.jsonl: cannot tell the row format.*question, solution"):
+        prepare_grpo_dataset(grpo_cfg(tiny_model_dir, tmp_path / "cols.jsonl", tmp_path / "c"), tok, 1)
     (tmp_path / "rows.txt").write_text("hello")
     with pytest.raises(UserError, match="unsupported file type '.txt'"):
         prepare_sft_dataset(cfg(tmp_path / "rows.txt"), tok, 1)

@@ -99,6 +99,8 @@ def check_columns(fmt: str, columns: list[str], recipe: str, option: str = "--da
 
 def _needs(recipe: str) -> str:
     parts = [f"{fmt} needs {' + '.join(cols)}" for fmt, cols in _format_table(recipe).items()]
+    if recipe == "grpo":
+        parts[-1] += " + answer (answer may be absent, e.g. for code tasks)"
     return f"{recipe} formats: " + "; ".join(parts) + "."
 
 

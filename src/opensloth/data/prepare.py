@@ -251,14 +251,14 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
     started = time.perf_counter()
     hf_cache = root / "hf-datasets"
     source = load_source(d.dataset, d.dataset_split, d.dataset_config, hf_cache)
-    fmt = d.format or detect_format(source.column_names, recipe)
-    check_columns(fmt, source.column_names, recipe)
+    fmt = d.format or detect_format(source.column_names, recipe, f"--dataset {d.dataset}")
+    check_columns(fmt, source.column_names, recipe, f"--dataset {d.dataset}")
     template = resolve_template(tokenizer, d.chat_template, d.system_prompt, data_format=fmt, task=task)
     _warn_foreign_template(tokenizer, template, fmt)
     eval_source = None
     if d.eval_dataset:
         eval_source = load_source(d.eval_dataset, d.dataset_split, d.dataset_config, hf_cache, "--eval-dataset")
-        check_columns(fmt, eval_source.column_names, recipe, "--eval-dataset")
+        check_columns(fmt, eval_source.column_names, recipe, f"--eval-dataset {d.eval_dataset}")
 
     build = _build_sft if recipe == "sft" else _build_grpo
     train, held_out, stats = build(cfg, tokenizer, template, fmt, source, eval_source)
@@ -448,11 +448,11 @@ def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, 
     d = cfg.data
     stats: dict[str, Any] = {"rows_in": len(source)}
     order = _seeded_order(len(source), cfg.training.seed, d.num_samples)
-    rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows, "--dataset", stats)
+    rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows, f"--dataset {d.dataset}", stats)
     eval_rows = None
     if eval_source is not None:
         eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_sft_row, d.system_prompt,
-                                 d.skip_bad_rows, "--eval-dataset", stats)
+                                 d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats)
     train = _tokenize_sft(tokenizer, template, [r for _, r in rows], fmt, d.max_seq_length, stats)
     held_out = (_tokenize_sft(tokenizer, template, [r for _, r in eval_rows], fmt, d.max_seq_length, {})
                 if eval_rows else None)
@@ -526,11 +526,11 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
     d, g = cfg.data, cfg.grpo
     stats: dict[str, Any] = {"rows_in": len(source)}
     order = _seeded_order(len(source), cfg.training.seed, d.num_samples)
-    rows = _format_rows(source, order, fmt, format_grpo_row, d.system_prompt, d.skip_bad_rows, "--dataset", stats)
+    rows = _format_rows(source, order, fmt, format_grpo_row, d.system_prompt, d.skip_bad_rows, f"--dataset {d.dataset}", stats)
     eval_rows = None
     if eval_source is not None:
         eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_row, d.system_prompt,
-                                 d.skip_bad_rows, "--eval-dataset", stats)
+                                 d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats)
     if not rows:
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
 

@@ -66,6 +66,8 @@ def load_source(spec: str, split: str = "train", config: str | None = None,
     if path.is_dir():
         return _load_saved_dir(path, split, option)
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise UserError(f"{option} {spec}: the file is empty. Give a file with at least one row.")
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"{option} {spec}: unsupported file type {path.suffix!r}. Use .json, .jsonl, .csv or "
