@@ -185,3 +185,26 @@ def test_dry_run_reports_cache_miss_then_hit_without_writing(tiny_model_dir, tmp
     hit = _os_train("sft", *common, "--dry-run", cwd=tmp_path)
     assert "cache hit" in hit.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_worker_under_torchrun_refuses_shards_for_another_world_size(tiny_model_dir, tmp_path):
+    # The worker started directly (as torchrun would, WORLD_SIZE=1) on data sharded for 2 workers.
+    from opensloth.config import dump_config
+    from opensloth.data import prepare_sft_dataset
+    from opensloth.data.synthetic import make_arithmetic_rows
+    from opensloth.models import load_tokenizer
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(8, seed=0, schema="openmath")))
+    cfg = _cfg(model=str(tiny_model_dir), dataset=str(rows), format="openmath-reasoning",
+               cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"))
+    prepared = prepare_sft_dataset(cfg, load_tokenizer(str(tiny_model_dir)), num_shards=2)
+    dump_config(cfg, tmp_path / "cfg.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSLOTH_")}
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+    result = subprocess.run([sys.executable, "-m", "opensloth.launch.worker", "--recipe", "sft", "--config",
+                             str(tmp_path / "cfg.yaml"), "--prepared", str(prepared.path)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "was prepared for 2 workers but this run has 1" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -42,6 +42,7 @@ from opensloth.errors import UserError
 # not in worker.py, so that importing the package does not import the `-m` entry module itself.
 ERROR_FILE_ENV = "OPENSLOTH_ERROR_FILE"
 PARENT_PID_ENV = "OPENSLOTH_PARENT_PID"
+LAUNCHED_ENV = "OPENSLOTH_LAUNCHED"  # set by both our launchers; absent under torchrun
 
 Device = Union[int, str]  # a GPU id as the user sees it, or "cpu"
 TAIL_LINES = 40
@@ -79,7 +80,7 @@ def worker_env(rank: int, world_size: int, device: Device, port: int, error_file
     env.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1",
-        **{PARENT_PID_ENV: str(os.getpid()), ERROR_FILE_ENV: str(error_file)},
+        **{PARENT_PID_ENV: str(os.getpid()), ERROR_FILE_ENV: str(error_file), LAUNCHED_ENV: "1"},
     )
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -283,7 +284,7 @@ def run_workers_tmux(recipe: str, config_path: Path, prepared_path: Path, device
         env.pop(PARENT_PID_ENV)  # the pane's shell is the worker's parent, not us
         exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in
                            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                            "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES", ERROR_FILE_ENV)
+                            "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES", ERROR_FILE_ENV, LAUNCHED_ENV)
                            if k in env)
         if "OMP_NUM_THREADS" in env:
             exports += f" OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"

@@ -36,7 +36,7 @@ import torch
 from opensloth.config import RunConfig, resolve_config
 from opensloth.distributed import WorkerContext, init_distributed, setup_logging
 from opensloth.errors import UserError
-from opensloth.launch.procs import ERROR_FILE_ENV, PARENT_PID_ENV
+from opensloth.launch.procs import ERROR_FILE_ENV, LAUNCHED_ENV, PARENT_PID_ENV
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
 
@@ -116,6 +116,23 @@ def write_error_file(rank: int, exc: BaseException) -> None:
     tmp.replace(path)
 
 
+def check_torchrun_job(cfg: RunConfig, prepared: Path) -> None:
+    """Under torchrun no launcher of ours ran its checks: do them here, before joining the group.
+
+    The prepared data must be sharded for WORLD_SIZE workers (GRPO reads shard RANK), and rank 0
+    guards the output dir as `os-train` does, then keeps the resolved config beside the outputs.
+    """
+    from opensloth.config import dump_config
+    from opensloth.data import check_shards, load_prepared
+    from opensloth.launch import check_output_dir
+
+    check_shards(load_prepared(prepared), int(os.environ.get("WORLD_SIZE", 1)))
+    if int(os.environ.get("RANK", 0)) == 0:
+        check_output_dir(cfg)
+        cfg.training.output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, cfg.training.output_dir / "config.yaml")
+
+
 def use_cuda_for(cfg: RunConfig) -> bool:
     return torch.cuda.is_available() and not cfg.distributed.devices.startswith("cpu")
 
@@ -137,13 +154,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if prepared is None or not prepared.is_dir():
             raise UserError(f"--prepared {prepared}: not a directory. Prepare the data first with "
                             f"`os-train data {args.recipe} ... --output-path DIR --num-workers N` and pass DIR.")
+        if LAUNCHED_ENV not in os.environ:
+            check_torchrun_job(cfg, prepared)
         ctx = init_distributed(use_cuda_for(cfg), cfg.distributed.collective_timeout, prepared)
-        if ctx.is_main and PARENT_PID_ENV not in os.environ:
-            # Under torchrun no launcher wrote the resolved config: keep it beside the outputs.
-            from opensloth.config import dump_config
-
-            cfg.training.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, cfg.training.output_dir / "config.yaml")
         run_recipe(cfg, ctx)
     except KeyboardInterrupt:
         os._exit(130)
