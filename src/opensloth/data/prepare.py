@@ -273,7 +273,9 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
         "source": source_identity(d.dataset, d.dataset_split, d.dataset_config), "seed": cfg.training.seed,
         "num_samples": d.num_samples, "stats": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_entry(entry, train, held_out, meta)
+    if not _write_entry(entry, train, held_out, meta, replace=d.overwrite_cache):
+        logger.info("Another run prepared %s meanwhile; using it", entry)
+        return reshard(load_prepared(entry), num_shards)
     logger.info("Prepared %d %s rows in %.1fs: %s", len(train), recipe, stats["seconds"], entry)
     return PreparedDataset(path=entry, meta=meta, cache_hit=False)
 
@@ -321,6 +323,8 @@ def _use_prepared_dir(path: Path, tokenizer: Any, tok_id: dict, num_shards: int,
                         f"({prepared.meta.get('tokenizer')}) than --model's ({tok_id['name']}). "
                         f"Re-run `os-train data {recipe}` with this --model.")
     check_shards(prepared, num_shards)
+    logger.info("Using the prepared dataset %s as is: the data options (--format, --chat-template, "
+                "--max-seq-length, ...) were fixed when it was prepared", path)
     return prepared
 
 
@@ -605,8 +609,12 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_entry(entry: Path, train, held_out, meta: dict) -> None:
-    """Write into a temporary sibling, then rename it into place (replacing an older entry)."""
+def _write_entry(entry: Path, train, held_out, meta: dict, replace: bool) -> bool:
+    """Write into a temporary sibling, then rename it into place.
+
+    An existing entry is replaced only when `replace` (--overwrite-cache); otherwise a run that
+    finished first wins and this returns False (its rows are identical: same fingerprint).
+    """
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
     try:
@@ -615,11 +623,14 @@ def _write_entry(entry: Path, train, held_out, meta: dict) -> None:
             held_out.save_to_disk(str(tmp / "eval"))
         (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2, default=str))
         if entry.exists():
+            if not replace:
+                return False
             old = entry.parent / f".old-{entry.name}-{uuid.uuid4().hex[:8]}"
             entry.rename(old)
             tmp.rename(entry)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(entry)
+        return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
