@@ -114,11 +114,15 @@ def test_labels_are_exactly_the_assistant_tokens(tiny_model_dir, sft_rows_file, 
 
 def test_full_finetune_saves_a_full_model(tiny_model_dir, sft_rows_file, tmp_path):
     out = tmp_path / "full"
-    cfg = _config(tiny_model_dir, sft_rows_file, out, full_finetune=True, max_steps=16, learning_rate=1e-2)
+    cfg = _config(tiny_model_dir, sft_rows_file, out, full_finetune=True, max_steps=16, learning_rate=1e-2,
+                  eval_split_ratio=0.25, eval_steps=8)
     sft.run(cfg, _context(_prepare(cfg)))
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     losses = _losses(out)
     assert losses[-1] < 0.5 * losses[0], losses
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    assert [step for step, _ in evals] == [8, 16] and evals[1][1] < evals[0][1]
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     after = AutoModelForCausalLM.from_pretrained(out)
     assert not torch.equal(before.model.embed_tokens.weight, after.model.embed_tokens.weight)
