@@ -41,7 +41,12 @@ the project root first; it fills .whl-a/ and .whl-b/, both git-ignored), two cal
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-a/*.whl
     call 2, carry [".whl-b"]:
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-b/*.whl \
-        && export PYTHONPATH=/tmp/site:$PWD/src && python3 bench/gpu_grpo.py --out $OUT/gpu_grpo.json
+        && export PYTHONPATH=/tmp/site:$PWD/src \
+        && python3 bench/gpu_grpo.py --steps 3 --side-timeout 170 --out $OUT/gpu_grpo.json
+
+(A device call may run 10 minutes: 3 timed steps after 2 warm-up steps keeps the four sides inside
+it, and --side-timeout stops one slow side from taking the others' time; the JSON is rewritten
+after every side.)
 
 On the CPU, `python bench/gpu_grpo.py --tiny --steps 1` runs the same code with a tiny model
 (TRL is skipped there when its GRPOTrainer cannot run: TRL < 1.16 crashes on CPU torch).
@@ -65,7 +70,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from grpo_vs_trl import digit_share_reward
 
-SIDES = ("ours-hf", "ours-vllm", "ours-unsloth", "trl")
+SIDES = ("ours-hf", "trl", "ours-vllm", "ours-unsloth")  # the key comparison first
 LORA_R, BETA, LR, SEED = 16, 0.04, 1e-5, 0
 
 
@@ -363,7 +368,10 @@ def run_side(side: str, python: str, root: Path, args: argparse.Namespace) -> di
     result_file = root / f"{side}.json"
     cmd = [python, __file__, "--worker", side, "--root", str(root), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device] + (["--tiny"] if args.tiny else [])
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.side_timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"still running after --side-timeout {args.side_timeout} s"}
     if proc.returncode != 0 or not result_file.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"failed": f"exit {proc.returncode}: " + " | ".join(tail)}
@@ -414,7 +422,8 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda:0 (default when CUDA is present) or cpu")
     parser.add_argument("--trl-python", default=sys.executable, help="interpreter for the TRL side")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100 bf16 dense peak; 0: no MFU")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (after each side)")
+    parser.add_argument("--side-timeout", type=float, default=None, help="give up on a side after this many seconds")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -434,24 +443,24 @@ def main() -> None:
     unknown = set(sides) - set(SIDES)
     if unknown:
         sys.exit(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
+    results: dict[str, dict] = {}
+    report = {"workload": asdict(w), "device": args.device,
+              "device_name": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu",
+              "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+              "peak_tflops": args.peak_tflops, "results": results}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_workload(root, w)
-        results = {}
         for side in sides:
             python = args.trl_python if side == "trl" else sys.executable
             results[side] = run_side(side, python, root, args)
             print(f"{side}: " + json.dumps({k: v for k, v in results[side].items() if k != "all_step_s"}),
                   flush=True)
-    add_ratios(results, args.peak_tflops if args.device != "cpu" else 0.0)
+            add_ratios(results, args.peak_tflops if args.device != "cpu" else 0.0)
+            if args.out:  # after every side: a run cut off by a time limit keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2))
     print(format_table(results))
-    report = {"workload": asdict(w), "device": args.device,
-              "device_name": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu",
-              "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
-              "peak_tflops": args.peak_tflops, "results": results}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
