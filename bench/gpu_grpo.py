@@ -330,7 +330,9 @@ def run_trl(model_dir: Path, data: Path, out: Path, w: Workload, steps: int, war
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history
                if "completions/mean_length" in row]
     step_med = median_after_warmup(times, warmup)
-    completion_tokens = (statistics.mean(lengths) if lengths else float(w.new_tokens)) * n_seq
+    if not lengths:
+        raise RuntimeError("TRL logged no completions/mean_length: cannot count its completion tokens")
+    completion_tokens = statistics.mean(lengths) * n_seq
     return {
         "step_s": step_med,
         "completion_tokens_per_step": completion_tokens,
