@@ -233,6 +233,13 @@ def test_text_format_trains_on_every_token(tiny_model_dir, tok, tmp_path):
     assert sorted(tok.decode(r["input_ids"]) for r in rows) == ["abc<|im_end|>", "de<|im_end|>"]
 
 
+def test_without_assistant_only_loss_every_token_counts(tiny_model_dir, tok, sft_file, tmp_path):
+    rows = prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, tmp_path / "c", assistant_only_loss=False),
+                               tok, 1).load_all()
+    assert all(all(r["assistant_masks"]) for r in rows)
+    assert tok.decode(rows[0]["input_ids"]).startswith("<|im_start|>system\n")
+
+
 def test_truncation_is_counted(tiny_model_dir, tok, tmp_path):
     long = "x" * 60
     data = write_rows([{"prompt": "q", "completion": long}, {"prompt": "q", "completion": "y"},
@@ -260,7 +267,8 @@ def test_cache_hit_miss_invalidation_and_overwrite(tiny_model_dir, tok, sft_file
     assert not first.cache_hit and again.cache_hit and again.path == first.path
     assert again.fingerprint == first.fingerprint
     changes = {"format": "openmath-reasoning", "chat_template": "chatml", "system_prompt": "S", "max_seq_length": 130,
-               "num_samples": 10, "seed": 2, "skip_bad_rows": True, "eval_split_ratio": 0.2}
+               "num_samples": 10, "seed": 2, "skip_bad_rows": True, "eval_split_ratio": 0.2,
+               "assistant_only_loss": False}
     seen = {first.fingerprint}
     for key, value in changes.items():
         other = prepare_sft_dataset(sft_cfg(tiny_model_dir, sft_file, cache, **{**base, key: value}), tok, 1)

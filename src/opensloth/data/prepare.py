@@ -343,6 +343,8 @@ def _fingerprint(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str, task
         "eval": [source_identity(d.eval_dataset, d.dataset_split, d.dataset_config) if d.eval_dataset else None,
                  d.eval_split_ratio],
     }
+    if recipe == "sft":
+        parts["assistant_only_loss"] = cfg.sft.assistant_only_loss
     if recipe == "grpo":
         parts["prompt_filter"] = [cfg.grpo.max_prompt_length, cfg.grpo.prompt_length_percentile]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -452,14 +454,17 @@ def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, 
     d = cfg.data
     stats: dict[str, Any] = {"rows_in": len(source)}
     order = _seeded_order(len(source), cfg.training.seed, d.num_samples)
-    rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows, f"--dataset {d.dataset}", stats)
+    rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows,
+                        f"--dataset {d.dataset}", stats)
     eval_rows = None
     if eval_source is not None:
         eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_sft_row, d.system_prompt,
                                  d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats)
-    train = _tokenize_sft(tokenizer, template, [r for _, r in rows], fmt, d.max_seq_length, stats)
-    held_out = (_tokenize_sft(tokenizer, template, [r for _, r in eval_rows], fmt, d.max_seq_length, {})
-                if eval_rows else None)
+    # --no-assistant-only-loss trains on every token: no masks to locate (mask all 1).
+    only_assistant = cfg.sft.assistant_only_loss
+    train = _tokenize_sft(tokenizer, template, [r for _, r in rows], fmt, d.max_seq_length, stats, only_assistant)
+    held_out = (_tokenize_sft(tokenizer, template, [r for _, r in eval_rows], fmt, d.max_seq_length, {},
+                              only_assistant) if eval_rows else None)
     if not train["input_ids"]:
         raise UserError("No usable SFT rows are left (see the bad-row and truncation counts). Check --dataset, "
                         "--format and --max-seq-length.")
@@ -474,7 +479,7 @@ def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, 
 
 
 def _tokenize_sft(tokenizer: Any, template: str, items: list, fmt: str, max_len: int,
-                  stats: dict) -> dict[str, list]:
+                  stats: dict, only_assistant: bool = True) -> dict[str, list]:
     """Rendered, tokenized, masked and truncated rows; counts go into `stats`."""
     out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
     truncated = dropped = total = trained = longest = 0
@@ -486,6 +491,10 @@ def _tokenize_sft(tokenizer: Any, template: str, items: list, fmt: str, max_len:
             pairs = [(ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []), None)
                      for ids in encoded]
             pairs = [(ids, [1] * len(ids)) for ids, _ in pairs]
+        elif not only_assistant:
+            texts = [render(tokenizer, messages, chat_template=template) for messages in chunk]
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            pairs = [(ids, [1] * len(ids)) for ids in encoded]
         else:
             rendered = [assistant_char_spans(tokenizer, messages, template) for messages in chunk]
             if not getattr(tokenizer, "is_fast", False):
