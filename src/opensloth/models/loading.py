@@ -189,8 +189,7 @@ def _load_hf(model_cfg, lora_cfg, name, adapter, dtype, device, for_training):
     elif checkpointing:
         # Non-reentrant checkpointing needs no input grads, so frozen embeddings are fine under LoRA.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if checkpointing:
-        model.config.use_cache = False
+    # model.config.use_cache stays on: GRPO generates with this model; training forwards pass use_cache=False.
 
     if adapter is not None:
         model = PeftModel.from_pretrained(model, name, is_trainable=for_training)
