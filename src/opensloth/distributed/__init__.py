@@ -185,7 +185,8 @@ def all_reduce_scalars(values: list[float], op: ReduceOp = "sum", device: Option
     if not is_distributed():
         return list(values)
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     return _reduce_(tensor, op).tolist()
 

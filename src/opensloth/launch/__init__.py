@@ -100,7 +100,8 @@ def global_batch(cfg: RunConfig, world_size: int) -> str:
     if cfg.recipe == "grpo":
         g = cfg.grpo
         return (f"{g.rollout_batch_size} prompts x {g.group_size} completions = "
-                f"{g.rollout_batch_size * g.group_size} per step ({g.rollout_batch_size // world_size} prompts "
+                f"{g.rollout_batch_size * g.group_size} per step "
+                f"({g.rollout_batch_size // world_size} prompts "
                 "per worker)")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     return (f"{per_step} sequences per step ({t.per_device_train_batch_size} per micro-batch x "
@@ -166,7 +167,8 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
         table.add_row("data", cache_status(cfg))
     else:
         hit = "cache hit" if prepared.cache_hit else "prepared now (cache miss)"
-        table.add_row("data", f"{prepared.num_rows} rows, {prepared.num_shards} shards, {hit}: {prepared.path}")
+        table.add_row("data", f"{prepared.num_rows} rows, {prepared.num_shards} shards, "
+                      f"{hit}: {prepared.path}")
     table.add_row("output dir", str(cfg.training.output_dir))
     table.add_row("global batch", global_batch(cfg, world))
     console.print(table)
@@ -247,7 +249,8 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
         save_merged_after_training(cfg)
 
 
-def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None, num_workers: Optional[int] = None) -> None:
+def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None,
+                 num_workers: Optional[int] = None) -> None:
     """Run `os-train data sft|grpo`: prepare (or reuse) the dataset, print its statistics, copy it.
 
     Args:

@@ -292,7 +292,8 @@ def run_workers_tmux(recipe: str, config_path: Path, prepared_path: Path, device
         cmd = (f"env {exports} {shlex.join(worker_command(recipe, config_path, prepared_path))}; "
                f"echo $? > {shlex.quote(str(state / f'rank{rank}.exit'))}; exec $SHELL")
         if rank == 0:
-            subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True)
+            subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd],
+                           check=True)
         else:
             subprocess.run(["tmux", "split-window", "-t", session, cmd], check=True)
             subprocess.run(["tmux", "select-layout", "-t", session, "tiled"], check=True)
@@ -311,7 +312,8 @@ def run_workers_tmux(recipe: str, config_path: Path, prepared_path: Path, device
                 message, user_error = describe_failure(rank, codes[rank], state / f"rank{rank}.json")
                 if user_error:
                     raise UserError(message)
-                raise WorkerFailed(f"{message}. The other workers were stopped; tmux session {session} closed.")
+                raise WorkerFailed(f"{message}. The other workers were stopped; "
+                                   f"tmux session {session} closed.")
             if len(codes) == world_size:
                 return
             time.sleep(0.5)

@@ -138,11 +138,14 @@ def use_cuda_for(cfg: RunConfig) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m opensloth.launch.worker", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m opensloth.launch.worker",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", required=True, choices=["sft", "grpo"])
-    parser.add_argument("--config", required=True, type=Path, help="YAML config (e.g. output_dir/config.yaml).")
+    parser.add_argument("--config", required=True, type=Path,
+                        help="YAML config (e.g. output_dir/config.yaml).")
     parser.add_argument("--prepared", type=Path, default=None,
-                        help="Prepared dataset directory (os-train data ... --output-path). Default: --dataset.")
+                        help="Prepared dataset directory (os-train data ... --output-path). "
+                        "Default: --dataset.")
     args = parser.parse_args(argv)
     _die_with_parent()
 
