@@ -70,33 +70,30 @@ def render_chat(tokenizer: Any, prompt: str, system_prompt: Optional[str] = None
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-@torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1, batch_size: int = 16,
              seed: int = 0) -> list[list[str]]:
     """Completions for rendered prompts: `num_samples` per prompt, greedy when temperature is 0.
 
-    Prompts are left-padded and generated `batch_size` prompts at a time; generation stops at
-    the tokenizer's EOS (the chat template's end-of-turn token).
+    Uses the same rollout engine as GRPO training (stop tokens, full-vocabulary sampling with no
+    top-k, static cache on CUDA), `batch_size` prompts at a time.
 
     Returns:
         One list of `num_samples` decoded completions (special tokens removed) per prompt.
     """
+    from opensloth.rollout.hf import HFRolloutEngine
+
     if num_samples > 1 and temperature == 0:
         raise UserError(f"--num-samples {num_samples} with --temperature 0 would repeat one greedy completion: "
                         "set --temperature above 0 (e.g. 1.0) for pass@k.")
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    engine = HFRolloutEngine(model, tokenizer)
     out: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             **sampling)  # (len(chunk) * num_samples, prompt_len + new)
-        texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        batch = engine.generate(chunk, group_size=num_samples, max_new_tokens=max_new_tokens,
+                                temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
+                                seed=seed + start, greedy=temperature == 0)
+        texts = batch.completions_text  # (len(chunk) * num_samples,), prompt-major
         out.extend(texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk)))
     return out
 
