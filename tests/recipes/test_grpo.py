@@ -31,8 +31,8 @@ TRL_KEYS = [
 
 def os_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run `os-train` as a user would (a fresh process), returning its output."""
-    return subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", *args],
+                          check=False, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

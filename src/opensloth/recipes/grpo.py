@@ -51,8 +51,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -127,14 +128,14 @@ class Batch:
     completion_mask: torch.Tensor
     advantages: torch.Tensor
     rewards: torch.Tensor
-    old_log_probs: Optional[torch.Tensor] = None
-    ref_log_probs: Optional[torch.Tensor] = None
-    sampler_log_probs: Optional[torch.Tensor] = None
+    old_log_probs: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
+    sampler_log_probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, index: Any) -> "Batch":
+    def select(self, index: Any) -> Batch:
         """Rows `index` (a slice or a (k,) index tensor) of every field."""
         return Batch(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
 
@@ -466,7 +467,7 @@ class GRPORecipe:
         return out
 
     def log_probs(self, batch: Batch, model: torch.nn.Module, with_entropy: bool = True
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs and entropies (None without `with_entropy`) of the completion tokens, (b, T)."""
         from opensloth.grpo.forward import compute_model_log_probs
 
@@ -531,7 +532,7 @@ class GRPORecipe:
         if self.ctx.is_main:
             from opensloth.distributed import print0
 
-            print0("[bold]eval[/] step {}: ".format(self.global_step)
+            print0(f"[bold]eval[/] step {self.global_step}: "
                    + ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in out.items()))
         return out
 
@@ -563,7 +564,6 @@ class GRPORecipe:
     def save(self) -> None:
         """Rank 0 writes the adapter (or full model), tokenizer and chat template to --output-dir."""
         from opensloth.models import save_model
-
         from opensloth.tracking import plot_metrics
 
         if self.ctx.is_main:
