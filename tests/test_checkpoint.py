@@ -87,7 +87,7 @@ def run_loop(tmp_path: Path, out: Path, total: int, save_steps: int, kill_at: in
     args = [sys.executable, str(script), str(out), str(total), str(save_steps), str(kill_at),
             "1" if resume else "0", str(limit)]
     if world == 1:
-        return subprocess.run(args, capture_output=True, text=True, timeout=300)
+        return subprocess.run(args, check=False, capture_output=True, text=True, timeout=300)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -190,7 +190,7 @@ def test_save_killed_midway_never_corrupts_newest_good(tmp_path):
     (tmp_path / "loop.py").write_text(LOOP)
     out.mkdir()
     proc = subprocess.run([sys.executable, str(killer), str(tmp_path / "loop.py"), str(out), "6", "2", "-1",
-                           "0", "5"], capture_output=True, text=True, timeout=300)
+                           "0", "5"], check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [p.name for p in ck.list_checkpoints(out)] == ["checkpoint-2"]
     assert list(ck.checkpoints_root(out).glob(".tmp-*")), "the killed save left its temp dir"
@@ -322,7 +322,7 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(recipe, recipe_data, tiny_
     full = tmp_path / "full"
     proc = subprocess.run([sys.executable, "-c", TRAIN, *_recipe_args(recipe, tiny_model_dir, recipe_data[recipe],
                                                                         full)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -332,7 +332,7 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(recipe, recipe_data, tiny_
     resume_step = ck.checkpoint_step(ck.find_latest_checkpoint(out))
     assert resume_step in (2, 4)
 
-    proc = subprocess.run([sys.executable, "-c", TRAIN, *args, "--resume"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", TRAIN, *args, "--resume"], check=False, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -33,7 +33,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ def write_manifest(ckpt_dir: Path, step: int) -> None:
     _fsync_dir(ckpt_dir)
 
 
-def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
+def verify_checkpoint(ckpt_dir: Path) -> str | None:
     """None if `ckpt_dir` is a complete checkpoint, else the reason it is not."""
     ckpt_dir = Path(ckpt_dir)
     manifest_path = ckpt_dir / MANIFEST
@@ -154,7 +154,7 @@ def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
     return None
 
 
-def checkpoint_step(ckpt_dir: Path) -> Optional[int]:
+def checkpoint_step(ckpt_dir: Path) -> int | None:
     match = _STEP_RE.match(Path(ckpt_dir).name)
     return int(match.group(1)) if match else None
 
@@ -172,7 +172,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def find_latest_checkpoint(output_dir: Path) -> Optional[Path]:
+def find_latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint in output_dir; incomplete or corrupt ones are skipped with a warning."""
     for ckpt in reversed(list_checkpoints(output_dir)):
         problem = verify_checkpoint(ckpt)
@@ -182,7 +182,7 @@ def find_latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return None
 
 
-def rotate_checkpoints(output_dir: Path, save_total_limit: Optional[int]) -> list[Path]:
+def rotate_checkpoints(output_dir: Path, save_total_limit: int | None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond `save_total_limit`; returns what was deleted.
 
     Only complete checkpoints count and only older ones go, so the newest complete checkpoint is
@@ -250,11 +250,11 @@ def save_checkpoint(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Optional[Any] = None,
-    state: Optional[dict[str, Any]] = None,
-    save_total_limit: Optional[int] = None,
-    tokenizer: Optional[Any] = None,
-) -> Optional[Path]:
+    scheduler: Any | None = None,
+    state: dict[str, Any] | None = None,
+    save_total_limit: int | None = None,
+    tokenizer: Any | None = None,
+) -> Path | None:
     """Write checkpoint-<step> atomically; every worker calls it (RNG states are gathered).
 
     Args:
@@ -304,8 +304,8 @@ def load_checkpoint(
     ckpt_dir: Path,
     *,
     model: torch.nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    scheduler: Optional[Any] = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
@@ -345,7 +345,7 @@ def load_checkpoint(
     return {"step": saved["step"], "state": saved["state"]}
 
 
-def resolve_resume(output_dir: Path, resume: bool, resume_from: Optional[Path]) -> Optional[Path]:
+def resolve_resume(output_dir: Path, resume: bool, resume_from: Path | None) -> Path | None:
     """The checkpoint to resume from (--resume-from, else newest complete with --resume), or None.
 
     Raises:
@@ -392,7 +392,7 @@ class StopSignal:
         logger.warning("Got %s: saving a checkpoint after this step, then stopping "
                        "(Ctrl-C again to stop at once).", signal.Signals(signum).name)
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -400,7 +400,7 @@ class StopSignal:
                 pass
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
@@ -423,7 +423,7 @@ def stop_requested(stop: StopSignal) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def sft_checkpoint_callback(stop: Optional[StopSignal] = None, save_total_limit: Optional[int] = None):
+def sft_checkpoint_callback(stop: StopSignal | None = None, save_total_limit: int | None = None):
     """A TrainerCallback that seals each Trainer checkpoint with a manifest, and saves on Ctrl-C.
 
     Give the Trainer `output_dir=<run output_dir>/checkpoints` so its checkpoint-<step> dirs land

@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -60,7 +60,7 @@ def load_for_inference(model: str, device: str = "cpu", dtype: str = "auto",
     return loaded.eval(), tokenizer
 
 
-def render_chat(tokenizer: Any, prompt: str, system_prompt: Optional[str] = None) -> str:
+def render_chat(tokenizer: Any, prompt: str, system_prompt: str | None = None) -> str:
     """The prompt as the model saw it in training: the saved chat template plus the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("This model's tokenizer has no chat template, so a chat prompt cannot be rendered. "
@@ -110,11 +110,11 @@ class EvalResult:
     num_prompts: int
     num_samples: int
     summary: dict[str, float] = field(default_factory=dict)
-    output_file: Optional[Path] = None
+    output_file: Path | None = None
 
 
-def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: Optional[float] = None, batch_size: int = 16,
-             output_file: Optional[Path] = None, accuracy_reward: Optional[str] = None,
+def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None = None, batch_size: int = 16,
+             output_file: Path | None = None, accuracy_reward: str | None = None,
              device: str = "cpu") -> EvalResult:
     """Generate for every prompt of cfg's dataset, score with every reward, report accuracy and pass@k.
 
@@ -218,7 +218,7 @@ def export_merged(model_dir: Path, output_dir: Path, dtype: str = "bfloat16", ov
     return merge_and_save(model_dir, output_dir, dtype=dtype)
 
 
-def save_merged_after_training(cfg: RunConfig) -> Optional[Path]:
+def save_merged_after_training(cfg: RunConfig) -> Path | None:
     """`--save-merged`: merge the run's saved adapter into bf16 base weights in OUTPUT_DIR/merged.
 
     Runs in the launcher after every worker finished. A full fine-tune has nothing to merge: its

@@ -7,7 +7,6 @@ dispatch to opensloth.evaluate / opensloth.tracking; nothing else happens here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -37,28 +36,28 @@ def eval_command(
     model: str = MODEL,
     dataset: str = typer.Option(..., "--dataset", "-d", help="Eval prompts: a local .jsonl/.json/.csv/.parquet "
                                 "file, a saved dataset dir, or a hub dataset name."),
-    task: Optional[str] = typer.Option("math", "--task", help="Reward preset (os list-rewards)."),
-    rewards: Optional[str] = typer.Option(None, "--rewards", help="Comma-separated reward names (default: the "
+    task: str | None = typer.Option("math", "--task", help="Reward preset (os list-rewards)."),
+    rewards: str | None = typer.Option(None, "--rewards", help="Comma-separated reward names (default: the "
                                           "task's preset)."),
-    reward_module: Optional[list[Path]] = typer.Option(None, "--reward-module", help="Python file with custom "
+    reward_module: list[Path] | None = typer.Option(None, "--reward-module", help="Python file with custom "
                                                       "rewards (repeatable)."),
-    accuracy_reward: Optional[str] = typer.Option(None, "--accuracy-reward", help="Reward whose value > 0 means "
+    accuracy_reward: str | None = typer.Option(None, "--accuracy-reward", help="Reward whose value > 0 means "
                                                   "correct (default: math_answer for --task math)."),
     num_samples: int = typer.Option(1, "--num-samples", "-k", min=1, help="Completions per prompt: reports "
                                     "pass@k (unbiased estimator) besides pass@1."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature "
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature "
                                                 "(default: 0 = greedy for k=1, 1.0 for k>1)."),
     max_new_tokens: int = MAX_NEW,
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only this many prompts."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only this many prompts."),
     dataset_split: str = typer.Option("train", "--dataset-split", help="Split of a hub or saved dataset."),
-    format: Optional[str] = typer.Option(None, "--format", help="dapo-math, gsm8k, prompt-answer (default: "
+    format: str | None = typer.Option(None, "--format", help="dapo-math, gsm8k, prompt-answer (default: "
                                          "detected from the columns)."),
     chat_template: str = typer.Option("auto", "--chat-template", help="As in training; auto keeps what "
                                       "the saved model uses for the task."),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System prompt (default: the "
+    system_prompt: str | None = typer.Option(None, "--system-prompt", help="System prompt (default: the "
                                                 "template's own)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts generated at once."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL of every prompt, completion and "
+    output: Path | None = typer.Option(None, "--output", "-o", help="JSONL of every prompt, completion and "
                                           "score (default: eval_results.jsonl beside --model, or ./ for hub "
                                           "models)."),
     device: str = DEVICE,
@@ -93,11 +92,11 @@ def eval_command(
 
 @user_errors
 def generate_command(
-    prompt: Optional[str] = typer.Argument(None, help="The user message (omit with --interactive)."),
+    prompt: str | None = typer.Argument(None, help="The user message (omit with --interactive)."),
     model: str = MODEL,
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat turn by turn (one prompt each; "
                                      "empty line or Ctrl-D quits)."),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System prompt."),
+    system_prompt: str | None = typer.Option(None, "--system-prompt", help="System prompt."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
