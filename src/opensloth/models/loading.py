@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from opensloth.config import LoraConfig, ModelConfig
-from opensloth.errors import UserError
+from opensloth.errors import MissingExtraError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
     Raises:
         UserError: unsloth asked for without CUDA.
-        ImportError: unsloth asked for but not installed.
+        MissingExtraError: unsloth asked for but not installed (a UserError and an ImportError).
     """
     if requested == "hf":
         return "hf"
@@ -44,7 +44,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise UserError(f"--backend unsloth needs a CUDA GPU ({why}). Use --backend hf on this machine.")
         if not usable:
-            raise ImportError(f"--backend unsloth: {why}. Install it with {UNSLOTH_HINT}, or use --backend hf.")
+            raise MissingExtraError(f"--backend unsloth: {why}. Install it with {UNSLOTH_HINT}, or use --backend hf.")
         return "unsloth"
     return "unsloth" if usable else "hf"
 
@@ -298,7 +298,7 @@ def _match_pad_token(model, tokenizer) -> None:
 
 def _bnb_4bit_config(dtype: torch.dtype):
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
+        raise MissingExtraError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
