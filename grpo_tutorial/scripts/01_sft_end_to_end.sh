@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage 1: teach the <start_working_out>...<SOLUTION> format with SFT on OpenMathReasoning-mini.
 # Data preparation and training in one command. Output: $OUTPUT_ROOT/sft_qwen_reasoning_model
-source "scripts/_common.sh" 2>/dev/null || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
+[ -f scripts/_common.sh ] || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
+source scripts/_common.sh
 
 # shellcheck disable=SC2086
 os-train sft \

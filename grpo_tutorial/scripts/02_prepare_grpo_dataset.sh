@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Step 2: prepare the GRPO prompt dataset once (math task: DAPO-Math-17k), sharded for the GPU count.
 # Output: $OUTPUT_ROOT/data/grpo_prepared, used by scripts/03_train_grpo.sh
-source "scripts/_common.sh" 2>/dev/null || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
+[ -f scripts/_common.sh ] || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
+source scripts/_common.sh
 
 # shellcheck disable=SC2086
 python prepare_dataset/prepare_grpo_dataset.py \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Step 3: GRPO from the SFT adapter (step 1) on the prompts prepared by step 2.
 # Output: $OUTPUT_ROOT/grpo_final_model
-source "scripts/_common.sh" 2>/dev/null || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
+[ -f scripts/_common.sh ] || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
+source scripts/_common.sh
 
 if [ ! -f "$SFT_OUTPUT/adapter_config.json" ] && [ ! -f "$SFT_OUTPUT/config.json" ]; then
     echo "Error: no SFT model in $SFT_OUTPUT. Run step 1 first: bash scripts/01_train_sft.sh" >&2

@@ -8,7 +8,13 @@ hub datasets (`opensloth.data.synthetic`), then runs the same code paths as the 
     2. os-train grpo --format dapo-math --task math                (LoRA on the SFT model)
     3. os eval on held-out problems, before and after each stage
 
-and prints a table of format rate and answer accuracy. Deviation from the tutorial: the tiny
+and prints a table of format rate and answer accuracy.
+
+Like most SFT data written by people or by other models, the demo's worked solutions contain a
+systematic mistake: most subtraction answers are off by one (`sft_mistake_rate`). SFT imitates
+its data, mistakes included; GRPO optimises the verified answer reward (math_answer), so it can
+unlearn them. That is the point of the second stage, made visible on a model small enough for a
+CPU. Deviation from the tutorial: the tiny
 model starts from random weights, so stage 1 trains every weight (the tutorial trains a LoRA
 adapter on a pretrained model); stage 2 trains a LoRA adapter as the tutorial does.
 """
@@ -32,7 +38,7 @@ console = Console()
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; the defaults run in a few minutes on 2 CPU cores."""
+    """Sizes of the demo; the defaults run in about 2 minutes on 2 idle CPU cores."""
 
     seed: int = 0
     sft_rows: int = 3000
@@ -40,17 +46,38 @@ class DemoSettings:
     eval_rows: int = 100
     hidden_size: int = 128
     num_layers: int = 2
-    sft_steps: int = 120
+    sft_steps: int = 400
     sft_batch_size: int = 64
     sft_learning_rate: float = 2e-3
-    grpo_steps: int = 40
+    grpo_steps: int = 100
     grpo_prompts_per_step: int = 8
     grpo_group_size: int = 8
-    grpo_learning_rate: float = 2e-3
+    grpo_learning_rate: float = 5e-4
     max_new_tokens: int = 16
     # The byte-level tiny model pays one token per character: a short system prompt keeps every
     # sequence about 70 tokens instead of 200 (the reasoning template's default prompt is long).
     system_prompt: str = "Think, then answer."
+    sft_mistake_rate: float = 0.6  # share of SFT subtraction rows whose answer is one too high
+
+
+def add_teacher_mistakes(rows: list[dict[str, str]], rate: float, seed: int) -> list[dict[str, str]]:
+    """Make `rate` of the subtraction rows (OpenMathReasoning schema) answer one too high.
+
+    >>> add_teacher_mistakes([{"problem": "What is 7 - 3?", "generated_solution": "7-3=4",
+    ...                        "expected_answer": "4"}], rate=1.0, seed=0)[0]["generated_solution"]
+    '7-3=5'
+    """
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        if " - " in row["problem"] and rng.random() < rate:
+            wrong = str(int(row["expected_answer"]) + 1)
+            lhs = row["generated_solution"].split("=")[0]
+            row = {**row, "generated_solution": f"{lhs}={wrong}", "expected_answer": wrong}
+        out.append(row)
+    return out
 
 
 @dataclass
@@ -98,10 +125,13 @@ def run_demo(output_dir: Path, settings: Optional[DemoSettings] = None, overwrit
     eval_dir.mkdir(parents=True)
 
     console.rule("[bold]OpenSloth demo[/]: SFT teaches the format, GRPO improves the answers (offline, CPU)")
-    console.print("[bold]0.[/] Building a tiny random Qwen2 and arithmetic datasets in the tutorial's schemas")
+    console.print("[bold]0.[/] Building a tiny random Qwen2 and arithmetic datasets in the tutorial's schemas "
+                  f"(SFT data: {s.sft_mistake_rate:.0%} of subtraction answers off by one)")
     base = build_tiny_model(output_dir / "base_model", hidden_size=s.hidden_size, num_layers=s.num_layers,
                             seed=s.seed)
-    sft_file = write_rows(make_arithmetic_rows(s.sft_rows, seed=s.seed, schema="openmath"),
+    sft_rows = add_teacher_mistakes(make_arithmetic_rows(s.sft_rows, seed=s.seed, schema="openmath"),
+                                    s.sft_mistake_rate, s.seed)
+    sft_file = write_rows(sft_rows,
                           data_dir / "openmath_reasoning_mini.jsonl")
     grpo_file = write_rows(make_arithmetic_rows(s.grpo_rows, seed=s.seed + 1, schema="dapo"),
                            data_dir / "dapo_math.jsonl")
