@@ -330,4 +330,8 @@ def test_grpo_cli_with_vllm_engine_raises_reward(vllm_model_dir, tmp_path):
     assert len(rewards) == 20
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.015, rewards
+    # The train-inference mismatch is logged every step, and small for a float32 engine.
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    diffs = [r["rollout/logprob_diff_mean"] for r in steps if "reward" in r]
+    assert len(diffs) == 20 and max(diffs) < 0.05, diffs
     assert (out / "adapter_model.safetensors").is_file()

@@ -61,6 +61,7 @@ from opensloth.checkpoint import StopSignal, load_checkpoint, resolve_resume, sa
 from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
 from opensloth.errors import UserError
+from opensloth.rollout.vllm import compute_sampler_mismatch
 
 logger = logging.getLogger("opensloth")
 
@@ -305,7 +306,7 @@ class GRPORecipe:
             advantages=advantages.to(self.ctx.device),
             rewards=rewards.to(self.ctx.device),
             sampler_log_probs=(rollout.sampler_log_probs.to(self.ctx.device)
-                               if rollout.sampler_log_probs is not None and g.vllm_importance_sampling else None),
+                               if rollout.sampler_log_probs is not None else None),
         )
 
         # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal.
@@ -397,6 +398,11 @@ class GRPORecipe:
                 batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
             if g.beta > 0 and len(batch):
                 batch.ref_log_probs = self.reference_log_probs(batch)
+        # Train-inference mismatch: the engine's log-probs of the sampled tokens against ours.
+        mismatch = {}
+        if batch.sampler_log_probs is not None and len(batch):
+            mismatch = {key: float(value) for key, value in compute_sampler_mismatch(
+                batch.old_log_probs, batch.sampler_log_probs, batch.completion_mask).items()}
 
         sums: dict[str, float] = {}
         for _epoch in range(g.epochs_per_rollout_batch):
@@ -414,7 +420,7 @@ class GRPORecipe:
                     log_probs, entropy = self.log_probs(micro, self.model)  # (b, T) each
                     old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
                     is_weights = None
-                    if micro.sampler_log_probs is not None:  # truncated importance sampling (vLLM)
+                    if micro.sampler_log_probs is not None and g.vllm_importance_sampling:  # truncated IS (vLLM)
                         is_weights = compute_truncated_is_weights(
                             micro.old_log_probs, micro.sampler_log_probs, g.vllm_importance_sampling_cap)
                     per_token, clip_meta = compute_policy_loss(
@@ -464,6 +470,7 @@ class GRPORecipe:
         for key in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean"):
             out[key] *= self.ctx.world_size
         out["skipped_update"] = 0.0
+        out.update(mismatch)  # workers' values are averaged by the caller (the max too: approximate)
         return out
 
     def log_probs(self, batch: Batch, model: torch.nn.Module, with_entropy: bool = True
