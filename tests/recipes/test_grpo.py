@@ -4,8 +4,8 @@
 - micro-batching is exact: 4 micro-batches of 4 give the same update as one micro-batch of 16;
 - the same seed gives the same run (pinned per-step numbers);
 - flag combinations the recipe refuses fail before any model loads, with a clear message;
-- reward goes up: a tiny model first taught arithmetic in the reasoning format by `os-train sft`
-  gets better held-out answer accuracy from a few minutes of `os-train grpo --task math` (slow).
+Reward going up is tested end to end by tests/test_demo.py (`os demo`: SFT, then GRPO raises held-out
+accuracy) and, for a dense reward with the vLLM engine, by tests/test_rollout_vllm.py.
 """
 
 from __future__ import annotations

@@ -159,28 +159,3 @@ def test_cli_sft_end_to_end(tiny_model_dir, sft_rows_file, tmp_path):
     again = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True,
                            env=env, timeout=600)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # a non-empty output dir is refused
-
-
-@pytest.mark.slow
-def test_sft_arith_fixture_answers_in_the_reasoning_format(sft_arith_model_dir):
-    """The session fixture GRPO tests start from: full SFT of a random tiny model learns the format
-    and part of the arithmetic (greedy, held-out problems)."""
-    import re
-
-    from opensloth.data.synthetic import make_arithmetic_rows
-
-    model = AutoModelForCausalLM.from_pretrained(sft_arith_model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(sft_arith_model_dir, padding_side="left")
-    rows = make_arithmetic_rows(40, seed=123, schema="openmath")
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["problem"]}], tokenize=False,
-                                             add_generation_prompt=True) for r in rows]
-    assert prompts[0].endswith("<start_working_out>")  # the reasoning template was saved with the model
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=20, do_sample=False)
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    answers = [re.search(r"<SOLUTION>(.*?)</SOLUTION>", text) for text in texts]
-    format_rate = sum(a is not None for a in answers) / len(rows)
-    accuracy = sum(a is not None and a.group(1) == r["expected_answer"] for a, r in zip(answers, rows)) / len(rows)
-    assert format_rate >= 0.9, texts[:5]
-    assert accuracy >= 0.2, texts[:5]
