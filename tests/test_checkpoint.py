@@ -74,6 +74,9 @@ LOOP = textwrap.dedent(
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     torch.save(ck.trainable_state_dict(model), out / f"final{rank}.pt")
+    if world > 1:
+        # Leave together: a rank that exits while its peer's gloo threads still run aborts it.
+        dist.barrier(); dist.destroy_process_group()
     """
 )
 

@@ -132,8 +132,14 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (safe to call twice or without one)."""
+    """Wait for every worker, then leave the process group (safe to call twice or without one).
+
+    The barrier matters: a gloo worker that tears its group down while a peer is still in a
+    collective can abort that peer ("terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
