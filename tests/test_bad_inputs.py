@@ -307,7 +307,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=300)
     assert "Traceback" not in output, output
+    assert proc.returncode == 130, output[-3000:]  # a stopped run never passes for a finished one
     assert "continue with --resume" in output
+    assert not (out / "adapter_config.json").exists()  # no "final" model from a stopped run
     latest = ck.find_latest_checkpoint(out)
     assert latest is not None and ck.verify_checkpoint(latest) is None
     stopped_at = ck.checkpoint_step(latest)

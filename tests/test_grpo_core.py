@@ -386,3 +386,12 @@ def test_model_log_probs_match_full_logits_with_adapter_on_and_off(tiny_model_di
     logp.sum().backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
     assert lora_grads and all(gr is not None and gr.abs().sum() > 0 for gr in lora_grads)
+
+
+def test_sampler_logprob_diff_is_the_abs_difference_on_completion_tokens():
+    trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    sampler = torch.tensor([[-1.5, -2.0, -1.0], [-0.25, -0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the -3 vs -1 and -9 vs 0 pairs are padding
+    diff = core.compute_sampler_logprob_diff(trainer, sampler, mask)
+    assert diff.tolist() == pytest.approx([0.5, 0.0, 0.25, 0.0])
+    assert core.compute_sampler_logprob_diff(trainer, sampler, torch.zeros_like(mask)).numel() == 0

@@ -234,6 +234,8 @@ def test_ctrl_c_stops_every_worker(tiny_model_dir, rows_file, cache_dir, tmp_pat
     output = (tmp_path / "log.txt").read_text()
     assert code == 130, output[-3000:]
     assert "Stopping the workers" in output
+    assert "Stopped at step" in output and "continue with --resume" in output  # where, and how to go on
+    assert not (out / "adapter_config.json").exists()
     assert tagged_processes(tag) == []
 
 

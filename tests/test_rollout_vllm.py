@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
+from opensloth.grpo.core import compute_sampler_logprob_diff
 from opensloth.rollout.vllm import (
     VLLMRolloutEngine,
-    compute_sampler_mismatch,
     kv_cache_bytes,
     vllm_lora_rank,
     vllm_status,
@@ -166,9 +166,9 @@ def test_greedy_matches_hf_before_and_after_a_training_step(lora_setup):
     before = engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
     _assert_same_greedy(before_hf, before)
     # The sampler's log-probs are the trainer's (same weights, fp32): the mismatch is round-off.
-    mismatch = compute_sampler_mismatch(_policy_log_probs(policy, before), before.sampler_log_probs,
+    diff = compute_sampler_logprob_diff(_policy_log_probs(policy, before), before.sampler_log_probs,
                                         before.completion_mask)
-    assert mismatch["rollout/logprob_diff_max"].item() < 1e-3
+    assert diff.max().item() < 1e-3
     assert engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True) is not None
     syncs = engine.num_syncs  # unchanged weights were not re-sent
 
@@ -179,9 +179,9 @@ def test_greedy_matches_hf_before_and_after_a_training_step(lora_setup):
     assert engine.num_syncs == syncs + 1  # the step was noticed and the new adapter sent
     assert after_hf.completion_ids.tolist() != before_hf.completion_ids.tolist(), "the step changed nothing"
     _assert_same_greedy(after_hf, after)  # so vLLM generated with the updated adapter
-    mismatch = compute_sampler_mismatch(_policy_log_probs(policy, after), after.sampler_log_probs,
+    diff = compute_sampler_logprob_diff(_policy_log_probs(policy, after), after.sampler_log_probs,
                                         after.completion_mask)
-    assert mismatch["rollout/logprob_diff_max"].item() < 1e-3
+    assert diff.max().item() < 1e-3
 
 
 @needs_vllm
@@ -261,17 +261,6 @@ def test_cpu_head_dim_check_names_the_fix(tiny_model_dir):
     check_cpu_head_dim(config, torch.device("cuda", 0))  # GPU kernels take it
     config.num_attention_heads = 2  # head_dim 32
     check_cpu_head_dim(config, torch.device("cpu"))
-
-
-def test_sampler_mismatch_is_masked_mean_and_max_of_abs_difference():
-    trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
-    sampler = torch.tensor([[-1.5, -2.0, -1.0], [-0.25, -0.5, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the -3 vs -1 and -9 vs 0 pairs are padding
-    out = compute_sampler_mismatch(trainer, sampler, mask)
-    assert out["rollout/logprob_diff_mean"].item() == pytest.approx((0.5 + 0 + 0.25 + 0) / 4)
-    assert out["rollout/logprob_diff_max"].item() == pytest.approx(0.5)
-    empty = compute_sampler_mismatch(trainer, sampler, torch.zeros_like(mask))
-    assert empty["rollout/logprob_diff_max"].item() == 0.0
 
 
 @needs_vllm

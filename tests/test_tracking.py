@@ -57,11 +57,27 @@ def test_plot_metrics_draws_logged_curves(tmp_path):
 
 def test_progress_bar_shows_step_and_metrics():
     buffer = io.StringIO()
-    console = Console(file=buffer, force_terminal=False, width=150)
-    with TrainingProgress(total=10, console=console, show_keys=["loss", "train/kl"]) as bar:
+    console = Console(file=buffer, force_terminal=True, width=80)
+    with TrainingProgress(total=10, console=console, description="grpo", show_keys=["loss", "train/kl"]) as bar:
         bar.update(3, {"loss": 0.123456, "train/kl": 0.5, "ignored": 1.0})
     text = buffer.getvalue()
     assert "3/10" in text and "loss=0.1235" in text and "kl=0.5" in text and "ignored" not in text
+    assert "grpo" in text  # the name is never squeezed to "g…" by long metrics on a narrow terminal
+
+
+def test_progress_without_a_terminal_prints_lines_as_it_goes():
+    """Through a pipe (the launcher, a CI log) a bar would only show at the end: lines instead."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=False, width=80)
+    bar = TrainingProgress(total=10, console=console, description="sft", show_keys=["loss"], line_interval=3600)
+    with bar:
+        bar.update(1, {"loss": 2.0})
+        assert "sft 1/10" in buffer.getvalue() and "loss=2" in buffer.getvalue()  # printed at once
+        bar.update(2, {"loss": 1.5})  # within the interval: quiet
+        bar.update(10, {"loss": 0.5})  # the last step always prints
+    lines = buffer.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["1/10", "10/10"]
+    assert "loss=0.5" in lines[-1]
     silent = TrainingProgress(total=10, is_main=False)
     silent.update(1, {"loss": 1.0})
     silent.close()

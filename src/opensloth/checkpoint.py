@@ -407,7 +407,11 @@ class StopSignal:
 
 
 def stop_requested(stop: StopSignal) -> bool:
-    """True on every worker if any worker got a stop signal (one small collective when distributed)."""
+    """True on every worker if any worker got a stop signal (one small collective when distributed).
+
+    The agreed answer is also stored in `stop.requested`, so every worker knows afterwards that
+    the run stopped early, not only the one the signal reached.
+    """
     flag = bool(stop.requested)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
@@ -415,7 +419,17 @@ def stop_requested(stop: StopSignal) -> bool:
         tensor = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         flag = bool(tensor.item() > 0)
+    if flag:  # (never reset: a signal may arrive while the collective runs)
+        stop.requested = True
     return flag
+
+
+def stopped_message(output_dir: Path, step: int, total_steps: int) -> str:
+    """What a run stopped by Ctrl-C/SIGTERM tells the user: where it stopped and how to go on."""
+    latest = find_latest_checkpoint(Path(output_dir))
+    where = f"the checkpoint is {latest}" if latest is not None else "no checkpoint was written"
+    return (f"Stopped at step {step} of {total_steps}; {where}. The final model was not written: "
+            f"continue with --resume (the same command plus --resume).")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The CLI catches `UserError`, prints its message (no traceback unless `--debug`) and exits
 with status 2. Library code raises it for bad paths, bad columns, bad options and bad
-rewards; anything else is a bug and keeps its traceback.
+rewards; anything else is a bug and keeps its traceback. `TrainingStopped` is neither: the
+run was asked to stop (Ctrl-C, SIGTERM), saved a checkpoint, and exits with status 130 so that
+scripts chaining stages (`set -e`) never take a stopped run for a finished one.
 """
 
 
@@ -15,4 +17,11 @@ class MissingExtraError(UserError, ImportError):
 
     An ImportError (as library users expect for a missing extra) that the CLI still prints as one
     clear line, like any other UserError.
+    """
+
+
+class TrainingStopped(Exception):
+    """Training stopped early on Ctrl-C/SIGTERM after saving a checkpoint (exit status 130).
+
+    The final model is not written: the output dir holds only the checkpoint to `--resume` from.
     """

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
+BAR_WIDTH = 20
 
 
 class MetricsLogger:
@@ -184,7 +185,11 @@ def plot_metrics(output_dir: str | Path, keys: list[tuple[str, list[str]]] | Non
 
 
 class TrainingProgress:
-    """One rich progress bar: step/total, elapsed, remaining and the key metrics (rank 0 only).
+    """Progress on rank 0: step/total, elapsed, remaining and the key metrics.
+
+    On a terminal this is one rich bar redrawn in place. Anywhere else (the launcher's pipe from
+    a worker, a CI log, `| tee`) a bar would only appear when it closes, so a plain line is
+    printed instead: at the first step, then at most every `line_interval` seconds, and at the end.
 
     Example:
         >>> with TrainingProgress(total=100, is_main=True) as bar:
@@ -192,23 +197,28 @@ class TrainingProgress:
     """
 
     def __init__(self, total: int, is_main: bool = True, description: str = "train",
-                 console: Console | None = None, show_keys: Iterable[str] | None = None):
+                 console: Console | None = None, show_keys: Iterable[str] | None = None,
+                 line_interval: float = 10.0):
         self.is_main = is_main
         self.total = total
+        self.description = description
         self.show_keys = list(show_keys) if show_keys is not None else None
+        self.line_interval = line_interval
+        self.console = console or Console(stderr=True)
         self._progress = None
         self._task = None
         self._start = time.perf_counter()
-        if not is_main:
+        self._last_line: float | None = None
+        if not is_main or not self.console.is_terminal:
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=BAR_WIDTH),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[metrics]}"),
-            console=console or Console(stderr=True),
+            console=self.console,
             transient=False,
         )
         self._task = self._progress.add_task(description, total=total, metrics="")
@@ -222,19 +232,38 @@ class TrainingProgress:
         self.close()
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
-        """Move the bar to `step` and show `metrics` (the show_keys ones, or all numeric ones)."""
-        if self._progress is None:
+        """Move to `step` and show `metrics` (the show_keys ones, or all numeric ones)."""
+        if not self.is_main:
             return
         shown = ""
         if metrics:
             keys = self.show_keys if self.show_keys is not None else list(metrics)
             shown = "  ".join(_fmt(k, metrics[k]) for k in keys if k in metrics and _is_number(metrics[k]))
-        self._progress.update(self._task, completed=step, metrics=shown)
+        if self._progress is not None:
+            # One line: cut the metrics to the room left, or rich squeezes the name to "g…".
+            room = self.console.width - (len(self.description) + BAR_WIDTH + 2 * len(str(self.total)) + 26)
+            if len(shown) > room:
+                shown = shown[: max(room - 1, 0)] + "…"
+            self._progress.update(self._task, completed=step, metrics=shown)
+            return
+        now = time.perf_counter()
+        due = self._last_line is None or now - self._last_line >= self.line_interval or step >= self.total
+        if step > 0 and due:
+            self._last_line = now
+            elapsed = now - self._start
+            remaining = elapsed / step * (self.total - step) if step else 0.0
+            self.console.print(f"{self.description} {step}/{self.total} [{_hms(elapsed)}<{_hms(remaining)}]  {shown}",
+                               markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _is_number(value: Any) -> bool:

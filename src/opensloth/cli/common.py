@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from opensloth.config import RunConfig, config_cli_parameters, overrides_from_cli, resolve_config
-from opensloth.errors import UserError
+from opensloth.errors import TrainingStopped, UserError
 
 err_console = Console(stderr=True)
 
@@ -26,7 +26,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn UserError (and a missing file) into one message and exit 2; `--debug` keeps the traceback."""
+    """Turn UserError into one message and exit 2 (`--debug` keeps the traceback); a run stopped by
+    Ctrl-C/SIGTERM exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,6 +37,9 @@ def user_errors(fn: Callable) -> Callable:
             if "--debug" in sys.argv:
                 raise
             fail(str(exc))
+        except TrainingStopped as exc:
+            err_console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
+            raise SystemExit(130)
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/]")
             raise SystemExit(130)

@@ -310,6 +310,27 @@ def compute_truncated_is_weights(
     return torch.exp(old_log_probs.detach() - rollout_log_probs.detach()).clamp(max=cap)
 
 
+def compute_sampler_logprob_diff(
+    trainer_log_probs: torch.Tensor, sampler_log_probs: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """|log pi_trainer - log pi_sampler| on every completion token: the train-inference mismatch.
+
+    Its mean and max are logged as `rollout/logprob_diff_mean`/`_max`. Large values mean the
+    engine samples from a different policy than the one being trained (stale weights, another
+    dtype or kernel) and the importance weights are doing real work.
+
+    Args:
+        trainer_log_probs: (B, T) log pi_old of the completion tokens from the trainer's forward.
+        sampler_log_probs: (B, T) the engine's log-probs of the same tokens.
+        completion_mask: (B, T) 1 on completion tokens.
+
+    Returns:
+        (num_completion_tokens,) float32 absolute differences, without gradient.
+    """
+    diff = (trainer_log_probs.detach().float() - sampler_log_probs.detach().float()).abs()
+    return diff[completion_mask.bool()]
+
+
 # -- KL ----------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from opensloth.errors import UserError
+from opensloth.errors import TrainingStopped, UserError
 
 # Set by the launcher in each worker's environment (read by opensloth.launch.worker). Defined here,
 # not in worker.py, so that importing the package does not import the `-m` entry module itself.
@@ -172,6 +172,22 @@ def describe_failure(rank: int, returncode: int, error_file: Path) -> tuple[str,
     return f"worker rank {rank} exited with status {returncode}", False
 
 
+def _stopped_message(error_file: Path) -> Optional[str]:
+    """The message of a worker that stopped on a signal after saving a checkpoint, else None."""
+    try:
+        record = json.loads(error_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("message") if record.get("type") == "TrainingStopped" else None
+
+
+def _raise_if_stopped(workers: list[Worker]) -> None:
+    """After Ctrl-C: if rank 0 saved a checkpoint and stopped, say so (where, and how to go on)."""
+    message = _stopped_message(workers[0].error_file) if workers else None
+    if message is not None:
+        raise TrainingStopped(message) from None
+
+
 def _exit_on_sigterm(signum, frame):
     """SIGTERM to the launcher: leave through the `finally` that stops the workers."""
     raise SystemExit(128 + signum)
@@ -245,9 +261,11 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
                                    f"rank {min(done)} did; all workers were stopped.")
     except KeyboardInterrupt:
         stop_gracefully([w.proc for w in workers], timeout=None)
+        _raise_if_stopped(workers)
         raise
     except SystemExit:  # SIGTERM to the launcher
         stop_gracefully([w.proc for w in workers], timeout=INTERRUPT_GRACE_SECONDS)
+        _raise_if_stopped(workers)
         raise
     finally:
         stop_all([w.proc for w in workers])
@@ -260,6 +278,9 @@ def _fail(workers: list[Worker], rank: int, code: int, lock: threading.Lock) -> 
     """Stop the others, show the failing rank's last lines (rank 0's were shown live), raise."""
     stop_all([w.proc for w in workers])
     worker = workers[rank]
+    stopped = _stopped_message(worker.error_file) if code == 130 else None
+    if stopped is not None:  # SIGTERM reached the workers (not us): they saved and stopped
+        raise TrainingStopped(stopped)
     message, user_error = describe_failure(rank, code, worker.error_file)
     if rank != 0 and worker.tail:
         with lock:

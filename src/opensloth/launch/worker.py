@@ -34,8 +34,8 @@ from typing import Callable, Optional
 import torch
 
 from opensloth.config import RunConfig, resolve_config
-from opensloth.distributed import WorkerContext, init_distributed, setup_logging
-from opensloth.errors import UserError
+from opensloth.distributed import WorkerContext, cleanup, init_distributed, setup_logging
+from opensloth.errors import TrainingStopped, UserError
 from opensloth.launch.procs import ERROR_FILE_ENV, LAUNCHED_ENV, PARENT_PID_ENV
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
@@ -161,6 +161,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             check_torchrun_job(cfg, prepared)
         ctx = init_distributed(use_cuda_for(cfg), cfg.distributed.collective_timeout, prepared)
         run_recipe(cfg, ctx)
+    except TrainingStopped as exc:  # every worker saved its share of the checkpoint
+        write_error_file(rank, exc)  # the launcher prints the message once
+        if rank == 0 and not os.environ.get(ERROR_FILE_ENV):  # torchrun: nobody reads that file
+            sys.stderr.write(f"{exc}\n")
+        cleanup()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except KeyboardInterrupt:
         os._exit(130)
     except SystemExit as exc:
@@ -178,8 +186,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stderr.flush()
         # os._exit: skip process-group teardown and atexit hooks that may block on a dead peer.
         os._exit(2 if isinstance(exc, UserError) else 1)
-    from opensloth.distributed import cleanup
-
     cleanup()
 
 

