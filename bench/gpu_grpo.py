@@ -68,7 +68,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from grpo_vs_trl import digit_share_reward
+from grpo_vs_trl import digit_share_reward  # noqa: E402 (a sibling script, after the path insert)
 
 SIDES = ("ours-hf", "trl", "ours-vllm", "ours-unsloth")  # the key comparison first
 LORA_R, BETA, LR, SEED = 16, 0.04, 1e-5, 0
