@@ -6,6 +6,7 @@ until its greedy answers to four sums are right, so the tests can check real tex
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -159,6 +160,19 @@ def test_eval_reports_accuracy_and_writes_every_completion(trained_adapter, tmp_
     records = [json.loads(line) for line in out_k.read_text().splitlines()]
     assert len(records) == 12 and {r["sample"] for r in records} == {0, 1, 2}
     assert "pass@3" in proc.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_eval_with_an_engine_that_cannot_run_here(trained_adapter, tmp_path):
+    """`--rollout-engine vllm` without vllm: one line saying why and what to do, nothing written."""
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n")
+    out = tmp_path / "results.jsonl"
+    proc = os_cli("eval", "--model", str(trained_adapter), "--dataset", str(data), "--format", "prompt-answer",
+                  "--rollout-engine", "vllm", "--output", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert "--rollout-engine vllm cannot run here: vllm is not installed" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 @pytest.mark.slow

@@ -72,11 +72,11 @@ def render_chat(tokenizer: Any, prompt: str, system_prompt: str | None = None) -
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1, batch_size: int = 16,
-             seed: int = 0) -> list[list[str]]:
+             seed: int = 0, engine: Any = None) -> list[list[str]]:
     """Completions for rendered prompts: `num_samples` per prompt, greedy when temperature is 0.
 
-    Uses the same rollout engine as GRPO training (stop tokens, full-vocabulary sampling with no
-    top-k, static cache on CUDA), `batch_size` prompts at a time.
+    Uses a rollout engine of GRPO training (stop tokens, full-vocabulary sampling with no top-k):
+    `engine` if given (e.g. vLLM), else the hf engine over `model`; `batch_size` prompts at a time.
 
     Returns:
         One list of `num_samples` decoded completions (special tokens removed) per prompt.
@@ -86,7 +86,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
     if num_samples > 1 and temperature == 0:
         raise UserError(f"--num-samples {num_samples} with --temperature 0 would repeat one greedy completion: "
                         "set --temperature above 0 (e.g. 1.0) for pass@k.")
-    engine = HFRolloutEngine(model, tokenizer)
+    engine = engine or HFRolloutEngine(model, tokenizer)
     out: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -145,9 +145,16 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     if len(rows) == 0:
         raise UserError(f"--dataset {cfg.data.dataset} has no prompts to evaluate.")
 
-    completions = generate(model, tokenizer, list(rows["prompt_text"]), max_new_tokens=g.max_new_tokens,
-                           temperature=temperature, top_p=g.top_p, num_samples=num_samples,
-                           batch_size=batch_size, seed=cfg.training.seed)
+    from opensloth.rollout import get_rollout_engine
+
+    engine = get_rollout_engine(g.rollout_engine, model, tokenizer, device, cfg,
+                                max_num_seqs=min(batch_size, len(rows)) * num_samples)
+    try:
+        completions = generate(model, tokenizer, list(rows["prompt_text"]), max_new_tokens=g.max_new_tokens,
+                               temperature=temperature, top_p=g.top_p, num_samples=num_samples,
+                               batch_size=batch_size, seed=cfg.training.seed, engine=engine)
+    finally:
+        engine.close()
     flat = [c for group in completions for c in group]  # (N * k,), prompt-major like a GRPO group
     prompts = [p for p in rows["prompt"] for _ in range(num_samples)]
     skip = {"prompt", "prompt_ids", "prompt_text"}

@@ -57,6 +57,8 @@ def eval_command(
     system_prompt: str | None = typer.Option(None, "--system-prompt", help="System prompt (default: the "
                                                 "template's own)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts generated at once."),
+    rollout_engine: str = typer.Option("auto", "--rollout-engine", help="Generation engine, as in training: "
+                                       "hf, vllm, or auto (vllm if installed and usable, else hf)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="JSONL of every prompt, completion and "
                                           "score (default: eval_results.jsonl beside --model, or ./ for hub "
                                           "models)."),
@@ -74,7 +76,7 @@ def eval_command(
     overrides = dict(model=model, dataset=dataset, dataset_split=dataset_split, format=format, task=task,
                      rewards=rewards.split(",") if rewards else None, reward_modules=reward_module or None,
                      num_samples=limit, chat_template=chat_template, system_prompt=system_prompt,
-                     max_new_tokens=max_new_tokens, seed=seed, backend="hf",
+                     max_new_tokens=max_new_tokens, seed=seed, backend="hf", rollout_engine=rollout_engine,
                      # Evaluate every prompt: training drops the longest 10% by default, eval must not.
                      prompt_length_percentile=1.0)
     cfg = resolve_config("grpo", None, overrides)

@@ -8,10 +8,12 @@ Public API (see `opensloth.data.prepare` for the cache and the sharding rule):
     reshard(prepared, num_shards) -> PreparedDataset
     check_shards(prepared, num_workers)          # UserError when the counts differ
     find_cached(cfg, tokenizer) -> PreparedDataset | None   # cache lookup only (dry runs)
+    cache_entry(cfg, tokenizer) -> Path          # where this config's prepared data is cached
 """
 
 from opensloth.data.prepare import (
     PreparedDataset,
+    cache_entry,
     check_shards,
     find_cached,
     load_prepared,
@@ -22,6 +24,7 @@ from opensloth.data.prepare import (
 
 __all__ = [
     "PreparedDataset",
+    "cache_entry",
     "check_shards",
     "find_cached",
     "load_prepared",

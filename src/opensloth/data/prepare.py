@@ -287,6 +287,11 @@ def _cache_entry(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str) -> t
     return cache_root(cfg.data.cache_dir) / f"{recipe}-{key[:24]}", key
 
 
+def cache_entry(cfg: RunConfig, tokenizer: Any) -> Path:
+    """The cache directory of this config's prepared data, whether or not it exists yet."""
+    return _cache_entry(cfg, tokenizer, tokenizer_identity(tokenizer), cfg.recipe)[0]
+
+
 def find_cached(cfg: RunConfig, tokenizer: Any) -> PreparedDataset | None:
     """The cache entry (or prepared --dataset directory) this config would use, without preparing
     anything (None on a cache miss or with --overwrite-cache): what a dry run can report."""
@@ -295,7 +300,7 @@ def find_cached(cfg: RunConfig, tokenizer: Any) -> PreparedDataset | None:
         return None
     if is_prepared_dir(d.dataset):
         return load_prepared(d.dataset)
-    entry, _ = _cache_entry(cfg, tokenizer, tokenizer_identity(tokenizer), cfg.recipe)
+    entry = cache_entry(cfg, tokenizer)
     if d.overwrite_cache or not (entry / PREPARED_META).is_file():
         return None
     return load_prepared(entry)

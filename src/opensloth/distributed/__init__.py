@@ -132,14 +132,13 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Wait for every worker, then leave the process group (safe to call twice or without one).
+    """Leave the process group (safe to call twice or without one).
 
-    The barrier matters: a gloo worker that tears its group down while a peer is still in a
-    collective can abort that peer ("terminate called without an active exception").
+    A worker must not exit with its group still up: gloo's threads then abort the process at
+    exit ("terminate called without an active exception"). No barrier first: rank 0 may still be
+    saving, and a barrier longer than the collective timeout would fail a finished run.
     """
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 

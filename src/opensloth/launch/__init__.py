@@ -134,7 +134,7 @@ def cache_status(cfg: RunConfig) -> str:
     """For a dry run: would the data come from the cache? Computed as the data pipeline keys its
     cache, without loading the dataset or writing anything. A hub --model is not downloaded
     for this, so its status is left open."""
-    from opensloth.data.prepare import _fingerprint, cache_root, tokenizer_identity
+    from opensloth.data import cache_entry
     from opensloth.data.sources import PREPARED_META, is_prepared_dir
 
     d = cfg.data
@@ -144,10 +144,7 @@ def cache_status(cfg: RunConfig) -> str:
         return f"{d.dataset} (prepared by `os-train data`; its shard count is checked at start)"
     if not Path(cfg.model.model).expanduser().exists():
         return f"{d.dataset} (cache not checked: the hub model's tokenizer is not downloaded in a dry run)"
-    tokenizer = load_tokenizer(cfg)
-    task = cfg.grpo.task if cfg.recipe == "grpo" else None
-    key = _fingerprint(cfg, tokenizer, tokenizer_identity(tokenizer), cfg.recipe, task)
-    entry = cache_root(d.cache_dir) / f"{cfg.recipe}-{key[:24]}"
+    entry = cache_entry(cfg, load_tokenizer(cfg))
     if (entry / PREPARED_META).is_file() and not d.overwrite_cache:
         return f"{d.dataset}: cache hit, {entry}"
     return f"{d.dataset}: cache miss (prepared when the run starts) into {entry}"

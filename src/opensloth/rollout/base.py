@@ -120,6 +120,9 @@ class RolloutEngine(ABC):
     def sync_weights(self) -> None:
         """Make the engine generate with the policy's current weights (no-op when it shares them)."""
 
+    def close(self) -> None:
+        """Release what the engine holds beyond the policy (no-op when it holds nothing)."""
+
 
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask up to and including each row's first EOS; flag rows without one.

@@ -378,9 +378,17 @@ class VLLMRolloutEngine(RolloutEngine):
         return HFRolloutEngine.tokenize(self, prompts)  # same rule as the hf engine
 
     def close(self) -> None:
-        """Free the engine and its temporary adapters."""
+        """Shut the engine down and delete its temporary adapters.
+
+        Call it while the process group is still up: vLLM's own exit-time finalizer would
+        otherwise try to destroy groups that were already torn down, and print a traceback. Its
+        shutdown also leaves the default process group (`distributed.cleanup` then has nothing to do).
+        """
         shutil.rmtree(self._adapter_root, ignore_errors=True)
-        self.llm = None
+        llm, self.llm = self.llm, None
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
 
     def __del__(self) -> None:
         root = getattr(self, "_adapter_root", None)
