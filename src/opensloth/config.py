@@ -219,7 +219,7 @@ class GRPOConfig(Section):
         0.9, gt=0, le=1, description="Drop prompts longer than this percentile of the dataset's prompt lengths."
     )
     rollout_engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="Generation engine. auto: vllm if installed and usable, else hf."
+        "auto", description="Generation engine. auto: vllm on a GPU if installed and usable, else hf."
     )
     vllm_memory_utilization: Optional[float] = Field(
         None, gt=0, lt=1, description="vLLM's memory share (GPU memory, or RAM on CPU). Default per device kind."

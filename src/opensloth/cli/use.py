@@ -58,7 +58,7 @@ def eval_command(
                                                 "template's own)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts generated at once."),
     rollout_engine: str = typer.Option("auto", "--rollout-engine", help="Generation engine, as in training: "
-                                       "hf, vllm, or auto (vllm if installed and usable, else hf)."),
+                                       "hf, vllm, or auto (vllm on a GPU if installed and usable, else hf)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="JSONL of every prompt, completion and "
                                           "score (default: eval_results.jsonl beside --model, or ./ for hub "
                                           "models)."),

