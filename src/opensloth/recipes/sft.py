@@ -225,8 +225,10 @@ class _LogCallback(TrainerCallback):
         self.progress: TrainingProgress | None = None
         self._last: dict[str, Any] = {}
         self._tokens_time: tuple[float, float] = (0.0, time.perf_counter())
+        self._start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._start_step = state.global_step  # > 0 when resumed (the Trainer restored its state)
         self.progress = TrainingProgress(state.max_steps, is_main=self.ctx.is_main, description="sft",
                                          show_keys=PROGRESS_KEYS).__enter__()
         self._tokens_time = (0.0, time.perf_counter())
@@ -237,6 +239,10 @@ class _LogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
+        if "train_loss" in logs and 0 < self._start_step < state.global_step:
+            # The Trainer divides the losses of this run's steps by every step since step 0; after a
+            # resume that understates the mean. Report the mean over the steps this run trained.
+            logs["train_loss"] *= state.global_step / (state.global_step - self._start_step)
         if "num_tokens" in logs:
             tokens, then = self._tokens_time
             now = time.perf_counter()
