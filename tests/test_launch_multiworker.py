@@ -239,6 +239,29 @@ def test_ctrl_c_stops_every_worker(tiny_model_dir, rows_file, cache_dir, tmp_pat
     assert tagged_processes(tag) == []
 
 
+@pytest.mark.skipif(subprocess.run(["which", "tmux"], capture_output=True).returncode != 0,
+                    reason="tmux is not installed")
+def test_ctrl_c_in_a_tmux_pane_stops_the_job_with_a_checkpoint(tiny_model_dir, rows_file, cache_dir, tmp_path):
+    """--launcher tmux: Ctrl-C typed in rank 0's pane reaches that worker; every worker saves and
+    stops, and the launcher says so and exits 130 (not a 'worker failed')."""
+    tag, out = uuid.uuid4().hex, tmp_path / "out"
+    args = sft_args(tiny_model_dir, rows_file, cache_dir, out, "--devices", "cpu:2", "--max-steps", "500",
+                    "--launcher", "tmux")
+    proc = _start_and_wait_for_a_step(args, tag, out, tmp_path / "log.txt")
+    try:
+        session = f"opensloth-{proc.pid}"
+        subprocess.run(["tmux", "send-keys", "-t", f"{session}.0", "C-c"], check=True)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "log.txt").read_text()
+    assert code == 130, output[-3000:]
+    assert "Stopped at step" in output and "continue with --resume" in output, output[-3000:]
+    assert (out / "checkpoints").is_dir() and not (out / "adapter_config.json").exists()
+    assert tagged_processes(tag) == []
+
+
 def test_grpo_two_workers_train_and_rank0_saves(tiny_model_dir, cache_dir, tmp_path):
     from opensloth.data.synthetic import make_arithmetic_rows
 

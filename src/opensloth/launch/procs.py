@@ -330,6 +330,9 @@ def run_workers_tmux(recipe: str, config_path: Path, prepared_path: Path, device
             failed = [r for r, c in codes.items() if c != 0]
             if failed:
                 rank = failed[0]
+                stopped = _stopped_message(state / f"rank{rank}.json") if codes[rank] == 130 else None
+                if stopped is not None:  # Ctrl-C in a pane: the workers saved a checkpoint and stopped
+                    raise TrainingStopped(stopped)
                 message, user_error = describe_failure(rank, codes[rank], state / f"rank{rank}.json")
                 if user_error:
                     raise UserError(message)
