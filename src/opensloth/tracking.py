@@ -251,7 +251,7 @@ class TrainingProgress:
         if step > 0 and due:
             self._last_line = now
             elapsed = now - self._start
-            remaining = elapsed / step * (self.total - step) if step else 0.0
+            remaining = elapsed / step * (self.total - step)
             self.console.print(f"{self.description} {step}/{self.total} [{_hms(elapsed)}<{_hms(remaining)}]  {shown}",
                                markup=False, highlight=False, soft_wrap=True)
 

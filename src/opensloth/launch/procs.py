@@ -10,7 +10,9 @@ Failure policy: the first worker to exit non-zero (or be killed) fails the job. 
 get SIGTERM, then SIGKILL after a grace period; the launcher raises `WorkerFailed` naming the
 rank and its error (from the worker's error file, else its exit signal) and shows that rank's
 last output lines. Workers also die with the launcher (PR_SET_PDEATHSIG, see worker.py), and
-every collective has a timeout, so no process outlives a failed job.
+every collective has a timeout, so no process outlives a failed job. A worker that exits 130 after
+saving a checkpoint (it got SIGTERM, or Ctrl-C in its tmux pane) ends the job with
+`TrainingStopped` instead (`worker_exit_error`).
 
 Output (launcher "process"): every line is prefixed with its rank; rank 0's lines are shown
 live, the other ranks' are kept (last lines) and shown only if that rank fails.
@@ -181,6 +183,20 @@ def _stopped_message(error_file: Path) -> Optional[str]:
     return record.get("message") if record.get("type") == "TrainingStopped" else None
 
 
+def worker_exit_error(rank: int, returncode: int, error_file: Path, aftermath: str) -> Exception:
+    """What the launcher raises when `rank` exited non-zero (both launchers use it).
+
+    TrainingStopped when the worker stopped on Ctrl-C/SIGTERM after saving a checkpoint (exit 130);
+    UserError for a mistake the user can fix; else WorkerFailed, its message followed by `aftermath`
+    (what the launcher did about the other workers).
+    """
+    stopped = _stopped_message(error_file) if returncode == 130 else None
+    if stopped is not None:
+        return TrainingStopped(stopped)
+    message, user_error = describe_failure(rank, returncode, error_file)
+    return UserError(message) if user_error else WorkerFailed(f"{message}. {aftermath}")
+
+
 def _raise_if_stopped(workers: list[Worker]) -> None:
     """After Ctrl-C: if rank 0 saved a checkpoint and stopped, say so (where, and how to go on)."""
     message = _stopped_message(workers[0].error_file) if workers else None
@@ -278,17 +294,13 @@ def _fail(workers: list[Worker], rank: int, code: int, lock: threading.Lock) -> 
     """Stop the others, show the failing rank's last lines (rank 0's were shown live), raise."""
     stop_all([w.proc for w in workers])
     worker = workers[rank]
-    stopped = _stopped_message(worker.error_file) if code == 130 else None
-    if stopped is not None:  # SIGTERM reached the workers (not us): they saved and stopped
-        raise TrainingStopped(stopped)
-    message, user_error = describe_failure(rank, code, worker.error_file)
-    if rank != 0 and worker.tail:
+    # TrainingStopped: SIGTERM reached the workers (not us), and they saved and stopped.
+    error = worker_exit_error(rank, code, worker.error_file, "The other workers were stopped.")
+    if rank != 0 and worker.tail and not isinstance(error, TrainingStopped):
         with lock:
             sys.stderr.write("\n".join(worker.tail) + "\n")
             sys.stderr.flush()
-    if user_error:
-        raise UserError(message)
-    raise WorkerFailed(f"{message}. The other workers were stopped.")
+    raise error
 
 
 def run_workers_tmux(recipe: str, config_path: Path, prepared_path: Path, devices: list[Device],
@@ -329,15 +341,9 @@ def run_workers_tmux(recipe: str, config_path: Path, prepared_path: Path, device
                     codes[rank] = int(exit_file.read_text().strip())
             failed = [r for r, c in codes.items() if c != 0]
             if failed:
-                rank = failed[0]
-                stopped = _stopped_message(state / f"rank{rank}.json") if codes[rank] == 130 else None
-                if stopped is not None:  # Ctrl-C in a pane: the workers saved a checkpoint and stopped
-                    raise TrainingStopped(stopped)
-                message, user_error = describe_failure(rank, codes[rank], state / f"rank{rank}.json")
-                if user_error:
-                    raise UserError(message)
-                raise WorkerFailed(f"{message}. The other workers were stopped; "
-                                   f"tmux session {session} closed.")
+                rank = failed[0]  # (exit 130 after Ctrl-C in a pane: TrainingStopped)
+                raise worker_exit_error(rank, codes[rank], state / f"rank{rank}.json",
+                                        f"The other workers were stopped; tmux session {session} closed.")
             if len(codes) == world_size:
                 return
             time.sleep(0.5)
