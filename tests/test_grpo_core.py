@@ -374,18 +374,69 @@ def test_model_log_probs_match_full_logits_with_adapter_on_and_off(tiny_model_di
 
     logp, entropy = compute_model_log_probs(model, input_ids, attention_mask, num_completion_tokens=T,
                                             temperature=temp, chunk_size=5)
-    torch.testing.assert_close(logp, full(model), rtol=1e-5, atol=1e-5)
+    real = attention_mask[:, -T:].bool()  # padded completion positions are documented as meaningless
+    torch.testing.assert_close(logp[real], full(model)[real], rtol=1e-5, atol=1e-5)
     assert entropy.shape == (3, T)
     with model.disable_adapter():
         ref_logp, _ = compute_model_log_probs(model, input_ids, attention_mask, num_completion_tokens=T,
                                               temperature=temp, chunk_size=5)
-        torch.testing.assert_close(ref_logp, full(model), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref_logp[real], full(model)[real], rtol=1e-5, atol=1e-5)
     assert (ref_logp - logp).abs().max() > 1e-3  # the adapter mattered
 
     # Gradients reach the LoRA weights through the chunked path.
     logp.sum().backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
     assert lora_grads and all(gr is not None and gr.abs().sum() > 0 for gr in lora_grads)
+
+
+def test_left_align_moves_leading_padding_to_the_end():
+    from opensloth.grpo.forward import left_align
+
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 0], [0, 0, 0, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+    aligned_ids, aligned_mask, shift = left_align(ids, mask)
+    assert aligned_ids.tolist() == [[5, 6, 7, 0, 0], [1, 2, 3, 4, 0], [0, 0, 0, 0, 0]]
+    assert aligned_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]]
+    assert shift.tolist() == [2, 0, 5]
+
+
+def test_model_log_probs_never_give_the_decoder_a_fully_masked_query_row(tiny_model_dir):
+    """Left-padded prompts, padded to a common multiple as the hf engine does on CUDA: the decoder
+    must see each row's real tokens first (a padded query row with every key masked made the bf16
+    backward NaN on an H100), columns of padding in every row cut off, and each row's log-probs
+    equal to that row's own unpadded forward."""
+    from transformers import AutoModelForCausalLM
+
+    from opensloth.grpo.forward import compute_model_log_probs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g) for n in (3, 7, 5)]
+    completions = [torch.randint(3, 256, (n,), generator=g) for n in (4, 2, 3)]
+    P, T, pad = 16, 5, 0  # prompts left-padded to 16 (9 columns of padding in every row)
+    input_ids = torch.full((3, P + T), pad)
+    attention_mask = torch.zeros((3, P + T), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        input_ids[row, P - len(prompt):P] = prompt
+        input_ids[row, P:P + len(completion)] = completion
+        attention_mask[row, P - len(prompt):P + len(completion)] = 1
+
+    seen = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        logp, _ = compute_model_log_probs(model, input_ids, attention_mask, num_completion_tokens=T)
+    finally:
+        hook.remove()
+    (kwargs,) = seen
+    assert kwargs["attention_mask"][:, 0].tolist() == [1, 1, 1]  # every query row has a real key
+    assert kwargs["input_ids"].shape == (3, 7 + 2)  # the longest real row: 9 of 21 columns
+
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        alone = torch.cat([prompt, completion])[None]
+        with torch.no_grad():
+            logits = model(input_ids=alone).logits[0, len(prompt) - 1 : -1].float()
+        expected = torch.log_softmax(logits, -1).gather(-1, completion[:, None]).squeeze(-1)
+        torch.testing.assert_close(logp[row, : len(completion)], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sampler_logprob_diff_is_the_abs_difference_on_completion_tokens():

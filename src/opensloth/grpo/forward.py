@@ -9,6 +9,14 @@ chunks. This reaches through a PEFT wrapper (PeftModel forwards `get_decoder` to
 model, whose injected LoRA layers stay active), so it also serves the reference policy under
 `with model.disable_adapter():`.
 
+The decoder sees every row left-aligned (its prompt's left padding moved to the end), never
+left-padded. With left padding, the padded positions are query rows whose keys are all masked;
+on an H100 in bf16 the backward of such rows made every LoRA gradient NaN (Qwen2.5-0.5B shape,
+prompts padded to the hf engine's multiple of 64), while the same batch without padding trained.
+Left-aligned, a padded position sees the row's real tokens, and a real token sees exactly what it
+saw before, at the same position ids, so the log-probs are unchanged. Columns that are padding
+in every row are then cut off before the forward.
+
 Duck-typed on the model: this module imports no transformers.
 """
 
@@ -72,13 +80,38 @@ def compute_model_log_probs(
         positions are meaningless: mask them.
     """
     decoder, head_weight = get_decoder_and_head(model)
-    T = num_completion_tokens
-    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # (B, P + T)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, P + T, H)
-    # Position t predicts token t + 1: the T completion tokens are predicted from positions P-1 .. P+T-2.
-    hidden = hidden[:, -T - 1 : -1, :]  # (B, T, H)
+    L, T = input_ids.shape[1], num_completion_tokens
+    ids, mask, shift = left_align(input_ids, attention_mask)  # (B, L), (B, L), (B,)
+    width = max(int(mask.sum(dim=1).max()), 1)  # columns past every row's last real token are padding
+    ids, mask = ids[:, :width], mask[:, :width]  # (B, W)
+    position_ids = (mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # (B, W): 0 at each row's first real token
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, W, H)
+    # Position t predicts token t + 1: the T completion tokens are predicted from the original
+    # positions L-T-1 .. L-2, which sit `shift` columns earlier in the aligned rows. Positions that
+    # fell in the cut-off padding are clamped to the last column: they predict padding and are masked.
+    predicting = torch.arange(L - T - 1, L - 1, device=ids.device)  # (T,)
+    columns = (predicting[None, :] - shift[:, None]).clamp(0, width - 1)  # (B, T)
+    hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
     targets = input_ids[:, -T:]  # (B, T)
     return compute_token_log_probs(
         hidden, head_weight, targets, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
     )
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each row's leading padding to its end, keeping the order of everything else.
+
+    Args:
+        input_ids: (B, L) token ids, rows left-padded (and possibly right-padded).
+        attention_mask: (B, L) 1 on real tokens, 0 on padding.
+
+    Returns:
+        ids (B, L) and mask (B, L), row b rotated left by shift[b] columns, and shift (B,) int64:
+        the number of leading padding columns of each row (L for a row with no real token,
+        which is then left as it is).
+    """
+    L = input_ids.shape[1]
+    shift = (attention_mask.long().cumsum(dim=-1) == 0).sum(dim=-1)  # (B,) leading zeros of the mask
+    source = (torch.arange(L, device=input_ids.device)[None, :] + shift[:, None]) % L  # (B, L)
+    return input_ids.gather(1, source), attention_mask.gather(1, source), shift
