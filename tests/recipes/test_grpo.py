@@ -11,6 +11,7 @@ accuracy) and, for a dense reward with the vLLM engine, by tests/test_rollout_vl
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,50 @@ def make_recipe(tmp_path: Path, **overrides):
     cfg = resolve_config("grpo", None, {"model": "unused", "output_dir": tmp_path, **overrides})
     ctx = WorkerContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     return GRPORecipe(cfg, ctx)
+
+
+def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run(tiny_model_dir, prompts_file,
+                                                                                 tmp_path):
+    """A NaN gradient (here from NaN advantages) must not reach the weights or the optimizer state;
+    the run stops with one clear error after three such updates in a row."""
+    from opensloth.data import prepare_grpo_dataset
+    from opensloth.models.loading import load_tokenizer
+    from opensloth.recipes.grpo import MAX_NONFINITE_UPDATES_IN_A_ROW, Batch, GRPORecipe
+
+    cfg = resolve_config("grpo", None, {
+        "model": str(tiny_model_dir), "dataset": str(prompts_file), "format": "prompt-answer",
+        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "devices": "cpu",
+        "rewards": ["math_answer"], "group_size": 2, "rollout_batch_size": 2, "max_new_tokens": 4,
+        "per_device_train_batch_size": 4, "beta": 0.0, "report_to": ["none"], "max_steps": 5,
+    })
+    prepared = prepare_grpo_dataset(cfg, load_tokenizer(str(tiny_model_dir)), 1)
+    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                        prepared_data_path=Path(prepared.path))
+    recipe = GRPORecipe(cfg, ctx)
+    recipe.setup()
+    try:
+        rollout = recipe.engine.generate([[5, 6, 7], [8, 9]], group_size=2, max_new_tokens=4)
+
+        def batch(advantage: float) -> Batch:
+            return Batch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                         completion_mask=rollout.completion_mask, advantages=torch.full((4,), advantage),
+                         rewards=torch.zeros(4))
+
+        before = [p.detach().clone() for p in recipe.params]
+        for attempt in range(1, MAX_NONFINITE_UPDATES_IN_A_ROW):
+            metrics = recipe.update(batch(float("nan")))
+            assert metrics["nonfinite_grad_updates"] == 1.0 and math.isnan(metrics["grad_norm"])
+            assert all(torch.equal(a, b) for a, b in zip(before, recipe.params)), attempt
+            assert not recipe.optimizer.state  # AdamW's moments were never touched
+        metrics = recipe.update(batch(1.0))  # a good update resets the count
+        assert metrics["nonfinite_grad_updates"] == 0.0 and math.isfinite(metrics["grad_norm"])
+        assert any(not torch.equal(a, b) for a, b in zip(before, recipe.params))
+        for _ in range(1, MAX_NONFINITE_UPDATES_IN_A_ROW):
+            recipe.update(batch(float("nan")))
+        with pytest.raises(UserError, match="gradient norm was nan in 3 optimizer updates in a row"):
+            recipe.update(batch(float("nan")))
+    finally:
+        recipe.cleanup()
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,9 @@ from opensloth.errors import TrainingStopped, UserError
 
 logger = logging.getLogger("opensloth")
 
+# Updates in a row with a NaN/inf gradient norm (each skipped) before the run stops.
+MAX_NONFINITE_UPDATES_IN_A_ROW = 3
+
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers (pure or nearly): the loop below reads better without their details.
@@ -175,6 +178,7 @@ class GRPORecipe:
         self.minibatch_size = t.per_device_train_batch_size * t.gradient_accumulation_steps
         self.global_step = 0
         self.optimizer_step = 0
+        self.nonfinite_updates_in_a_row = 0
         self.stopped = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -390,7 +394,8 @@ class GRPORecipe:
         n_max = int(all_reduce_scalars([float(len(batch))], op="max")[0])
         if n_max == 0:
             return {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
-                    "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "skipped_update": 1.0}
+                    "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "skipped_update": 1.0,
+                    "nonfinite_grad_updates": 0.0}
         num_minibatches = math.ceil(n_max / self.minibatch_size)
         off_policy = num_minibatches * g.epochs_per_rollout_batch > 1
         # A separate sampler (vLLM) needs pi_old from our own forward for its importance weights.
@@ -447,7 +452,14 @@ class GRPORecipe:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                 )
-                self.optimizer.step()
+                # A NaN/inf gradient would make every weight NaN: skip that update (the norm is
+                # global, so every worker skips it) and stop after a few in a row.
+                skipped = not torch.isfinite(grad_norm)
+                if skipped:
+                    self.skip_nonfinite_update(float(grad_norm))
+                else:
+                    self.optimizer.step()
+                    self.nonfinite_updates_in_a_row = 0
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.optimizer_step += 1
@@ -461,11 +473,13 @@ class GRPORecipe:
                     "clip_ratio/low_mean": stats["clip_low"] / tok,
                     "clip_ratio/high_mean": stats["clip_high"] / tok,
                     "clip_ratio": stats["clip"] / tok,
+                    "nonfinite_grad_updates": float(skipped),
                 }
                 for key, value in step_stats.items():
                     sums[key] = sums.get(key, 0.0) + value
         n_updates = num_minibatches * g.epochs_per_rollout_batch
         out = {key: value / n_updates for key, value in sums.items()}
+        out["nonfinite_grad_updates"] = sums["nonfinite_grad_updates"]  # a count, not a mean
         # Per-worker shares of global sums: the caller's mean-reduce would divide them by the
         # world size, so scale up here (grad_norm is already global on every worker).
         for key in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean"):
@@ -473,6 +487,26 @@ class GRPORecipe:
         out["skipped_update"] = 0.0
         out.update(mismatch)  # already global: the caller's mean-reduce keeps them
         return out
+
+    def skip_nonfinite_update(self, grad_norm: float) -> None:
+        """Drop the gradients of an update whose global norm is NaN/inf, leaving the weights and the
+        optimizer state as they were; after MAX_NONFINITE_UPDATES_IN_A_ROW such updates, stop.
+
+        Raises:
+            UserError: that many updates in a row had a non-finite gradient norm.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_updates_in_a_row += 1
+        if self.ctx.is_main:
+            logger.warning("Step %d: the gradient norm is %s; this update was skipped and the weights are "
+                           "unchanged.", self.global_step, grad_norm)
+        if self.nonfinite_updates_in_a_row >= MAX_NONFINITE_UPDATES_IN_A_ROW:
+            raise UserError(
+                f"Training stopped at step {self.global_step}: the gradient norm was {grad_norm} in "
+                f"{self.nonfinite_updates_in_a_row} optimizer updates in a row, so none of them was applied and "
+                "the weights are those of the last good update (the checkpoints are intact). Try a lower "
+                "--learning-rate, or --dtype float32."
+            )
 
     def sampler_mismatch(self, batch: Batch) -> dict[str, float]:
         """Global mean and max of |log pi_old - log pi_sampler| over every worker's completion tokens.
