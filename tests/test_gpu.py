@@ -25,12 +25,18 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _unsloth_reason() -> str:
+    """Why the Unsloth tests cannot run here ("" when they can), asked in a child process: importing
+    unsloth patches transformers for the whole process, and the other tests in this session (the
+    hf engine's, on the CPU too) must run on plain transformers."""
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
-    from opensloth.models.loading import unsloth_usable
-
-    usable, reason = unsloth_usable(torch.device("cuda"))
-    return "" if usable else reason
+    code = ("import torch; from opensloth.models.loading import unsloth_usable; "
+            "usable, reason = unsloth_usable(torch.device('cuda')); print('REASON=' + ('' if usable else reason))")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    answers = [line[len("REASON="):] for line in proc.stdout.splitlines() if line.startswith("REASON=")]
+    if proc.returncode != 0 or not answers:  # unsloth prints banners: read only our line
+        return "checking unsloth failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return answers[-1]
 
 
 def needs_unsloth(test):
