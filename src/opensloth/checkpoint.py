@@ -284,7 +284,9 @@ def save_checkpoint(
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"step": step, "state": state or {}, "rng": rng_states}, tmp / "trainer_state.pt")
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp / "adapter")
+            from opensloth.models.saving import save_pretrained_trained
+
+            save_pretrained_trained(model, tmp / "adapter")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "adapter")
         write_manifest(tmp, step)

@@ -151,6 +151,46 @@ def make_recipe(tmp_path: Path, **overrides):
     return GRPORecipe(cfg, ctx)
 
 
+@pytest.fixture(scope="module")
+def sft_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter that changes the model's outputs, saved as `os-train sft` saves one (the
+    tutorial's stage 1 output, without spending a training run on it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opensloth.models import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+    return save_model(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path_factory.mktemp("sft") / "adapter")
+
+
+@pytest.mark.parametrize("path", ["fresh_lora", "continued_adapter", "full_finetune"])
+def test_kl_is_zero_before_the_first_update_on_every_path(path, tiny_model_dir, sft_adapter_dir, prompts_file,
+                                                          tmp_path):
+    """The KL reference is the policy GRPO starts from: a fresh LoRA's base, the SFT adapter being
+    continued (it used to be the base without that adapter: kl 0.041 at step 1 on a 0.5B model),
+    or a full fine-tune's starting weights. Step 1's only update sees the untouched policy."""
+    out = tmp_path / "run"
+    model = sft_adapter_dir if path == "continued_adapter" else tiny_model_dir
+    extra = ["--full-finetune"] if path == "full_finetune" else []
+    proc = os_train(*grpo_args(model, prompts_file, out, "--max-steps", "3", "--beta", "0.04", "--save-steps", "2",
+                               "--print-sample-every", "0", *extra), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in read_metrics(out) if "kl" in r]
+    assert rows[0]["step"] == 1 and abs(rows[0]["kl"]) < 1e-7, rows[0]["kl"]
+    assert rows[1]["kl"] > 0  # after an update (lr 1e-2) the policy has moved away from the reference
+    if path == "continued_adapter":
+        # Only the trained adapter is written, never the frozen reference copy beside it.
+        for adapter_dir in (out, out / "checkpoints" / "checkpoint-2" / "adapter"):
+            assert (adapter_dir / "adapter_model.safetensors").is_file()
+            assert not (adapter_dir / "reference").exists(), sorted(p.name for p in adapter_dir.iterdir())
+
+
 def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run(tiny_model_dir, prompts_file,
                                                                                  tmp_path):
     """A NaN gradient (here from NaN advantages) must not reach the weights or the optimizer state;

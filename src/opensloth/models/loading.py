@@ -11,9 +11,11 @@ above models/ is backend-agnostic. `--model` is one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,37 @@ def _load_hf(model_cfg, lora_cfg, name, adapter, dtype, device, for_training):
         model = add_lora(model, lora_cfg)
     model.train(for_training)
     return model, tokenizer
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def add_reference_adapter(model: Any, adapter_dir: str) -> str:
+    """Load the adapter saved in `adapter_dir` a second time, frozen, as `REFERENCE_ADAPTER`.
+
+    GRPO that continues an adapter trains the copy PEFT loaded as "default"; this frozen copy keeps
+    the starting policy for the KL term. LoRA weights only: the base weights are shared.
+
+    Returns:
+        The reference adapter's name.
+    """
+    model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    return REFERENCE_ADAPTER
+
+
+@contextlib.contextmanager
+def adapter_active(model: Any, name: str) -> Iterator[None]:
+    """Run the block with adapter `name` active instead of the current one, then switch back.
+
+    PEFT's set_adapter also sets requires_grad (True on the active adapter, False on the others):
+    `name` is activated frozen, and switching back makes the trained adapter trainable again.
+    """
+    trained = model.active_adapter
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(trained)
 
 
 def add_lora(model, lora_cfg: LoraConfig):

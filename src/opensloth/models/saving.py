@@ -26,6 +26,16 @@ def unwrap_model(model: Any) -> Any:
         model = inner
 
 
+def save_pretrained_trained(model: Any, out_dir: str | Path, **kwargs: Any) -> None:
+    """`model.save_pretrained(out_dir)`, restricted to the active adapter of a PEFT model that holds
+    several (GRPO keeps a frozen copy of a continued adapter as its KL reference, which must not be
+    written as a second adapter beside the trained one)."""
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and len(peft_config) > 1:
+        kwargs["selected_adapters"] = [model.active_adapter]
+    model.save_pretrained(out_dir, **kwargs)
+
+
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     """Save `model` (PEFT adapter or full model) and `tokenizer` (with its chat template) into `out_dir`.
 
@@ -45,7 +55,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap_model(model)
     with tempfile.TemporaryDirectory(prefix=".saving-", dir=out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_pretrained_trained(model, tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: (n in CONFIG_FILES, n))

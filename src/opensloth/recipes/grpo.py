@@ -187,6 +187,7 @@ class GRPORecipe:
         """Data, model + tokenizer, reference, optimizer, LR schedule, rollout engine, rewards, logger."""
         from opensloth.data import load_prepared
         from opensloth.models import load_model_and_tokenizer
+        from opensloth.models.loading import add_reference_adapter, read_adapter_config
         from opensloth.rewards import resolve_rewards
         from opensloth.rollout import get_rollout_engine
         from opensloth.tracking import MetricsLogger
@@ -209,11 +210,15 @@ class GRPORecipe:
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # The reference policy: with LoRA it is the base model with the adapter disabled (no copy);
-        # a full fine-tune needs a frozen copy of the starting weights.
-        self.ref_model = None
+        # The KL reference is the policy GRPO starts from (DeepSeekMath's pi_ref, verl's initial actor):
+        # a fresh LoRA: the base with the adapter disabled (B = 0 at the start, so no copy is needed);
+        # a continued adapter (--model an SFT adapter dir): a frozen second copy of that adapter;
+        # a full fine-tune: a frozen copy of the starting weights.
+        self.ref_model, self.ref_adapter = None, None
         if g.beta > 0 and cfg.model.full_finetune:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        elif g.beta > 0 and read_adapter_config(cfg.model.model) is not None:
+            self.ref_adapter = add_reference_adapter(self.model, cfg.model.model)
 
         self.total_steps = self._count_steps()
         updates_per_pass = math.ceil(self.local_prompts * g.group_size / self.minibatch_size)
@@ -537,9 +542,15 @@ class GRPORecipe:
         )
 
     def reference_log_probs(self, batch: Batch) -> torch.Tensor:
-        """Log-probs under the starting policy: the base model with the LoRA adapter disabled."""
+        """Log-probs under the starting policy (see setup): a frozen copy, the frozen starting
+        adapter, or the base model with the fresh adapter disabled."""
         if self.ref_model is not None:
             return self.log_probs(batch, self.ref_model, with_entropy=False)[0]
+        if self.ref_adapter is not None:
+            from opensloth.models.loading import adapter_active
+
+            with adapter_active(self.model, self.ref_adapter):
+                return self.log_probs(batch, self.model, with_entropy=False)[0]
         disable = getattr(self.model, "disable_adapter", None)
         with (disable() if disable is not None else contextlib.nullcontext()):
             return self.log_probs(batch, self.model, with_entropy=False)[0]

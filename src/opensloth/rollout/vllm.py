@@ -274,9 +274,11 @@ class VLLMRolloutEngine(RolloutEngine):
     def _push_adapter(self) -> None:
         from vllm.lora.request import LoRARequest
 
+        from opensloth.models.saving import save_pretrained_trained
+
         self._lora_id += 1
         path = self._adapter_root / f"adapter-{self._lora_id}"
-        self.model.save_pretrained(path, safe_serialization=True)
+        save_pretrained_trained(self.model, path, safe_serialization=True)
         previous = self._lora_request
         self._lora_request = LoRARequest(f"policy-{self._lora_id}", self._lora_id, str(path))
         if previous is not None:  # drop the stale adapter from the engine and from disk
