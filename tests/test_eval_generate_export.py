@@ -113,6 +113,40 @@ def test_export_reloads_without_peft_and_matches_adapter(trained_adapter, tmp_pa
     assert AutoModelForCausalLM.from_pretrained(out16).dtype == torch.bfloat16
 
 
+def test_the_training_runs_settings_are_found_beside_a_model_or_above_its_checkpoint(tmp_path):
+    from opensloth.evaluate import find_run_config, trained_with
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-4" / "adapter").mkdir(parents=True)
+    (out / "config.yaml").write_text("recipe: grpo\ndata:\n  format: dapo-math\n  system_prompt: Be brief.\n"
+                                     "grpo:\n  max_new_tokens: 24\n")
+    for model in (out, out / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-4" / "adapter"):
+        assert find_run_config(str(model)) == out / "config.yaml"
+    trained = trained_with(str(out))
+    assert (trained.system_prompt, trained.data_format, trained.max_new_tokens) == ("Be brief.", "dapo-math", 24)
+    assert find_run_config(str(tmp_path)) is None and find_run_config("Qwen/Qwen2.5-0.5B-Instruct") is None
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "config.yaml").write_text("recipe: sft\ndata:\n  format: openmath-reasoning\n")
+    assert trained_with(str(sft)).data_format is None  # an SFT format says nothing about eval prompts
+
+
+def test_generate_and_export_carry_the_training_system_prompt(trained_adapter, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_adapter, run)
+    (run / "config.yaml").write_text("recipe: sft\ndata:\n  system_prompt: Answer in tags.\n")
+    proc = os_cli("generate", "--model", str(run), "What is 2+3?", "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert "system prompt 'Answer in tags.' (training run)" in proc.stderr.replace("\n", " ")
+    proc = os_cli("generate", "--model", str(run), "What is 2+3?", "--max-new-tokens", "12", "--system-prompt", "X")
+    assert proc.returncode == 0 and "system prompt 'X' (flag)" in proc.stderr.replace("\n", " ")
+    merged = tmp_path / "merged"
+    assert os_cli("export", "--model", str(run), "--output", str(merged), "--dtype", "float32").returncode == 0
+    assert (merged / "config.yaml").read_text() == (run / "config.yaml").read_text()
+
+
 def test_plot_redraws_curves(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,72 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the model was trained with
+# ------------------------------------------------------------------------------------------------
+
+RUN_CONFIG_FILE = "config.yaml"  # the resolved config every training run writes to its --output-dir
+
+
+@dataclass
+class TrainedWith:
+    """The prompt settings of the run that wrote a model, read from its config.yaml.
+
+    Attributes:
+        source: the config.yaml they come from.
+        system_prompt: the run's --system-prompt (None: the template's own).
+        data_format: the run's --format when it is a GRPO (prompt) format, else None.
+        max_new_tokens: the run's --max-new-tokens (GRPO runs), else None.
+    """
+
+    source: Path
+    system_prompt: str | None
+    data_format: str | None
+    max_new_tokens: int | None
+
+
+def find_run_config(model: str) -> Path | None:
+    """The config.yaml of the OpenSloth run that wrote `model`: in the directory itself (an output
+    dir, or a model exported from one), or in the run's dir above a checkpoint
+    (OUT/checkpoints/checkpoint-N or OUT/checkpoints/checkpoint-N/adapter). None for a hub name
+    or a model no OpenSloth run wrote."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    candidates = [path] + [p.parent for p in path.resolve().parents if p.name == "checkpoints"][:1]
+    return next((c / RUN_CONFIG_FILE for c in candidates if (c / RUN_CONFIG_FILE).is_file()), None)
+
+
+def trained_with(model: str) -> TrainedWith | None:
+    """The prompt settings `model` was trained with, or None when no run config is found."""
+    import yaml
+
+    from opensloth.config import GRPO_FORMATS
+
+    source = find_run_config(model)
+    if source is None:
+        return None
+    try:
+        saved = yaml.safe_load(source.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{source} (the config of the run that wrote --model) is not valid YAML: {err}") from None
+    data, grpo = saved.get("data") or {}, saved.get("grpo") or {}
+    fmt = data.get("format")
+    return TrainedWith(source=source, system_prompt=data.get("system_prompt"),
+                       data_format=fmt if fmt in GRPO_FORMATS else None,
+                       max_new_tokens=grpo.get("max_new_tokens"))
+
+
+def describe_settings(trained: TrainedWith | None, used: dict[str, Any], from_run: set[str]) -> str:
+    """One line saying which prompt settings are used and where each came from."""
+    parts = []
+    for name, value in used.items():
+        origin = "training run" if name in from_run else "flag" if value is not None else "default"
+        parts.append(f"{name} {value!r} ({origin})")
+    where = f"training run: {trained.source}" if trained else "no training run config found beside --model"
+    return f"Prompt settings ({where}): " + ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,7 +289,11 @@ def export_merged(model_dir: Path, output_dir: Path, dtype: str = "bfloat16", ov
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise UserError(f"--output {output_dir} exists and is not empty. Choose another --output, or pass "
                         "--overwrite to write into it.")
-    return merge_and_save(model_dir, output_dir, dtype=dtype)
+    merged = merge_and_save(model_dir, output_dir, dtype=dtype)
+    run_config = find_run_config(str(model_dir))
+    if run_config is not None:  # so eval and generate on the merged model use the training settings too
+        shutil.copyfile(run_config, merged / RUN_CONFIG_FILE)
+    return merged
 
 
 def save_merged_after_training(cfg: RunConfig) -> Path | None:

@@ -47,15 +47,16 @@ def eval_command(
                                     "pass@k (unbiased estimator) besides pass@1."),
     temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature "
                                                 "(default: 0 = greedy for k=1, 1.0 for k>1)."),
-    max_new_tokens: int = MAX_NEW,
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Completion length limit "
+                                              "(default: the training run's, else 256)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only this many prompts."),
     dataset_split: str = typer.Option("train", "--dataset-split", help="Split of a hub or saved dataset."),
-    format: str | None = typer.Option(None, "--format", help="dapo-math, gsm8k, prompt-answer (default: "
-                                         "detected from the columns)."),
-    chat_template: str = typer.Option("auto", "--chat-template", help="As in training; auto keeps what "
-                                      "the saved model uses for the task."),
+    format: str | None = typer.Option(None, "--format", help="dapo-math, gsm8k, prompt-answer (default: the "
+                                         "training run's, else detected from the columns)."),
+    chat_template: str | None = typer.Option(None, "--chat-template", help="As in training (default: the "
+                                                "template saved with a model OpenSloth trained, else auto)."),
     system_prompt: str | None = typer.Option(None, "--system-prompt", help="System prompt (default: the "
-                                                "template's own)."),
+                                                "training run's, else the template's own)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts generated at once."),
     rollout_engine: str = typer.Option("auto", "--rollout-engine", help="Generation engine, as in training: "
                                        "hf, vllm, or auto (vllm on a GPU if installed and usable, else hf)."),
@@ -67,9 +68,30 @@ def eval_command(
 ) -> None:
     """Generate over a dataset, score with every reward, report accuracy (pass@1, pass@k) and a JSONL."""
     from opensloth.config import resolve_config
-    from opensloth.evaluate import evaluate
+    from opensloth.evaluate import describe_settings, evaluate, trained_with
 
     _check_model_dir(model)
+    # Evaluate the model as it was trained: the run's system prompt, saved template, format, length.
+    trained = trained_with(model)
+    from_run: set[str] = set()
+    if trained is not None:
+        if system_prompt is None and trained.system_prompt is not None:
+            system_prompt = trained.system_prompt
+            from_run.add("system prompt")
+        if format is None and trained.data_format is not None:
+            format = trained.data_format
+            from_run.add("format")
+        if chat_template is None:
+            chat_template = "model"  # the template training rendered with, saved with the tokenizer
+            from_run.add("chat template")
+        if max_new_tokens is None and trained.max_new_tokens is not None:
+            max_new_tokens = trained.max_new_tokens
+            from_run.add("max new tokens")
+    chat_template = chat_template or "auto"
+    max_new_tokens = max_new_tokens or 256
+    console.print(describe_settings(trained, {"system prompt": system_prompt, "chat template": chat_template,
+                                              "format": format, "max new tokens": max_new_tokens}, from_run),
+                  markup=False, highlight=False)
     if output is None:
         base = Path(model) if Path(model).is_dir() else Path(".")
         output = base / f"eval_results{'_k' + str(num_samples) if num_samples > 1 else ''}.jsonl"
@@ -98,7 +120,8 @@ def generate_command(
     model: str = MODEL,
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat turn by turn (one prompt each; "
                                      "empty line or Ctrl-D quits)."),
-    system_prompt: str | None = typer.Option(None, "--system-prompt", help="System prompt."),
+    system_prompt: str | None = typer.Option(None, "--system-prompt", help="System prompt (default: the "
+                                                "training run's, else the template's own)."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
@@ -108,11 +131,19 @@ def generate_command(
     seed: int = SEED,
 ) -> None:
     """Complete one prompt (or chat with --interactive) using the model's saved chat template."""
-    from opensloth.evaluate import generate, load_for_inference, render_chat
+    from opensloth.evaluate import describe_settings, generate, load_for_inference, render_chat, trained_with
 
     if prompt is None and not interactive:
         raise UserError('Give a prompt (os generate --model DIR "What is 2+3?") or pass --interactive.')
     _check_model_dir(model)
+    trained = trained_with(model)
+    from_run = set()
+    if system_prompt is None and trained is not None and trained.system_prompt is not None and not raw:
+        system_prompt = trained.system_prompt
+        from_run.add("system prompt")
+    if not raw:  # on stderr: stdout carries only the completions
+        Console(stderr=True).print(describe_settings(trained, {"system prompt": system_prompt}, from_run),
+                                   markup=False, highlight=False, style="dim")
     loaded, tokenizer = load_for_inference(model, device)
 
     def answer(text: str) -> None:

@@ -209,6 +209,9 @@ class GRPORecipe:
         self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
+        if self.data.chat_template:
+            # Saved with the tokenizer, so eval and generate render prompts as training did.
+            self.tokenizer.chat_template = self.data.chat_template
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # The KL reference is the policy GRPO starts from (DeepSeekMath's pi_ref, verl's initial actor):
         # a fresh LoRA: the base with the adapter disabled (B = 0 at the start, so no copy is needed);
