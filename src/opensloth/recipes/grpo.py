@@ -306,8 +306,10 @@ class GRPORecipe:
         gen_time = time.perf_counter() - step_start
 
         # 3. Score every completion; columns repeat G times so row i of a column matches completion i.
+        reward_start = time.perf_counter()
         scores = self.score(rows, rollout.completions_text, g.group_size)
         rewards = torch.as_tensor(scores.total, dtype=torch.float32)  # (B,)
+        reward_time = time.perf_counter() - reward_start
 
         # 4. Group-relative advantages (groups are contiguous: completions of one prompt).
         advantages, _, adv_meta = compute_group_advantages(
@@ -336,7 +338,9 @@ class GRPORecipe:
         # 6 + 7. Old and reference log-probs, then the policy updates.
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate of this step's first update
         self.model.train()
+        update_start = time.perf_counter()
         update_metrics = self.update(batch)
+        update_time = time.perf_counter() - update_start
 
         # 8. Log (reduced across workers), print a sample, evaluate now and then.
         step_time = time.perf_counter() - step_start
@@ -354,6 +358,8 @@ class GRPORecipe:
             "learning_rate": learning_rate,
             "step_time": step_time,
             "generation_time": gen_time,
+            "reward_time": reward_time,
+            "update_time": update_time,  # reference and old log-probs, forward + backward, optimizer
             "tokens_per_second": num_tokens / step_time,
             **self.reward_metrics(scores),
             **update_metrics,
