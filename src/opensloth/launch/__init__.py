@@ -20,6 +20,7 @@ the statistics, and a copy of the prepared directory at --output-path.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -99,10 +100,14 @@ def global_batch(cfg: RunConfig, world_size: int) -> str:
     t = cfg.training
     if cfg.recipe == "grpo":
         g = cfg.grpo
+        per_worker = g.rollout_batch_size // world_size * g.group_size
+        minibatch = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        updates = math.ceil(per_worker / minibatch) * g.epochs_per_rollout_batch
+        kind = "on-policy" if updates == 1 else "the later ones off-policy, clipped against the old log-probs"
         return (f"{g.rollout_batch_size} prompts x {g.group_size} completions = "
                 f"{g.rollout_batch_size * g.group_size} per step "
                 f"({g.rollout_batch_size // world_size} prompts "
-                "per worker)")
+                f"per worker); {updates} optimizer update{'s' if updates > 1 else ''} per step ({kind})")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     return (f"{per_step} sequences per step ({t.per_device_train_batch_size} per micro-batch x "
             f"{t.gradient_accumulation_steps} accumulation x {world_size} workers)")

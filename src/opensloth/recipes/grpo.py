@@ -20,8 +20,10 @@ Micro-batches and optimizer steps. A micro-batch is `--per-device-train-batch-si
 (one forward/backward). An optimizer mini-batch is `--gradient-accumulation-steps` micro-batches
 per worker, so one optimizer step sees per_device_train_batch_size x gradient_accumulation_steps
 x world_size sequences, as in TRL. A pass over a rollout batch of N sequences per worker therefore
-makes ceil(N / (per_device_train_batch_size x gradient_accumulation_steps)) optimizer steps; with
-the defaults chosen so that this is 1 the update is exactly on-policy. Every loss is divided by
+makes ceil(N / (per_device_train_batch_size x gradient_accumulation_steps)) optimizer steps. Only
+when that is 1 is the update exactly on-policy; the defaults (8 prompts x 8 completions, micro-batch
+8, no accumulation) make 8 on one worker and 1 on eight, and the plan printed at start says how many
+(set --gradient-accumulation-steps to cover the rollout batch for one update). Every loss is divided by
 counts of the whole optimizer mini-batch summed over workers (tokens for token_mean, sequences for
 seq_mean and constant), so the gradients of the micro-batches, summed locally and then summed
 across workers (one flat all-reduce of the LoRA gradients), are exactly the gradient of the
