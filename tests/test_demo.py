@@ -41,6 +41,20 @@ def test_os_demo_grpo_beats_sft(tmp_path):
         assert (out / model / "metrics.jsonl").is_file()
     assert (out / "grpo_model" / "adapter_config.json").is_file()
 
+    # A plain `os eval`, as the README shows it, evaluates the model as it was trained (the run's
+    # system prompt, template and completion length): exactly the demo's own numbers.
+    proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.main import app; app()", "eval", "--model",
+                           str(out / "grpo_model"), "--dataset", str(out / "data" / "held_out.jsonl"), "--task",
+                           "math", "--output", str(tmp_path / "plain_eval.jsonl")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "system prompt" in proc.stdout and "(training run)" in proc.stdout  # says where settings came from
+    rows = [json.loads(line) for line in (tmp_path / "plain_eval.jsonl").read_text().splitlines()]
+    plain_format = sum(r["rewards"]["math_format"] == 1.0 for r in rows) / len(rows)
+    plain_acc = sum(r["correct"] for r in rows) / len(rows)
+    assert (plain_format, plain_acc) == (grpo_format, grpo_acc)
+
 
 def test_os_demo_refuses_non_empty_output_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
