@@ -81,6 +81,14 @@ def test_unknown_nested_key(tmp_path: Path):
         resolve_config("sft", cfg_file, {"model": "m"})
 
 
+def test_key_in_the_wrong_section_names_the_right_one(tmp_path: Path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  prompt_length_percentile: 1.0\n")
+    with pytest.raises(UserError, match=r"'data.prompt_length_percentile' .* belongs under 'grpo' "
+                                        r"\(grpo.prompt_length_percentile"):
+        resolve_config("grpo", cfg_file, {"model": "m"})
+
+
 def test_bad_yaml_and_missing_file(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")

@@ -332,6 +332,10 @@ def _nest(run_cls: type[RunConfig], flat: dict[str, Any], origin: str) -> dict[s
 
 
 def _unknown_key(shown: str, key: str, index: dict, origin: str) -> None:
+    if key in index:  # a real option under the wrong section (data.beta): name the right one
+        section = index[key][0]
+        raise UserError(f"Option {shown!r} in {origin} is in the wrong section: it belongs under "
+                        f"{section!r} ({section}.{key}, or {key} at the top level, or {flag_name(key)}).")
     close = difflib.get_close_matches(key, list(index), n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UserError(f"Unknown option {shown!r} in {origin}.{hint} See --help for every option.")
