@@ -147,7 +147,10 @@ def cache_status(cfg: RunConfig) -> str:
         return "no --dataset given"
     if is_prepared_dir(d.dataset):
         return f"{d.dataset} (prepared by `os-train data`; its shard count is checked at start)"
-    if not Path(cfg.model.model).expanduser().exists():
+    model = cfg.model.model
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        return f"{d.dataset} (cache not checked: --model {model} does not exist yet)"
+    if not Path(model).expanduser().exists():
         return f"{d.dataset} (cache not checked: the hub model's tokenizer is not downloaded in a dry run)"
     entry = cache_entry(cfg, load_tokenizer(cfg))
     if (entry / PREPARED_META).is_file() and not d.overwrite_cache:
