@@ -191,6 +191,25 @@ def test_kl_is_zero_before_the_first_update_on_every_path(path, tiny_model_dir, 
             assert not (adapter_dir / "reference").exists(), sorted(p.name for p in adapter_dir.iterdir())
 
 
+def test_grpo_on_an_opensloth_model_keeps_the_system_prompt_it_was_trained_with(tiny_model_dir, prompts_file,
+                                                                               tmp_path):
+    """The tutorial's stage 2 without --system-prompt renders prompts with stage 1's, not the template's
+    default; the flag still overrides it."""
+    import shutil
+
+    sft_run = tmp_path / "sft"
+    shutil.copytree(tiny_model_dir, sft_run)
+    (sft_run / "config.yaml").write_text("recipe: sft\ndata:\n  system_prompt: Think in tags.\n")
+    proc = os_train(*grpo_args(sft_run, prompts_file, tmp_path / "grpo", "--dry-run"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "system_prompt: Think in tags." in proc.stdout
+    assert "the one --model was trained with" in proc.stdout
+    proc = os_train(*grpo_args(sft_run, prompts_file, tmp_path / "grpo", "--dry-run", "--system-prompt", "Other."),
+                    cwd=tmp_path)
+    assert proc.returncode == 0 and "system_prompt: Other." in proc.stdout
+    assert "the one --model was trained with" not in proc.stdout
+
+
 def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run(tiny_model_dir, prompts_file,
                                                                                  tmp_path):
     """A NaN gradient (here from NaN advantages) must not reach the weights or the optimizer state;

@@ -209,6 +209,25 @@ def run_in_process(cfg: RunConfig, prepared_path: Path) -> None:
         run_recipe(cfg, ctx)
 
 
+def with_trained_system_prompt(cfg: RunConfig) -> RunConfig:
+    """cfg, with the system prompt of the run that wrote --model when none is given.
+
+    What a model was trained with is what it keeps being trained with: GRPO on the tutorial's SFT
+    output renders its prompts with the system prompt SFT taught, not the template's default.
+    --system-prompt overrides it; the choice is printed.
+    """
+    from opensloth.evaluate import trained_with
+
+    if cfg.data.system_prompt is not None:
+        return cfg
+    trained = trained_with(cfg.model.model)
+    if trained is None or trained.system_prompt is None:
+        return cfg
+    console.print(f"--system-prompt {trained.system_prompt!r}: the one --model was trained with "
+                  f"({trained.source}); pass --system-prompt to change it.", markup=False, highlight=False)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"system_prompt": trained.system_prompt})})
+
+
 def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     """Run `os-train sft|grpo`: plan, prepare data once, train on every requested device.
 
@@ -219,6 +238,7 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     devices = resolve_devices(cfg.distributed.devices)
     check_batch(cfg, len(devices))
     check_output_dir(cfg)
+    cfg = with_trained_system_prompt(cfg)
     # Fail fast (before data prep and model loading): bad --resume-from, rewards, unwritable output dir.
     from opensloth.checkpoint import check_writable, resolve_resume
 
@@ -265,6 +285,7 @@ def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None,
     """
     if num_workers is not None and num_workers < 1:
         raise UserError(f"--num-workers {num_workers}: must be at least 1.")
+    cfg = with_trained_system_prompt(cfg)
     shards = num_workers or len(resolve_devices(cfg.distributed.devices))
     if output_path is not None:
         output_path = Path(output_path)
