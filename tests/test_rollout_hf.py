@@ -47,8 +47,9 @@ def test_left_pad_and_multiple_of():
 
 
 def test_stop_tokens_of_the_real_qwen_tokenizer(qwen_tokenizer):
-    ids = stop_token_ids(qwen_tokenizer)
+    ids = stop_token_ids(qwen_tokenizer)  # no model, so no generation_config to list them
     assert qwen_tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
+    assert qwen_tokenizer.convert_tokens_to_ids("<|endoftext|>") in ids
     assert qwen_tokenizer.eos_token_id in ids
 
 

@@ -27,17 +27,19 @@ from opensloth.rollout.base import Prompt, RolloutBatch, RolloutEngine, completi
 logger = logging.getLogger(__name__)
 
 CHATML_END = "<|im_end|>"
+# End-of-turn / end-of-document markers that end a completion whenever the vocabulary has them:
+# a Qwen-Instruct fine-tune saved without its generation_config still stops at <|endoftext|>.
+END_MARKERS = (CHATML_END, "<|endoftext|>")
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS, ChatML's `<|im_end|>` when the
-    vocabulary has it, and the model's generation_config EOS ids."""
+    """Token ids that end a completion: the tokenizer's EOS, `<|im_end|>` and `<|endoftext|>` when
+    the vocabulary has them, and the model's generation_config EOS ids."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
-    if CHATML_END in vocab:
-        ids.append(int(vocab[CHATML_END]))
+    ids += [int(vocab[marker]) for marker in END_MARKERS if marker in vocab]
     gen_cfg = getattr(model, "generation_config", None)
     extra = getattr(gen_cfg, "eos_token_id", None)
     ids += [int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]) if i is not None]
