@@ -181,6 +181,7 @@ class GRPORecipe:
         self.global_step = 0
         self.optimizer_step = 0
         self.nonfinite_updates_in_a_row = 0
+        self.ref_model, self.ref_adapter = None, None  # the KL reference, chosen in setup()
         self.stopped = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -219,7 +220,6 @@ class GRPORecipe:
         # a fresh LoRA: the base with the adapter disabled (B = 0 at the start, so no copy is needed);
         # a continued adapter (--model an SFT adapter dir): a frozen second copy of that adapter;
         # a full fine-tune: a frozen copy of the starting weights.
-        self.ref_model, self.ref_adapter = None, None
         if g.beta > 0 and cfg.model.full_finetune:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         elif g.beta > 0 and read_adapter_config(cfg.model.model) is not None:
