@@ -229,7 +229,7 @@ def test_dry_run_shows_the_file(path: Path, tmp_path: Path, tiny_model_dir: Path
         per_worker = g["rollout_batch_size"] // world * g["group_size"]
         minibatch = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
         updates = -(-per_worker // minibatch) * g["epochs_per_rollout_batch"]
-        assert f"; {updates} optimizer update" in plan["global batch"], plan["global batch"]
+        assert plan["updates"].startswith(f"{updates} optimizer step"), plan["updates"]
     if is_local(model) and is_local(dataset):
         assert "cache miss" in plan["data"], plan["data"]  # the tokenizer was loaded, the cache key computed
     else:

@@ -100,17 +100,24 @@ def global_batch(cfg: RunConfig, world_size: int) -> str:
     t = cfg.training
     if cfg.recipe == "grpo":
         g = cfg.grpo
-        per_worker = g.rollout_batch_size // world_size * g.group_size
-        minibatch = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        updates = math.ceil(per_worker / minibatch) * g.epochs_per_rollout_batch
-        kind = "on-policy" if updates == 1 else "the later ones off-policy, clipped against the old log-probs"
         return (f"{g.rollout_batch_size} prompts x {g.group_size} completions = "
                 f"{g.rollout_batch_size * g.group_size} per step "
                 f"({g.rollout_batch_size // world_size} prompts "
-                f"per worker); {updates} optimizer update{'s' if updates > 1 else ''} per step ({kind})")
+                "per worker)")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     return (f"{per_step} sequences per step ({t.per_device_train_batch_size} per micro-batch x "
             f"{t.gradient_accumulation_steps} accumulation x {world_size} workers)")
+
+
+def grpo_updates_per_step(cfg: RunConfig, world_size: int) -> str:
+    """How many optimizer updates one GRPO step makes, and whether they are on-policy, in words."""
+    g, t = cfg.grpo, cfg.training
+    per_worker = g.rollout_batch_size // world_size * g.group_size
+    minibatch = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    updates = math.ceil(per_worker / minibatch) * g.epochs_per_rollout_batch
+    if updates == 1:
+        return "1 optimizer step per rollout (on-policy)"
+    return f"{updates} optimizer steps per rollout (after the first, off-policy: clipped to the old log-probs)"
 
 
 def load_tokenizer(cfg: RunConfig) -> Any:
@@ -176,6 +183,8 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
                       f"{hit}: {prepared.path}")
     table.add_row("output dir", str(cfg.training.output_dir))
     table.add_row("global batch", global_batch(cfg, world))
+    if cfg.recipe == "grpo":
+        table.add_row("updates", grpo_updates_per_step(cfg, world))
     console.print(table)
 
 

@@ -187,6 +187,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         # os._exit: skip process-group teardown and atexit hooks that may block on a dead peer.
         os._exit(2 if isinstance(exc, UserError) else 1)
     cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit here too: even with the group destroyed, gloo's threads can abort an exiting
+    # interpreter ("terminate called without an active exception", seen in CI on a rank that
+    # finished while rank 0 was still saving). Everything the run writes is written by now.
+    os._exit(0)
 
 
 if __name__ == "__main__":
