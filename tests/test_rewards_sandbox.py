@@ -9,6 +9,7 @@ environment, output truncated, working directory removed afterwards.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -19,6 +20,7 @@ import pytest
 
 from opensloth.rewards import SandboxLimits, code_correctness, run_python
 from opensloth.rewards.code import CodeCorrectnessReward, extract_code, normalize_tests
+from opensloth.rewards.sandbox import sandbox_isolated
 
 FAST = SandboxLimits(wall_time_s=2.0, cpu_time_s=2, memory_mb=256)
 IS_ROOT = os.geteuid() == 0
@@ -133,13 +135,22 @@ def test_writes_outside_the_working_directory_fail():
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the uid switch happens only when running as root")
-def test_runs_as_nobody_and_os_permissions_hold_without_the_audit_hook(tmp_path):
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    result = run_python(f"import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n"
-                        f"open({str(private / 'x')!r}, 'w')", limits=FAST, audit_hook=False)
-    assert result.stdout.split("\n")[0] == "65534 65534 []"
-    assert "PermissionError" in result.stderr and not (private / "x").exists()
+def test_runs_as_nobody_and_os_permissions_hold_without_the_audit_hook():
+    # Outside /tmp, which the namespaced child replaces with its own.
+    private = Path(tempfile.mkdtemp(prefix="opensloth-private-", dir="/var/tmp"))
+    try:
+        private.chmod(0o700)
+        (private / "secret").write_text("s3cret")
+        result = run_python(f"import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n"
+                            f"try:\n    print(open({str(private / 'secret')!r}).read())\n"
+                            f"except OSError as exc:\n    print(type(exc).__name__)\n"
+                            f"open({str(private / 'x')!r}, 'w')", limits=FAST, audit_hook=False)
+        assert result.stdout.split("\n")[:2] == ["65534 65534 []", "PermissionError"], result
+        assert "s3cret" not in result.stdout
+        assert ("PermissionError" in result.stderr or "Read-only file system" in result.stderr), result
+        assert not (private / "x").exists()
+    finally:
+        shutil.rmtree(private)
 
 
 def test_environment_secrets_are_not_visible(monkeypatch):
@@ -160,8 +171,11 @@ def test_environment_secrets_are_not_visible(monkeypatch):
 def test_working_directory_is_fresh_and_removed_and_output_truncated():
     result = run_python("import os\nprint(os.getcwd())\nprint(sorted(os.listdir('.')))", limits=FAST)
     cwd, listing = result.stdout.splitlines()
-    assert listing == "[]"  # the program's own source is removed before it runs
-    assert "opensloth-sandbox-" in cwd and not Path(cwd).exists()
+    assert listing == "[]"  # the program's source never lands in its working directory
+    if sandbox_isolated():  # a private tmpfs, gone with the namespace
+        assert cwd == "/tmp/work" and not Path(cwd).exists()
+    else:
+        assert "opensloth-sandbox-" in cwd and not Path(cwd).exists()
     chatty = run_python("print('x' * 100000)", limits=SandboxLimits(max_output_bytes=1000))
     assert chatty.ok and chatty.stdout.startswith("x" * 1000) and chatty.stdout.endswith("[... output truncated]")
     assert len(chatty.stdout) < 1100

@@ -205,7 +205,7 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
         raise UserError(f"--num-samples {num_samples} with --temperature 0 would repeat one greedy completion: "
                         "set --temperature above 0 (e.g. 1.0) for pass@k.")
     # Rewards first: a bad --rewards / --reward-module fails before any model or data is loaded.
-    rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
+    rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
     from opensloth.data import prepare_grpo_dataset
     model, tokenizer = load_for_inference(cfg.model.model, device, cfg.model.dtype, cfg.model.backend)
     rows = prepare_grpo_dataset(cfg, tokenizer, 1).load_shard(0)

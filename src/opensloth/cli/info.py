@@ -73,7 +73,18 @@ def collect_info() -> dict[str, Any]:
     as_dict = {k: {"usable": ok, "detail": why} for k, (ok, why) in backends.items()}
     return {"versions": versions, "devices": devices, "backends": as_dict,
             "rollout_engines": {k: {"usable": ok, "detail": why} for k, (ok, why) in engines.items()},
-            "kernels": {k: {"usable": ok, "detail": why} for k, (ok, why) in kernels.items()}}
+            "kernels": {k: {"usable": ok, "detail": why} for k, (ok, why) in kernels.items()},
+            "sandbox": _sandbox_info()}
+
+
+def _sandbox_info() -> dict[str, Any]:
+    """The code sandbox's isolation level here (probes it once: one sandboxed run, about 0.1 s)."""
+    from opensloth.rewards.sandbox import sandbox_isolated, sandbox_level
+
+    try:
+        return {"namespaces": sandbox_isolated(), "level": sandbox_level()}
+    except RuntimeError as exc:  # no interpreter the sandbox user can run
+        return {"namespaces": False, "level": f"unusable: {exc}"}
 
 
 def _ram_gib() -> float | None:
@@ -111,4 +122,7 @@ def print_info(info: dict[str, Any], console: Console | None = None) -> None:
                       ("kernels", "kernels")):
         for name, entry in info[key].items():
             usable.add_row(kind, name, "[green]yes[/]" if entry["usable"] else "[red]no[/]", escape(entry["detail"]))
+    box = info["sandbox"]
+    usable.add_row("code sandbox", "namespaces", "[green]yes[/]" if box["namespaces"] else "[red]no[/]",
+                   escape(box["level"]))
     console.print(versions, devices, usable)

@@ -608,6 +608,7 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
                                  d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats)
     if not rows:
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
+    _check_code_tests(cfg, source, eval_source)
 
     texts = [render(tokenizer, messages, True, template) for _, (messages, _, _) in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -646,6 +647,17 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
     stats["num_rows"] = len(train)
     stats["eval_rows"] = len(held_out) if held_out is not None else 0
     return train, held_out, stats
+
+
+def _check_code_tests(cfg: RunConfig, source, eval_source) -> None:
+    """code_correctness grades assert tests only when it can split them safely: say which row cannot, now."""
+    from opensloth.rewards.base import PRESETS
+    from opensloth.rewards.code import check_dataset_tests
+
+    rewards = [*PRESETS.get(cfg.grpo.task or "", []), *cfg.grpo.rewards]
+    check_dataset_tests(source, rewards, f"--dataset {cfg.data.dataset}")
+    if eval_source is not None:
+        check_dataset_tests(eval_source, rewards, f"--eval-dataset {cfg.data.eval_dataset}")
 
 
 def _grpo_dataset(source, rows: list, texts: list[str], ids: list[list[int]]):

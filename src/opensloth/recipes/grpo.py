@@ -209,7 +209,7 @@ class GRPORecipe:
         self.sampler = prompt_sampler(len(self.train_rows), self.local_prompts, t.seed + 1000 * ctx.rank)
 
         # Rewards before the model: a bad --rewards or --reward-module fails fast.
-        self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
+        self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
         if self.data.chat_template:

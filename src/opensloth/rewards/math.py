@@ -82,16 +82,32 @@ def strip_end_markers(text: str) -> str:
     return text
 
 
+# "Answer: X" on a line of its own (DAPO-Math's prompts ask for it as the last line), bold allowed.
+_ANSWER_LINE = re.compile(r"^[ \t>*_]*answer[ \t*_]*:[ \t*_]*(\S[^\n]*)$", re.IGNORECASE | re.MULTILINE)
+
+
+def last_answer_line(text: str) -> str | None:
+    """The X of the last line `Answer: X` (case-insensitive, markdown bold allowed), or None.
+
+    >>> last_answer_line("so it is 12.\nAnswer: $12$")
+    '$12$'
+    """
+    matches = _ANSWER_LINE.findall(text)
+    return matches[-1].strip().strip("*_").strip() or None if matches else None
+
+
 def extract_solution(text: str) -> str | None:
-    r"""The answer part of a completion: inside the last <SOLUTION>...</SOLUTION>, else the last
-    \boxed{}, else None."""
+    r"""The answer part of a completion, in this order: inside the last <SOLUTION>...</SOLUTION>,
+    else the last \boxed{}, else the last line `Answer: X`, else None."""
     # rfind, not a regex: a lazy pattern is quadratic on completions full of unclosed tags.
     end = text.rfind(SOLUTION_END)
     start = text.rfind(SOLUTION_START, 0, max(end, 0))
     if end >= 0 and start >= 0 and text[start + len(SOLUTION_START): end].strip():
         return text[start + len(SOLUTION_START): end].strip()
     boxed = last_boxed(text)
-    return boxed.strip() if boxed is not None and boxed.strip() else None
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    return last_answer_line(strip_end_markers(text))
 
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
@@ -119,6 +135,31 @@ def parse_number(text: Any) -> float | None:
     return float(match.group().replace(",", ""))
 
 
+# What may surround a plain number: a currency sign before; a unit, %, or \text{unit} after.
+_NUMBER_PREFIX = re.compile(r"^(?:\\?\$|[€£¥])\s*")
+_NUMBER_SUFFIX = re.compile(r"^(?:\\?%|\\text\{\s*[A-Za-z .%]*\}|\\?\$|[A-Za-z][A-Za-z .]*)?$")
+
+
+def is_plain_number(text: Any) -> bool:
+    r"""Is `text` a number and nothing more (a sign, thousands separators, a currency sign, a unit)?
+
+    >>> [is_plain_number(t) for t in ("1,234", "$5", "12 cm", "-3.5%", r"\frac{1}{2}", r"2\sqrt{3}", "(1,2)")]
+    [True, True, True, True, False, False, False]
+    """
+    if text is None:
+        return False
+    text = str(text).strip().replace("\u2212", "-").replace("{,}", ",").replace("\\,", ",").replace("\\!", "")
+    text = re.sub(r"(?<=\d) (?=\d{3}\b)", ",", text)
+    text = text.strip("$ ").strip()
+    sign = text[:1] if text[:1] in "+-" else ""
+    text = _NUMBER_PREFIX.sub("", text[len(sign):])
+    match = _NUMBER.match(sign + text) if text[:1] not in "+-" else None
+    if match is None:
+        return False
+    rest = (sign + text)[match.end():].strip()
+    return not re.match(r"[eE][-+]?\d", rest) and bool(_NUMBER_SUFFIX.match(rest))
+
+
 def _as_latex(text: str) -> str:
     """math-verify reads LaTeX between $...$; bare answers ("\\frac{1}{2}", "(1,2)") need them."""
     text = text.replace("\u2212", "-").strip()
@@ -135,7 +176,8 @@ def _verify_here(gold: str, pred: str, time_limit_s: int | None) -> bool | None:
     from math_verify import parse, verify
 
     gold_parsed = parse(_as_latex(gold), parsing_timeout=time_limit_s)
-    if not gold_parsed:
+    # math-verify falls back to the raw string when it finds no math ("???", "\frac{"): not parsed.
+    if all(isinstance(x, str) for x in gold_parsed):
         return None
     pred_parsed = parse(_as_latex(pred), parsing_timeout=time_limit_s)
     return bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed, timeout_seconds=time_limit_s))
@@ -256,10 +298,11 @@ class MathFormatReward(RewardFunction):
 class MathAnswerReward(RewardFunction):
     r"""1.0 when the answer equals the reference `answer` (or TRL's `solution`) per math-verify, else 0.0.
 
-    The answer is the text inside the last `<SOLUTION>...</SOLUTION>`, else the last `\boxed{}`;
+    The answer is the text inside the last `<SOLUTION>...</SOLUTION>`, else the last `\boxed{}`,
+    else the last line `Answer: X` (the form DAPO-Math's prompts ask for);
     equivalent forms count (1/2, 0.5, \frac{1}{2}; 1,000 and 1000). No answer, or one longer than
     `max_answer_chars` (not a final answer; spares math-verify a huge parse): 0.0. A reference
-    math-verify cannot parse: None (not scored). Each check has a time limit (`time_limit_s`);
+    in which math-verify finds no math (it falls back to the raw string): None (not scored). Each check has a time limit (`time_limit_s`);
     one that overruns scores 0.0.
 
     Example:
@@ -294,7 +337,8 @@ class MathNumberReward(RewardFunction):
 
     The answer is found as in math_answer; numbers are compared as floats (relative tolerance
     1e-6), after removing thousands separators, currency signs and units. No number in the
-    answer: 0.0. A reference that is not a number: None (not scored).
+    answer: 0.0. A reference that is not a plain number (\frac{1}{2}, 2\sqrt{3}, (1,2), 1/2):
+    None (not scored; math_answer scores those).
 
     Example:
         >>> math_number([""], ["<SOLUTION>1,234 apples</SOLUTION>"], answer=["1234"])
@@ -307,7 +351,7 @@ class MathNumberReward(RewardFunction):
     def score(self, prompts, completions, **columns):
         out: list[float | None] = []
         for completion, gold in zip(completions, reference_answers(columns, len(completions)), strict=True):
-            ref = parse_number(gold)
+            ref = parse_number(gold) if is_plain_number(gold) else None
             if ref is None:
                 out.append(None)
                 continue

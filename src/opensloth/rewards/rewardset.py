@@ -1,7 +1,8 @@
 """RewardSet: score a batch with several weighted rewards, containing every failure.
 
-A reward that raises, returns the wrong number of values, NaN/inf or a non-number, or runs past
-its time limit does not stop training: it scores None for the whole batch, the failure is
+A reward that raises (any exception, SystemExit included; only KeyboardInterrupt passes
+through), returns the wrong number of values, NaN/inf or a non-number, or runs past its time
+limit (`--reward-timeout`) does not stop training: it scores None for the whole batch, the failure is
 counted in `rewards/<name>/failures`, and the first failure of each reward is logged with its
 traceback (later ones only at debug level).
 
@@ -171,11 +172,13 @@ class RewardSet:
             if elapsed > self.time_limit_s:
                 raise RewardFailure(f"took {elapsed:.1f} s, over its time limit of {self.time_limit_s:g} s")
             return check_values(raw, n), False
-        except Exception as exc:  # noqa: BLE001 - containment is the point: any failure of any reward
+        except KeyboardInterrupt:  # Ctrl-C stays Ctrl-C
+            raise
+        except BaseException as exc:  # noqa: BLE001 - containment is the point: SystemExit too, any reward
             self._report(reward, exc)
             return [None] * n, True
 
-    def _report(self, reward: RewardFunction, exc: Exception) -> None:
+    def _report(self, reward: RewardFunction, exc: BaseException) -> None:
         self.failures[reward.name] += 1
         if isinstance(exc, RewardFailure):
             what, tb = str(exc), ""

@@ -1,34 +1,36 @@
-"""Run model-written Python in a sandboxed subprocess.
+"""Run model-written Python in a sandboxed subprocess, isolated by the operating system.
 
-Limits (defaults in `SandboxLimits`), each enforced by the operating system first and by the
-child's own audit hook second (defence in depth):
+Isolation levels (`sandbox_level()` says which one this machine gets; `os info` shows it):
 
-- wall time: the child runs in its own session; when `wall_time_s` passes, the whole process
-  group is killed with SIGKILL.
-- CPU time: RLIMIT_CPU = `cpu_time_s` (SIGXCPU, then SIGKILL one second later).
-- memory: RLIMIT_AS = `memory_mb` of address space (allocations beyond fail with MemoryError).
-- processes: RLIMIT_NPROC = 0, so the child can neither fork nor start threads. Linux ignores
-  RLIMIT_NPROC for root, so when we run as root the child is started as the unprivileged user
-  `nobody` (uid/gid 65534, no supplementary groups); its working directory is the only one
-  chowned to it. The audit hook also refuses os.fork/exec/spawn/system, subprocess, ctypes,
-  signals to other processes and sockets.
-- files: RLIMIT_FSIZE = `max_file_mb` per file; the audit hook refuses any write, rename,
-  removal, link or chmod outside the working directory, opening directories outside it, and
-  reading other processes' /proc entries.
-- environment: nothing is inherited; env is {"PATH": "/usr/bin:/bin"}. Python runs with -I -S
-  (isolated, no site-packages, no PYTHON* variables), so only the standard library imports.
-- working directory: a fresh temporary directory, removed afterwards.
-- output: stdout and stderr go to files (not pipes, so a chatty child cannot fill the parent's
-  memory) and come back truncated to `max_output_bytes` each.
+- "namespaces": the child starts under util-linux `unshare` in its own network (only a down
+  loopback: no network at all), PID (kill(-1) reaches only itself), mount, IPC and UTS
+  namespaces. Before the model's code runs, the bootstrap makes every mount read-only
+  (recursively), mounts a private tmpfs on /tmp whose `work/` is the working directory, sets
+  no_new_privs and drops privileges: as root it becomes uid/gid `nobody` (65534, no groups);
+  as a normal user the namespaces come from a user namespace (`unshare --map-root-user`) and
+  every capability is dropped.
+- "rlimits": where namespaces are unavailable (no `unshare`, user namespaces disabled, a
+  container that forbids them), the same program runs without them, as `nobody` when we are
+  root, and a warning says once what is then not isolated (network, other processes of the
+  same user, the file system outside the working directory beyond the audit hook).
 
-An audit hook is not a security boundary on its own (Python's docs say so); the uid switch and
-the resource limits are. The sandbox protects the machine, not the reward: a program can still
-inspect its own process, so treat test results as a signal, not a proof.
+In both, the child has resource limits (`SandboxLimits`): wall time (the process group is
+killed), RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_NPROC = 0 (no fork, no thread), RLIMIT_FSIZE,
+RLIMIT_NOFILE, no core files; an empty environment ({"PATH": "/usr/bin:/bin"}); Python with
+-I -S -B (standard library only); and an audit hook that refuses fork/exec/kill/sockets/ctypes
+and writes outside the working directory (a second layer, not the boundary: Python's docs say
+an audit hook is not a sandbox). stdout and stderr go to files and come back truncated.
+
+What is not isolated, in any level: the kernel is shared (a kernel exploit escapes), CPU time
+and caches are shared (timing side channels), and files readable by the child's user stay
+readable (read-only). See docs/rewards.md, "Threat model".
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import shutil
 import signal
@@ -38,6 +40,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 NOBODY = 65534
 SAFE_ENV = {"PATH": "/usr/bin:/bin"}
@@ -51,6 +55,7 @@ class SandboxLimits:
     cpu_time_s: int = 5
     memory_mb: int = 512
     max_file_mb: int = 16
+    max_open_files: int = 64
     max_output_bytes: int = 16_384
 
 
@@ -59,32 +64,86 @@ DEFAULT_LIMITS = SandboxLimits()
 
 @dataclass
 class SandboxResult:
-    """What happened. status: "ok" (exit 0), "error" (non-zero exit), "timeout" (wall or CPU limit)."""
+    """What happened. status: "ok" (exit 0), "error" (non-zero exit), "timeout" (wall or CPU limit).
+
+    `records`: what the grading harness wrote to its result channel (empty for plain programs).
+    """
 
     status: str
     returncode: int | None
     stdout: str
     stderr: str
     elapsed_s: float
+    records: bytes = b""
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
-# Runs in the child before the user's code: limits first, then the audit hook, then the code.
-# argv: cpu seconds, address-space bytes, file bytes, audit hook on (1) or off (0).
+# Runs in the child before the model's code. argv: cpu seconds, address-space bytes, file bytes,
+# open files, audit hook on (1/0), request fd, results fd, isolation mode (ns-root, ns-user,
+# plain). The request (JSON, read and closed before any model code runs) is {"code": program} or
+# {"grade": solution, "jobs": [...], "harness": source} (see opensloth.rewards.code).
 _BOOTSTRAP = r'''
-import os, resource, sys
-cpu, mem, fsize, hook_on = (int(a) for a in sys.argv[1:5])
+import os, sys
+cpu, mem, fsize, nofile, hook_on, request_fd, results_fd = (int(a) for a in sys.argv[1:8])
+mode = sys.argv[8]
+with os.fdopen(request_fd, "rb") as _f:
+    import json
+    request = json.loads(_f.read())
+
+def _isolate(mode, tmp_bytes):
+    """Inside fresh namespaces, still privileged there: everything read-only, a private /tmp,
+    then drop to `nobody` (root) or drop every capability (user namespace)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def check(rc, what):
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, "sandbox setup: " + what + ": " + os.strerror(err))
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, {MOUNT_ATTR_RDONLY}): every mount read-only.
+    attr = MountAttr(1, 0, 0, 0)
+    check(libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), b"/", ctypes.c_uint(0x8000),
+                       ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), "read-only mounts")
+    nosuid_nodev = 2 | 4
+    check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ctypes.c_ulong(nosuid_nodev),
+                     ("size=%d,mode=1777" % tmp_bytes).encode()), "private /tmp")
+    os.mkdir("/tmp/work", 0o700)
+    if mode == "ns-root":
+        os.chown("/tmp/work", 65534, 65534)
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)  # all capabilities go with uid 0
+    else:
+        for cap in range(64):  # the bounding set: an exec can never regain one
+            if libc.prctl(24, cap, 0, 0, 0) != 0:
+                break
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (ctypes.c_uint32 * 6)()
+        check(libc.syscall(ctypes.c_long(126), header, data), "dropping capabilities")
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+    os.chdir("/tmp/work")
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]
+
+if mode.startswith("ns-"):
+    _isolate(mode, 4 * fsize)
+import resource
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-source = open("solution.py").read()
-os.remove("solution.py")  # the program cannot read its harness back (e.g. a result token)
-del cpu, mem, fsize
+resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+del _isolate, cpu, mem, fsize, nofile, mode, _f
 
 def _install(root, hook_on):
     if not hook_on:
@@ -96,7 +155,8 @@ def _install(root, hook_on):
         "os.killpg", "subprocess.Popen", "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
         "ctypes.call_function", "sys.setprofile", "sys.settrace", "gc.get_objects",
         "gc.get_referrers", "gc.get_referents", "socket.connect", "socket.bind", "socket.sendto",
-        "socket.sendmsg", "os.putenv", "os.setxattr", "os.removexattr",
+        "socket.sendmsg", "os.putenv", "os.setxattr", "os.removexattr", "os.mkfifo", "os.mknod",
+        "sqlite3.connect", "os.pidfd_open", "signal.pthread_kill", "sys._getframe", "sys._current_frames",
     ))
     blocked_imports = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters"))
     path_args = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.truncate": 1, "os.chmod": 1,
@@ -134,11 +194,19 @@ def _install(root, hook_on):
 
     sys.addaudithook(hook)
 
-_install(os.getcwd(), hook_on)
-del _install, hook_on
-code = compile(source, "solution.py", "exec")
-del source
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+if "grade" in request:
+    _harness = {"__name__": "_opensloth_harness"}
+    exec(request.pop("harness"), _harness)  # the parent's harness, defined before any model code
+    _run, _grade, _jobs = _harness["run"], request.pop("grade"), request.pop("jobs")
+    _install(os.getcwd(), hook_on)
+    del _install, hook_on, _harness, request
+    _run(_grade, _jobs, results_fd)
+else:
+    os.close(results_fd)
+    code = compile(request.pop("code"), "solution.py", "exec")
+    _install(os.getcwd(), hook_on)
+    del _install, hook_on, request
+    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 '''
 
 
@@ -156,8 +224,8 @@ def sandbox_python() -> str:
         candidates += [shutil.which("python3", path=p) for p in ("/usr/local/bin", "/usr/bin", "/bin")]
     for python in dict.fromkeys(c for c in candidates if c):
         try:
-            probe = subprocess.run([python, "-I", "-S", "-c", "import resource"], check=False, env=SAFE_ENV, cwd="/",
-                                   capture_output=True, timeout=30, **_child_identity())
+            probe = subprocess.run([python, "-I", "-S", "-c", "import resource, json"], check=False, env=SAFE_ENV,
+                                   cwd="/", capture_output=True, timeout=30, **_child_identity())
         except (OSError, subprocess.SubprocessError):
             continue
         if probe.returncode == 0:
@@ -172,6 +240,70 @@ def _child_identity() -> dict:
     if _dropping_privileges():
         return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
     return {}
+
+
+def _unshare_argv() -> list[str] | None:
+    """The `unshare` prefix for this user, or None when util-linux unshare is not installed."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    user = [] if _dropping_privileges() else ["--map-root-user"]
+    # A shell is PID 1 of the new PID namespace and Python its child: PID 1 ignores the signals it
+    # has no handler for (SIGXCPU, its own kill), and "$@"; exit $? keeps dash from exec'ing it.
+    return [unshare, *user, "--net", "--mount", "--pid", "--fork", "--mount-proc", "--ipc", "--uts",
+            "--kill-child", "/bin/sh", "-c", '"$@"; exit $?', "sandbox-init"]
+
+
+NAMESPACES_LEVEL = "namespaces (net, pid, mount, ipc, uts) + read-only root + private /tmp + rlimits + {user}"
+RLIMITS_LEVEL = "rlimits + {user} + audit hook only (no namespaces: {why})"
+
+
+@functools.lru_cache(maxsize=1)
+def _isolation() -> tuple[bool, str]:
+    """(namespaces usable, why not). Probes once per process by running a real sandboxed program
+    that checks its own isolation; on failure warns once, naming what is not isolated."""
+    if os.environ.get("OPENSLOTH_SANDBOX_NAMESPACES", "1") == "0":
+        why = "turned off by OPENSLOTH_SANDBOX_NAMESPACES=0"
+    elif sys.platform != "linux":
+        why = f"{sys.platform} is not Linux"
+    elif _unshare_argv() is None:
+        why = "util-linux `unshare` is not installed"
+    else:
+        probe = ("import os, socket\nassert os.getpid() == 2, os.getpid()\n"
+                 "s = socket.socket()\ntry:\n    s.connect(('127.0.0.1', 9))\nexcept OSError as e:\n"
+                 "    print(e.errno)\nprint(os.access('/usr', os.W_OK), os.getcwd())")
+        try:
+            result = _run(probe, "", DEFAULT_LIMITS, audit_hook=False, namespaces=True)
+        except OSError as exc:
+            result = SandboxResult("error", None, "", str(exc), 0.0)
+        lines = result.stdout.split()
+        import errno
+
+        if result.ok and lines[-2:] == ["False", "/tmp/work"] and lines[0] == str(errno.ENETUNREACH):
+            return True, ""
+        why = "unshare failed: " + (result.stderr.strip().splitlines() or [result.status])[-1][:200]
+    user = "uid nobody" if _dropping_privileges() else "the calling user"
+    logger.warning(
+        "Code sandbox: Linux namespaces are unavailable (%s). Model-written code runs with resource limits "
+        "as %s and a Python audit hook only: it is NOT isolated from the network, from other processes of %s "
+        "(signals), or from the file system (world-writable places such as /tmp and /dev/shm) beyond what that "
+        "hook catches. Install util-linux or enable user namespaces (sysctl kernel.unprivileged_userns_clone=1).",
+        why, user, user)
+    return False, why
+
+
+def sandbox_isolated() -> bool:
+    """True when model-written code runs in its own namespaces here (see `sandbox_level`)."""
+    return _isolation()[0]
+
+
+def sandbox_level() -> str:
+    """The isolation this process's code sandbox gets, in words (shown by `os info`)."""
+    usable, why = _isolation()
+    user = "uid nobody" if _dropping_privileges() else "user namespace, no capabilities"
+    if usable:
+        return NAMESPACES_LEVEL.format(user=user)
+    return RLIMITS_LEVEL.format(user="uid nobody" if _dropping_privileges() else "the calling user", why=why)
 
 
 def _read_truncated(handle, limit: int) -> str:
@@ -189,7 +321,7 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LI
         code: the program's source.
         stdin: text fed to its standard input.
         limits: resource limits.
-        audit_hook: install the in-process audit hook (tests turn it off to check the OS limits alone).
+        audit_hook: install the in-process audit hook (tests turn it off to check the OS layer alone).
 
     Returns:
         SandboxResult with the status, exit code, truncated stdout/stderr and wall time.
@@ -198,23 +330,46 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LI
         >>> run_python("print(6 * 7)").stdout
         '42\\n'
     """
+    return _run({"code": code}, stdin, limits, audit_hook, _isolation()[0])
+
+
+def run_harness(harness: str, solution: str, jobs: list, *, limits: SandboxLimits = DEFAULT_LIMITS) -> SandboxResult:
+    """Run a grading harness in the sandbox: `harness` (source) defines `run(solution, jobs, fd)` and
+    it is defined before the model's code runs, and
+    writes its records to the results descriptor it is given (SandboxResult.records)."""
+    return _run({"grade": solution, "jobs": jobs, "harness": harness}, "", limits, True, _isolation()[0])
+
+
+def _run(request: dict | str, stdin: str, limits: SandboxLimits, audit_hook: bool, namespaces: bool) -> SandboxResult:
+    if isinstance(request, str):
+        request = {"code": request}
     python = sandbox_python()
-    # As `nobody`, the working directory's parents must be traversable: /tmp is, $TMPDIR may not be.
-    base = "/tmp" if _dropping_privileges() and os.path.isdir("/tmp") else None
-    workdir = Path(tempfile.mkdtemp(prefix="opensloth-sandbox-", dir=base))
-    start = time.monotonic()
-    try:
-        (workdir / "solution.py").write_text(code)
+    mode = ("ns-root" if _dropping_privileges() else "ns-user") if namespaces else "plain"
+    workdir = None
+    if not namespaces:
+        # As `nobody`, the working directory's parents must be traversable: /tmp is, $TMPDIR may not be.
+        base = "/tmp" if _dropping_privileges() and os.path.isdir("/tmp") else None
+        workdir = Path(tempfile.mkdtemp(prefix="opensloth-sandbox-", dir=base))
         if _dropping_privileges():
             os.chown(workdir, NOBODY, NOBODY)
         os.chmod(workdir, 0o700)
-        argv = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP, str(int(limits.cpu_time_s)),
-                str(limits.memory_mb << 20), str(limits.max_file_mb << 20), "1" if audit_hook else "0"]
-        with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
+    start = time.monotonic()
+    argv = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP, str(int(limits.cpu_time_s)), str(limits.memory_mb << 20),
+            str(limits.max_file_mb << 20), str(limits.max_open_files), "1" if audit_hook else "0"]
+    if namespaces:
+        argv = _unshare_argv() + argv
+    try:
+        with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr, \
+                tempfile.TemporaryFile() as freq, tempfile.TemporaryFile() as fres:
             fin.write(stdin.encode())
             fin.seek(0)
-            proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, cwd=workdir, env=dict(SAFE_ENV),
-                                    close_fds=True, start_new_session=True, **_child_identity())
+            freq.write(json.dumps(request).encode())
+            freq.seek(0)
+            argv += [str(freq.fileno()), str(fres.fileno()), mode]
+            identity = {} if namespaces else _child_identity()
+            proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, cwd=workdir or "/", env=dict(SAFE_ENV),
+                                    close_fds=True, pass_fds=(freq.fileno(), fres.fileno()),
+                                    start_new_session=True, **identity)
             timed_out = False
             try:
                 proc.wait(timeout=limits.wall_time_s)
@@ -227,12 +382,17 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LI
                     pass
                 proc.wait()
             rc = proc.returncode
+            if namespaces and rc is not None and rc > 128:  # the init shell reports a signal as 128 + n
+                rc = 128 - rc
             stdout = _read_truncated(fout, limits.max_output_bytes)
             stderr = _read_truncated(ferr, limits.max_output_bytes)
+            fres.seek(0)
+            records = fres.read(limits.max_file_mb << 20)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
         status = "timeout"
     else:
         status = "ok" if rc == 0 else "error"
-    return SandboxResult(status, rc, stdout, stderr, time.monotonic() - start)
+    return SandboxResult(status, rc, stdout, stderr, time.monotonic() - start, records)
