@@ -320,3 +320,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_code_tests_that_cannot_be_graded_safely_are_reported_at_data_prep(tiny_model_dir, tmp_path):
+    data = tmp_path / "code.jsonl"
+    rows = [{"prompt": "Write add(a, b).", "answer": "-", "tests": ["assert add(1, 2) == 3"]},
+            {"prompt": "Write mk(x).", "answer": "-", "tests": ["assert mk(1) == Node(1)"]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert_clean_error(_train("grpo", tiny_model_dir, data, tmp_path / "o", "--rewards", "code_correctness"),
+                       "code.jsonl, row 2, column 'tests'", "assert mk(1) == Node(1)", "both sides",
+                       "Rewrite or drop that test")
+    assert not (tmp_path / "o").exists()

@@ -127,6 +127,33 @@ def test_math_answer_reads_trl_solution_column_and_skips_unparseable_reference()
     assert math_answer(["q"], ["<SOLUTION>4</SOLUTION>"]) == [None]  # no reference column at all
 
 
+def test_math_answer_gold_that_does_not_parse_is_not_scored():
+    # math-verify returns only the raw string for these (no math found): the sample is not scored.
+    golds = ["???", "\\frac{", "()"]
+    assert math_answer(["q"] * 3, ["<SOLUTION>???</SOLUTION>", "<SOLUTION>\\frac{</SOLUTION>", "<SOLUTION>()</SOLUTION>"],
+                       answer=golds) == [None, None, None]
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("Let me think.\nAnswer: 42", "42"),
+        ("**Answer:** $\\frac{1}{2}$", "$\\frac{1}{2}$"),
+        ("answer: 7<|im_end|>", "7"),
+        ("Answer: 1\n\\boxed{2}", "2"),  # \boxed{} before Answer:
+        ("Answer: 1\n<SOLUTION>3</SOLUTION>", "3"),  # <SOLUTION> first
+        ("The answer: is unclear", None),  # not a line of its own
+        ("Answer:", None),
+    ],
+)
+def test_answer_line_is_the_last_fallback(completion, expected):
+    assert extract_solution(completion) == expected
+
+
+def test_math_answer_accepts_dapo_answer_line():
+    assert math_answer(["q"] * 2, ["So x = 3.\nAnswer: 3", "Answer: $\\frac{1}{2}$"], answer=["3", "0.5"]) == [1.0, 1.0]
+
+
 def test_math_answer_off_the_main_thread_matches_main_thread():
     """Off the main thread math-verify's signal timeouts cannot work: the check runs in a helper process."""
     completions = [c for c, _, _ in MATH_ANSWER_CASES[:4]] + ["<SOLUTION>41</SOLUTION>"]
@@ -174,6 +201,15 @@ def test_math_answer_time_limit_per_check_in_and_off_the_main_thread():
         ("13", "13", 0.0),  # no answer part
         ("", "13", 0.0),
         ("<SOLUTION>13</SOLUTION>", "thirteen", None),  # reference is not a number: not scored
+        # A reference that is more than a number is not scored (its first number is not the answer).
+        ("<SOLUTION>1</SOLUTION>", r"\frac{1}{2}", None),
+        ("<SOLUTION>2</SOLUTION>", r"2\sqrt{3}", None),
+        ("<SOLUTION>1</SOLUTION>", "(1,2)", None),
+        ("<SOLUTION>1</SOLUTION>", "1/2", None),
+        ("<SOLUTION>12</SOLUTION>", "12 cm", 1.0),
+        ("<SOLUTION>5</SOLUTION>", "$5", 1.0),
+        ("<SOLUTION>30</SOLUTION>", r"30\%", 1.0),
+        ("Work.\nAnswer: 1,234", "1234", 1.0),  # DAPO-Math's last line
     ],
 )
 def test_math_number(completion, answer, expected):
@@ -409,6 +445,18 @@ def _raises(completions):
     raise KeyError("no such column")
 
 
+def _exits(completions):
+    raise SystemExit(3)  # sys.exit(3) in a user's reward ended os-train grpo with exit 3 and no message
+
+
+class _Escaping(BaseException):
+    pass
+
+
+def _raises_base(completions):
+    raise _Escaping("not an Exception")
+
+
 def _sleeps(completions):
     time.sleep(3)
     return [1.0] * len(completions)
@@ -424,8 +472,11 @@ def _sleeps(completions):
         (lambda c: ["1.0", 0.0, 0.0], "value 0 is str"),
         (lambda c: 1.0, "returned float"),
         (_sleeps, "exceeded its time limit of 0.3 s"),
+        (_exits, "raised SystemExit: 3"),
+        (_raises_base, "raised _Escaping"),
     ],
-    ids=["raises", "wrong-length", "nan", "inf", "non-number", "not-a-list", "time-limit"],
+    ids=["raises", "wrong-length", "nan", "inf", "non-number", "not-a-list", "time-limit", "system-exit",
+         "base-exception"],
 )
 def test_failing_reward_is_contained_counted_and_reported(fn, reason, caplog):
     bad = Misbehaving("bad", fn)
@@ -445,6 +496,31 @@ def test_failing_reward_is_contained_counted_and_reported(fn, reason, caplog):
     assert len(warnings) == 1 and reason in warnings[0].getMessage()  # reported once
     if fn is _raises:
         assert "Traceback" in warnings[0].getMessage() and "no such column" in warnings[0].getMessage()
+
+
+def test_self_limited_reward_exiting_is_contained_and_ctrl_c_passes_through():
+    exiting = Misbehaving("exiting", _exits)
+    exiting.self_limited = True  # called in the caller's thread, not the time-limit thread
+    result = RewardSet([length_penalty, exiting]).score(["q"], ["x"], {})
+    assert result.per_reward["exiting"] == [None] and result.metrics["rewards/exiting/failures"] == 1.0
+
+    def interrupted(completions):
+        raise KeyboardInterrupt
+
+    for self_limited in (True, False):
+        ctrl_c = Misbehaving("ctrl_c", interrupted)
+        ctrl_c.self_limited = self_limited
+        with pytest.raises(KeyboardInterrupt):
+            RewardSet([ctrl_c]).score(["q"], ["x"], {})
+
+
+def test_reward_timeout_option_sets_the_time_limit(clean_registry, tmp_path):
+    from opensloth.config import GRPORunConfig
+
+    cfg = GRPORunConfig.model_validate({"model": {"model": "m"}, "grpo": {"task": "math", "reward_timeout": 7.5}})
+    g = cfg.grpo
+    assert resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout).time_limit_s == 7.5
+    assert GRPORunConfig.model_validate({"model": {"model": "m"}}).grpo.reward_timeout == 120.0
 
 
 def test_tensor_and_bool_outputs_are_accepted():

@@ -9,6 +9,7 @@ environment, output truncated, working directory removed afterwards.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -18,8 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from opensloth.errors import UserError
 from opensloth.rewards import SandboxLimits, code_correctness, run_python
-from opensloth.rewards.code import CodeCorrectnessReward, extract_code, normalize_tests
+from opensloth.rewards.code import (
+    CodeCorrectnessReward,
+    UnsplittableTest,
+    check_test_column,
+    extract_code,
+    normalize_tests,
+    split_test,
+)
 from opensloth.rewards.sandbox import sandbox_isolated
 
 FAST = SandboxLimits(wall_time_s=2.0, cpu_time_s=2, memory_mb=256)
@@ -225,3 +234,110 @@ def test_code_correctness_cannot_pass_by_exiting_early_or_hanging():
     start = time.monotonic()
     assert reward(["q"] * 3, [exits, fakes, hangs], tests=[ASSERTS] * 3) == [0.2, 0.2, 0.2]
     assert time.monotonic() - start < 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting assert tests: the solution's calls run in the sandbox, the check runs here.
+# ---------------------------------------------------------------------------------------------
+
+SPLITTABLE = [
+    ("assert f(2) == 4", ("f(2)",)),
+    ("assert 4 == f(2)", ("f(2)",)),
+    ("assert f(2)", ("f(2)",)),
+    ("assert not g(), 'nothing'", ("g()",)),
+    ("assert f(2) != 5", ("f(2)",)),
+    ("assert 1 < f(2) <= 4", ("f(2)",)),
+    ("assert 4 in f([4])", ("f([4])",)),
+    ("assert g() is None", ("g()",)),
+    ("assert math.isclose(h(1.0), 0.5, rel_tol=1e-6)", ("h(1.0)",)),
+    ("assert abs(h(1.0) - 0.5) < 1e-9", ("h(1.0)",)),
+    ("assert f([1, 2])[0] == 1", ("f([1, 2])",)),
+    ("assert sorted(f([3, 1])) == [1, 3]", ("f([3, 1])",)),
+    ("assert Solution().twice(2) == 4", ("Solution().twice(2)",)),
+    ("assert f(float('inf')) == float('inf')", ("f(float('inf'))",)),
+    ("assert f(2) == 4 and f(3) == 6", ("f(2)", "f(3)")),
+    ("assert isinstance(f(2), int)", ("f(2)",)),
+]
+
+
+@pytest.mark.parametrize(("test", "calls"), SPLITTABLE)
+def test_split_test_separates_the_calls_from_the_check(test, calls):
+    assert split_test(test).calls == calls
+
+
+@pytest.mark.parametrize(
+    ("test", "why"),
+    [
+        ("assert f(1) == Node(1)", "both sides"),
+        ("assert f(1) == g(1)", "both sides"),
+        ("for i in range(3): assert f(i) == 2 * i", "single `assert`"),
+        ("def check(candidate):\n    assert candidate(1) == 2", "single `assert`"),
+        ("assert [f(i) for i in range(3)] == [0, 2, 4]", "ListComp"),
+        ("assert sum([1, 2]) == 3", "does not call the solution"),
+        ("assert f'{f(1)}' == '2'", "JoinedStr"),
+        ("assert f(1) ==", "not valid Python"),
+    ],
+)
+def test_unsplittable_tests_are_refused_with_the_reason(test, why):
+    with pytest.raises(UnsplittableTest, match=re.escape(why)):
+        split_test(test)
+
+
+SOLUTION = """```python
+import math
+def f(x):
+    if isinstance(x, list):
+        return [v * 2 for v in x] if x != [4] else [4]
+    return x * 2
+def g():
+    return None
+def h(x):
+    return x / 2
+class Solution:
+    def twice(self, x):
+        return 2 * x
+```"""
+
+
+def test_every_splittable_form_passes_for_a_correct_solution_and_fails_for_a_wrong_one():
+    tests = [t for t, _ in SPLITTABLE if "f([3, 1])" not in t and "f([1, 2])" not in t]
+    assert code_correctness(["q"], [SOLUTION], tests=[tests]) == [1.0]
+    wrong = SOLUTION.replace("return x * 2", "return x * 3").replace("return x / 2", "return x / 3")
+    assert code_correctness(["q"], [wrong], tests=[["assert f(2) == 4", "assert abs(h(1.0) - 0.5) < 1e-9"]]) == [0.2]
+
+
+@pytest.mark.parametrize(
+    ("returned", "test", "passes"),
+    [
+        ("float('nan')", "assert f() != 0.0", True),
+        ("float('nan')", "assert f() == float('nan')", False),  # nan equals nothing, as in Python
+        ("float('inf')", "assert f() == float('inf')", True),
+        ("{1, 2}", "assert f() == {2, 1}", True),
+        ("set()", "assert f() == set()", True),
+        ("frozenset({1})", "assert f() == frozenset([1])", True),
+        ("[1, 2]", "assert f() == (1, 2)", False),  # a list is not a tuple, as in Python
+        ("(1, [2, {'a': b'x'}])", "assert f() == (1, [2, {'a': b'x'}])", True),
+        ("2 ** 300", "assert f() == 2 ** 300", True),
+        ("-(10 ** 5000)", "assert f() == -(10 ** 5000)", True),  # past Python's int/str digit limit
+        ("'tab\\there\\nnewline'", "assert f() == 'tab\\there\\nnewline'", True),
+        ("True", "assert f() == 1", True),
+        ("object()", "assert f() is not None", False),  # not plain data: fails
+        ("bytearray(b'x')", "assert f() == bytearray(b'x')", False),
+    ],
+)
+def test_returned_values_cross_as_plain_data(returned, test, passes):
+    completion = f"```python\ndef f():\n    return {returned}\n```"
+    assert CodeCorrectnessReward(limits=FAST)(["q"], [completion], tests=[[test]]) == [1.0 if passes else 0.2]
+
+
+def test_check_test_column_names_the_row_and_counts_the_tests():
+    rows = [["assert f(1) == 2"], None, "assert f(2) == 4\nassert f(3) == 6", [{"input": "1", "output": "2"}]]
+    assert check_test_column(rows) == 3
+    with pytest.raises(UserError, match=r"data.jsonl, row 2, column 'tests': the test 'assert f\(1\) == g\(1\)'"):
+        check_test_column([["assert f(1) == 2"], ["assert f(1) == g(1)"]], "tests", "data.jsonl")
+
+
+def test_unsplittable_test_reaching_the_reward_fails_that_test_only(caplog):
+    good = "```python\ndef f(x):\n    return 2 * x\n```"
+    out = code_correctness(["q"], [good], tests=[["assert f(1) == 2", "assert f(1) == g(1)"]])
+    assert out == [pytest.approx(0.2 + 0.8 / 2)]

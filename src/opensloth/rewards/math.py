@@ -89,7 +89,7 @@ _ANSWER_LINE = re.compile(r"^[ \t>*_]*answer[ \t*_]*:[ \t*_]*(\S[^\n]*)$", re.IG
 def last_answer_line(text: str) -> str | None:
     """The X of the last line `Answer: X` (case-insensitive, markdown bold allowed), or None.
 
-    >>> last_answer_line("so it is 12.\nAnswer: $12$")
+    >>> last_answer_line("so it is 12.\\nAnswer: $12$")
     '$12$'
     """
     matches = _ANSWER_LINE.findall(text)
