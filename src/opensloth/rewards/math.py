@@ -311,7 +311,8 @@ class MathAnswerReward(RewardFunction):
     """
 
     name = "math_answer"
-    description = "Answer in <SOLUTION> (else last \\boxed{}) equals the reference per math-verify: 1, else 0."
+    description = ("Answer in <SOLUTION> (else last \\boxed{}, else a last 'Answer: X' line) equals the reference "
+                   "per math-verify: 1, else 0.")
     self_limited = True
 
     def __init__(self, time_limit_s: int = 5, max_answer_chars: int = 1000):
@@ -346,7 +347,8 @@ class MathNumberReward(RewardFunction):
     """
 
     name = "math_number"
-    description = "First number in the answer equals the reference number (1,234 = 1234; units ignored): 1, else 0."
+    description = ("First number in the answer equals the reference number (1,234 = 1234; units ignored): 1, else 0; "
+                   "None when the reference is not a plain number.")
 
     def score(self, prompts, completions, **columns):
         out: list[float | None] = []

@@ -193,6 +193,12 @@ def _install(root, hook_on):
             raise PermissionError("sandbox: the audit hook cannot be changed")
 
     sys.addaudithook(hook)
+    # No audit event covers these (CPython 3.11): take them away instead.
+    import posix
+    for module in (os, posix):
+        for name in ("mkfifo", "mknod"):
+            if hasattr(module, name):
+                delattr(module, name)
 
 if "grade" in request:
     _harness = {"__name__": "_opensloth_harness"}
