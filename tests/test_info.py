@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,21 @@ def test_os_info_tables():
     assert result.returncode == 0, result.stderr
     for heading in ("Versions", "Devices", "Components", "transformers", "unsloth", "vllm"):
         assert heading in result.stdout
+
+
+def test_os_info_shows_the_code_sandbox_level():
+    from opensloth.rewards.sandbox import sandbox_isolated
+
+    info = json.loads(_os("info", "--json").stdout)["sandbox"]
+    assert info["namespaces"] is sandbox_isolated()
+    expected = "namespaces (net, pid, mount, ipc, uts)" if info["namespaces"] else "rlimits + "
+    assert info["level"].startswith(expected), info
+    assert "rlimits" in info["level"]
+    table = _os("info").stdout
+    assert "code sandbox" in table
+    code = "from opensloth.cli.main import app; app()"
+    degraded = subprocess.run([sys.executable, "-c", code, "info", "--json"], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OPENSLOTH_SANDBOX_NAMESPACES": "0"})
+    level = json.loads(degraded.stdout)["sandbox"]
+    assert level["namespaces"] is False
+    assert level["level"].endswith("audit hook only (no namespaces: turned off by OPENSLOTH_SANDBOX_NAMESPACES=0)")

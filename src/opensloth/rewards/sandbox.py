@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,10 +265,19 @@ NAMESPACES_LEVEL = "namespaces (net, pid, mount, ipc, uts) + read-only root + pr
 RLIMITS_LEVEL = "rlimits + {user} + audit hook only (no namespaces: {why})"
 
 
-@functools.lru_cache(maxsize=1)
+_PROBE_LOCK = threading.Lock()
+
+
 def _isolation() -> tuple[bool, str]:
-    """(namespaces usable, why not). Probes once per process by running a real sandboxed program
-    that checks its own isolation; on failure warns once, naming what is not isolated."""
+    """(namespaces usable, why not). Probes once per process (completions are scored from several
+    threads at once, hence the lock) by running a real sandboxed program that checks its own
+    isolation; on failure warns once, naming what is not isolated."""
+    with _PROBE_LOCK:
+        return _probe_isolation()
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_isolation() -> tuple[bool, str]:
     if os.environ.get("OPENSLOTH_SANDBOX_NAMESPACES", "1") == "0":
         why = "turned off by OPENSLOTH_SANDBOX_NAMESPACES=0"
     elif sys.platform != "linux":
