@@ -287,3 +287,23 @@ def test_split_evenly():
 
     assert [s.stop - s.start for s in split_evenly(10, 3)] == [4, 3, 3]
     assert [s.stop - s.start for s in split_evenly(2, 3)] == [1, 1, 0]
+
+
+def test_a_reward_calling_sys_exit_is_contained_and_reward_timeout_applies(tiny_model_dir, prompts_file, tmp_path):
+    """sys.exit(3) inside a user's reward ended `os-train grpo` with exit 3 and no message: it
+    escaped the containment (SystemExit is not an Exception). Now it is one failure of that reward."""
+    module = tmp_path / "exiting.py"
+    module.write_text("import sys\n\ndef exiting_reward(completions, **kwargs):\n    sys.exit(3)\n")
+    out = tmp_path / "run"
+    args = grpo_args(tiny_model_dir, prompts_file, out, "--max-steps", "1", "--reward-module", str(module),
+                     "--reward-timeout", "30")
+    for flag, value in (("--rewards", "math_answer,exiting_reward"), ("--group-size", "2"),
+                        ("--rollout-batch-size", "2"), ("--max-new-tokens", "4"), ("--per-device-train-batch-size", "4")):
+        args[args.index(flag) + 1] = value  # the smallest step: this is about the reward call only
+    proc = os_train(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "Reward 'exiting_reward'" in output and "raised SystemExit: 3" in output, output
+    (row,) = [r for r in read_metrics(out) if "reward" in r]
+    assert row["rewards/exiting_reward/failures"] == 1.0
+    assert "reward_timeout: 30.0" in (out / "config.yaml").read_text()
