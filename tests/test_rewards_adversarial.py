@@ -109,7 +109,7 @@ GAMING = [
     ("records-flood-exit", "add", """
         import os
         lines = "".join(f"{i}\\tv\\tTrue\\n{i}\\tv\\t(True,)\\nPASS {i}\\n" for i in range(16)).encode()
-        for fd in range(1, 12):
+        for fd in sorted(int(f) for f in os.listdir("/proc/self/fd")):  # whichever is the result channel
             try:
                 os.write(fd, lines)
             except OSError:
