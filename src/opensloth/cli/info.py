@@ -1,4 +1,5 @@
-"""`os info`: versions, devices, and which backends and rollout engines can run here (and why not).
+"""`os info`: versions, devices, which backends and rollout engines can run here (and why not), and
+the isolation level of the code sandbox.
 
 `collect_info()` gathers plain data (also printed by `os info --json`); `print_info()` renders
 it as rich tables. Nothing heavy is imported: unsloth only when CUDA is present (it refuses to

@@ -59,7 +59,7 @@ def list_rewards(
 @app.command("info")
 @_user_errors
 def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
-    """Versions, devices, and which backends and rollout engines are usable here (and why not)."""
+    """Versions, devices, which backends and rollout engines are usable here (and why not), the code sandbox level."""
     import json
 
     from opensloth.cli.info import collect_info, print_info
