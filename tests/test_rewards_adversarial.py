@@ -443,16 +443,19 @@ def test_unprivileged_caller_gets_user_namespaces_or_a_plain_warning():
         assert "NOT isolated from the network" in proc.stderr
 
 
-def test_without_namespaces_one_plain_warning_names_what_is_not_isolated():
+@pytest.mark.parametrize(("env", "why"), [({"OPENSLOTH_SANDBOX_NAMESPACES": "0"}, "turned off by"),
+                                          ({"PATH": "/nonexistent"}, "`unshare` is not installed")],
+                         ids=["turned-off", "no-unshare"])
+def test_without_namespaces_one_plain_warning_names_what_is_not_isolated(env, why):
     code = ("import logging\nlogging.basicConfig(format='%(message)s')\n"
             "from opensloth.rewards.sandbox import run_python, sandbox_level\n"
             "print(run_python('print(1)').stdout.strip(), run_python('print(2)').stdout.strip())\n"
             "print(sandbox_level())")
-    env = {**os.environ, "OPENSLOTH_SANDBOX_NAMESPACES": "0"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "1 2"
-    assert "rlimits" in proc.stdout and "no namespaces" in proc.stdout
+    assert "rlimits" in proc.stdout and "no namespaces" in proc.stdout and why in proc.stdout
     assert proc.stderr.count("Linux namespaces are unavailable") == 1, proc.stderr
     for words in ("NOT isolated from the network", "other processes", "file system"):
         assert words in proc.stderr

@@ -291,8 +291,8 @@ def safe_eval(node: ast.AST, values: tuple = ()) -> Any:
     if isinstance(node, ast.Call):
         func = ev(node.func)
         args = [ev(a) for a in node.args]
-        if func is range and any(isinstance(a, int) and abs(a) > _MAX_SIZE for a in args):
-            raise OverflowError("range too large")
+        if func in (range, bytes) and any(isinstance(a, int) and abs(a) > _MAX_SIZE for a in args):
+            raise OverflowError(f"{func.__name__}() too large")
         return func(*args, **{k.arg: ev(k.value) for k in node.keywords})
     raise ValueError(f"{type(node).__name__} is not allowed")
 

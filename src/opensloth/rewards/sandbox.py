@@ -28,6 +28,7 @@ readable (read-only). See docs/rewards.md, "Threat model".
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import marshal
@@ -285,17 +286,16 @@ def _probe_isolation() -> tuple[bool, str]:
     elif _unshare_argv() is None:
         why = "util-linux `unshare` is not installed"
     else:
+        # Its own PID space (the init shell is 1), no route to 127.0.0.1, a read-only root, /tmp/work.
         probe = ("import os, socket\nassert os.getpid() == 2, os.getpid()\n"
                  "s = socket.socket()\ntry:\n    s.connect(('127.0.0.1', 9))\nexcept OSError as e:\n"
-                 "    print(e.errno)\nprint(os.access('/usr', os.W_OK), os.getcwd())")
+                 "    print(e.errno)\nprint(bool(os.statvfs('/').f_flag & os.ST_RDONLY), os.getcwd())")
         try:
             result = _run(probe, "", DEFAULT_LIMITS, audit_hook=False, namespaces=True)
         except OSError as exc:
             result = SandboxResult("error", None, "", str(exc), 0.0)
         lines = result.stdout.split()
-        import errno
-
-        if result.ok and lines[-2:] == ["False", "/tmp/work"] and lines[0] == str(errno.ENETUNREACH):
+        if result.ok and lines == [str(errno.ENETUNREACH), "True", "/tmp/work"]:
             return True, ""
         why = "unshare failed: " + (result.stderr.strip().splitlines() or [result.status])[-1][:200]
     user = "uid nobody" if _dropping_privileges() else "the calling user"
@@ -303,7 +303,8 @@ def _probe_isolation() -> tuple[bool, str]:
         "Code sandbox: Linux namespaces are unavailable (%s). Model-written code runs with resource limits "
         "as %s and a Python audit hook only: it is NOT isolated from the network, from other processes of %s "
         "(signals), or from the file system (world-writable places such as /tmp and /dev/shm) beyond what that "
-        "hook catches. Install util-linux or enable user namespaces (sysctl kernel.unprivileged_userns_clone=1).",
+        "hook catches. Install util-linux, enable user namespaces (sysctl kernel.unprivileged_userns_clone=1), or, "
+        "in a container, allow unshare (e.g. docker run --cap-add SYS_ADMIN --security-opt seccomp=unconfined).",
         why, user, user)
     return False, why
 
