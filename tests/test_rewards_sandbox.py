@@ -226,6 +226,15 @@ def test_code_correctness_stdin_stdout_pairs():
     assert out == [pytest.approx(0.2 + 0.8 * 2 / 3), 1.0]
 
 
+def test_stdin_programs_read_their_input_every_usual_way():
+    tests = [{"input": "3 4\n", "output": "7"}, {"input": "10 20\n", "output": "30"}]
+    ways = ["a, b = map(int, input().split())", "import sys\na, b = map(int, sys.stdin.readline().split())",
+            "import sys\na, b = map(int, sys.stdin.buffer.read().split())", "a, b = map(int, open(0).read().split())",
+            "import os\na, b = map(int, os.read(0, 100).split())"]
+    programs = [f"```python\n{way}\nprint(a + b)\n```" for way in ways]
+    assert code_correctness(["q"] * len(ways), programs, tests=[tests] * len(ways)) == [1.0] * len(ways)
+
+
 def test_code_correctness_cannot_pass_by_exiting_early_or_hanging():
     exits = "```python\nimport os\nos._exit(0)\n```"
     fakes = "```python\nprint('ALL TESTS PASSED 3')\nraise SystemExit(0)\n```"

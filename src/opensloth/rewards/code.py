@@ -393,7 +393,27 @@ def _make_encoder(_type=type, _len=len, _int_repr=int.__repr__, _float_repr=floa
     return dumps
 
 
-def run(solution, jobs, fd, _dumps=_make_encoder(), _write=os.write, _compile=compile, _exec=exec, _eval=eval,
+def _make_stdin_file(_memfd=getattr(os, "memfd_create", None), _write=os.write, _lseek=os.lseek, _dup2=os.dup2,
+                     _close=os.close, _BufferedReader=io.BufferedReader, _FileIO=io.FileIO, _BytesIO=io.BytesIO,
+                     _len=len):
+    def stdin_file(data):
+        """The test's input as the process's real stdin (fd 0), so open(0) and os.read(0) see it too."""
+        if _memfd is None:
+            return _BytesIO(data)
+        f = _memfd("stdin")
+        done = 0
+        while done < _len(data):
+            done += _write(f, data[done:])
+        _lseek(f, 0, 0)
+        if f != 0:  # 0 itself when a previous test's open(0) closed it
+            _dup2(f, 0)
+            _close(f)
+        return _BufferedReader(_FileIO(0, "r", closefd=False))
+
+    return stdin_file
+
+
+def run(solution, jobs, fd, _dumps=_make_encoder(), _stdin_file=_make_stdin_file(), _write=os.write, _compile=compile, _exec=exec, _eval=eval,
         _str=str, _enc=str.encode, _sys=sys, _builtins=builtins, _TextIOWrapper=io.TextIOWrapper,
         _BytesIO=io.BytesIO, _getvalue=io.BytesIO.getvalue, _flush=io.TextIOWrapper.flush, _StringIO=io.StringIO,
         _BaseException=BaseException, _SystemExit=SystemExit, _tuple=tuple, _type=type, _range=range, _len=len):
@@ -412,7 +432,7 @@ def run(solution, jobs, fd, _dumps=_make_encoder(), _write=os.write, _compile=co
         scope = {"__name__": "__main__", "__builtins__": _builtins}
         if kind == "stdin":
             out = _BytesIO()
-            _sys.stdin = _TextIOWrapper(_BytesIO(_enc(payload, "utf-8")), encoding="utf-8")
+            _sys.stdin = _TextIOWrapper(_stdin_file(_enc(payload, "utf-8")), encoding="utf-8")
             _sys.stdout = _TextIOWrapper(out, encoding="utf-8", write_through=True)
             status = "v"
             try:
