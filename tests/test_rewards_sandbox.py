@@ -122,6 +122,12 @@ def test_memory_bomb_fails_with_memory_error():
     assert time.monotonic() - start < 5
 
 
+def test_open_files_limit():
+    code = "files = []\nwhile True:\n    files.append(open('f%d' % len(files), 'w'))"
+    result = run_python(code, limits=SandboxLimits(max_open_files=32), audit_hook=False)
+    assert result.status == "error" and "Too many open files" in result.stderr, result
+
+
 def test_writes_outside_the_working_directory_fail():
     target = Path(tempfile.gettempdir()) / f"opensloth-escape-{uuid.uuid4().hex}"  # world-writable /tmp
     code = f"open({str(target)!r}, 'w').write('escaped')"
