@@ -459,3 +459,25 @@ def test_without_namespaces_one_plain_warning_names_what_is_not_isolated(env, wh
     assert proc.stderr.count("Linux namespaces are unavailable") == 1, proc.stderr
     for words in ("NOT isolated from the network", "other processes", "file system"):
         assert words in proc.stderr
+
+
+@requires_namespaces
+def test_answers_in_the_trainers_working_directory_are_hidden(reward, monkeypatch):
+    """A dataset with the expected outputs, world-readable, in the directory the trainer runs from:
+    the sandbox sees that directory empty, so a completion cannot look its answers up."""
+    workdir = Path(tempfile.mkdtemp(prefix="opensloth-trainer-", dir="/var/tmp"))
+    try:
+        workdir.chmod(0o755)
+        (workdir / "tasks.jsonl").write_text(__import__("json").dumps({"tests": STDIN_TESTS}) + "\n")
+        (workdir / "tasks.jsonl").chmod(0o644)
+        monkeypatch.chdir(workdir)
+        attack = fenced(f"""
+            import json
+            given = input()
+            for line in open({str(workdir / "tasks.jsonl")!r}):
+                for test in json.loads(line)["tests"]:
+                    if test["input"].strip() == given.strip():
+                        print(test["output"])""")
+        assert _score(reward, [attack, GOOD["stdin"]], STDIN_TESTS) == [0.2, 1.0]
+    finally:
+        shutil.rmtree(workdir)

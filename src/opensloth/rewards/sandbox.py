@@ -95,9 +95,10 @@ with os.fdopen(request_fd, "rb") as _f:
     import marshal  # not json: importing json costs ~20 ms of regex compiling per run
     request = marshal.loads(_f.read())
 
-def _isolate(mode, tmp_bytes):
-    """Inside fresh namespaces, still privileged there: everything read-only, a private /tmp,
-    then drop to `nobody` (root) or drop every capability (user namespace)."""
+def _isolate(mode, tmp_bytes, hidden):
+    """Inside fresh namespaces, still privileged there: everything read-only, the `hidden`
+    directories covered by empty read-only tmpfs, a private /tmp, then drop to `nobody` (root)
+    or drop every capability (user namespace)."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -116,6 +117,9 @@ def _isolate(mode, tmp_bytes):
     check(libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), b"/", ctypes.c_uint(0x8000),
                        ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), "read-only mounts")
     nosuid_nodev = 2 | 4
+    for path in hidden:
+        check(libc.mount(b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(1 | nosuid_nodev), b"size=4k,mode=755"),
+              "hiding " + path)
     check(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ctypes.c_ulong(nosuid_nodev),
                      ("size=%d,mode=1777" % tmp_bytes).encode()), "private /tmp")
     os.mkdir("/tmp/work", 0o700)
@@ -137,7 +141,7 @@ def _isolate(mode, tmp_bytes):
         del sys.modules[name]
 
 if mode.startswith("ns-"):
-    _isolate(mode, 4 * fsize)
+    _isolate(mode, 4 * fsize, request.pop("hide", ()))
 import resource
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -330,6 +334,21 @@ def _read_truncated(handle, limit: int) -> str:
     return text + "\n[... output truncated]" if len(data) > limit else text
 
 
+def hidden_paths() -> list[str]:
+    """Directories the namespaced child sees empty: the trainer's working directory, home and
+    caches, where datasets (with their expected answers) and checkpoints usually are. Left out:
+    anything the child's interpreter lives under, and / , /usr and the like."""
+    python_home = os.path.dirname(os.path.dirname(os.path.realpath(sandbox_python())))
+    keep = {"/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys", "/tmp", "/var", "/opt"}
+    candidates = [os.getcwd(), os.path.expanduser("~"), os.environ.get("HF_HOME"), os.environ.get("XDG_CACHE_HOME")]
+    out = []
+    for path in dict.fromkeys(os.path.realpath(p) for p in candidates if p and os.path.isabs(p)):
+        inside_python = python_home == path or python_home.startswith(path + os.sep)
+        if os.path.isdir(path) and path not in keep and not path.startswith("/tmp/") and not inside_python:
+            out.append(path)
+    return out
+
+
 def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = DEFAULT_LIMITS,
                audit_hook: bool = True) -> SandboxResult:
     """Run `code` as a Python program in the sandbox and wait for it (at most `limits.wall_time_s`).
@@ -362,6 +381,8 @@ def _run(request: dict | str, stdin: str, limits: SandboxLimits, audit_hook: boo
         request = {"code": request}
     python = sandbox_python()
     mode = ("ns-root" if _dropping_privileges() else "ns-user") if namespaces else "plain"
+    if namespaces:
+        request = {**request, "hide": hidden_paths()}
     workdir = None
     if not namespaces:
         # As `nobody`, the working directory's parents must be traversable: /tmp is, $TMPDIR may not be.
