@@ -5,7 +5,8 @@ Isolation levels (`sandbox_level()` says which one this machine gets; `os info` 
 - "namespaces": the child starts under util-linux `unshare` in its own network (only a down
   loopback: no network at all), PID (kill(-1) reaches only itself), mount, IPC and UTS
   namespaces. Before the model's code runs, the bootstrap makes every mount read-only
-  (recursively), mounts a private tmpfs on /tmp whose `work/` is the working directory, sets
+  (recursively), covers the trainer's working directory, home and caches with empty tmpfs
+  (`hidden_paths`), mounts a private tmpfs on /tmp whose `work/` is the working directory, sets
   no_new_privs and drops privileges: as root it becomes uid/gid `nobody` (65534, no groups);
   as a normal user the namespaces come from a user namespace (`unshare --map-root-user`) and
   every capability is dropped.
@@ -23,7 +24,7 @@ an audit hook is not a sandbox). stdout and stderr go to files and come back tru
 
 What is not isolated, in any level: the kernel is shared (a kernel exploit escapes), CPU time
 and caches are shared (timing side channels), and files readable by the child's user stay
-readable (read-only). See docs/rewards.md, "Threat model".
+readable (read-only), except the hidden directories. See docs/rewards.md, "Threat model".
 """
 
 from __future__ import annotations
