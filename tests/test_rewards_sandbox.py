@@ -2,8 +2,10 @@
 
 Limits under test (opensloth.rewards.sandbox): wall time (process group killed), CPU time
 (RLIMIT_CPU), memory (RLIMIT_AS), processes (RLIMIT_NPROC = 0; run as `nobody` when we are root,
-since root ignores RLIMIT_NPROC), writes confined to the temp working directory, no inherited
-environment, output truncated, working directory removed afterwards.
+since root ignores RLIMIT_NPROC), open files (RLIMIT_NOFILE), writes confined to the working
+directory, no inherited environment, output truncated, working directory gone afterwards.
+Then how assert tests are split (the call in the sandbox, the check here) and how values cross.
+Attacks on both live in test_rewards_adversarial.py.
 """
 
 from __future__ import annotations
