@@ -260,6 +260,8 @@ ESCAPES = [
     ("fork-bomb", "import os\nwhile True:\n    os.fork()"),
     ("thread-bomb", "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(5,)).start()"),
     ("memory-bomb", "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 7))"),
+    ("memfd-memory-bomb", "import os\nfds = []\nwhile True:\n    fds.append(os.memfd_create('x'))\n"
+                          "    os.write(fds[-1], bytes(16 << 20))"),
 ]
 
 
