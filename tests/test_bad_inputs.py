@@ -92,7 +92,7 @@ def test_group_size_too_small():
 
 def test_reward_weights_count_mismatch():
     assert_clean_error(cli("os-train", "grpo", "--model", "m", "--rewards", "math_answer,math_format",
-                           "--reward-weights", "1.0"), "--reward-weights has 1 values", "names 2 rewards")
+                           "--reward-weights", "1.0"), "--reward-weights has 1 value but", "names 2 rewards")
 
 
 def test_report_to_wandb_without_wandb():

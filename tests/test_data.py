@@ -320,11 +320,11 @@ def test_bad_row_stops_with_its_index_unless_skipped(tiny_model_dir, tok, tmp_pa
     rows[4]["problem"] = ""
     rows[2]["expected_answer"] = None
     data = write_rows(rows, tmp_path / "bad.jsonl")
-    with pytest.raises(UserError, match=r"Row (2|4) of --dataset \S+bad.jsonl is malformed.*--skip-bad-rows"):
+    with pytest.raises(UserError, match=r"Row (3|5) of --dataset \S+bad.jsonl is malformed.*--skip-bad-rows"):
         prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c"), tok, 1)
     prepared = prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c", skip_bad_rows=True), tok, 1)
     assert prepared.num_rows == 4 and prepared.stats["bad_rows"] == 2
-    assert any(e.startswith("row 4: column 'problem' is empty") for e in prepared.stats["bad_row_examples"])
+    assert any(e.startswith("row 5: column 'problem' is empty") for e in prepared.stats["bad_row_examples"])
 
 
 def test_chatml_on_a_tokenizer_without_im_end_warns(tiny_model_dir, tmp_path, caplog):

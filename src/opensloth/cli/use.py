@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from opensloth.cli.common import user_errors
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
 
 console = Console()
 
@@ -104,8 +104,8 @@ def eval_command(
     cfg = resolve_config("grpo", None, overrides)
     result = evaluate(cfg, num_samples=num_samples, temperature=temperature, batch_size=batch_size,
                       output_file=output, accuracy_reward=accuracy_reward, device=device)
-    table = Table(title=f"{escape(model)} on {escape(dataset)}: {result.num_prompts} prompts x "
-                  f"{result.num_samples} sample(s)")
+    table = Table(title=f"{escape(model)} on {escape(dataset)}: {plural(result.num_prompts, 'prompt')} x "
+                  f"{plural(result.num_samples, 'sample')}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.summary.items():

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
 from opensloth.rewards.base import PRESETS, RewardFunction, get_reward_functions, load_reward_module
 
 logger = logging.getLogger(__name__)
@@ -69,16 +69,16 @@ def check_values(values: Any, n: int) -> list[float | None]:
     if not isinstance(values, (list, tuple)):
         raise RewardFailure(f"returned {type(values).__name__}, expected a list of {n} floats")
     if len(values) != n:
-        raise RewardFailure(f"returned {len(values)} values for {n} completions")
+        raise RewardFailure(f"returned {plural(len(values), 'value')} for {plural(n, 'completion')}")
     out: list[float | None] = []
     for i, value in enumerate(values):
         if value is None:
             out.append(None)
             continue
         if not isinstance(value, numbers.Real):
-            raise RewardFailure(f"value {i} is {type(value).__name__} {value!r}, not a number or None")
+            raise RewardFailure(f"value {i + 1} (completion {i + 1}) is {type(value).__name__} {value!r}, not a number or None")
         if not math.isfinite(value):
-            raise RewardFailure(f"value {i} is {value}; rewards must be finite (or None)")
+            raise RewardFailure(f"value {i + 1} (completion {i + 1}) is {value}; rewards must be finite (or None)")
         out.append(float(value))
     return out
 
@@ -98,7 +98,8 @@ class RewardSet:
         self.weights = [float(w) for w in weights] if weights else [1.0] * len(self.rewards)
         if len(self.weights) != len(self.rewards):
             raise UserError(
-                f"--reward-weights has {len(self.weights)} values but there are {len(self.rewards)} rewards "
+                f"--reward-weights has {plural(len(self.weights), 'value')} but there are "
+                f"{plural(len(self.rewards), 'reward')} "
                 f"({', '.join(r.name for r in self.rewards)}). Give one weight per reward, in that order."
             )
         self.time_limit_s = time_limit_s
@@ -247,7 +248,7 @@ def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights:
     rewards = get_reward_functions(selected)
     if weights and len(weights) != len(rewards):
         raise UserError(
-            f"--reward-weights has {len(weights)} values but the run has {len(rewards)} rewards "
+            f"--reward-weights has {plural(len(weights), 'value')} but the run has {plural(len(rewards), 'reward')} "
             f"({', '.join(selected)}). Give one weight per reward, in that order."
         )
     return RewardSet(rewards, list(weights) or None, time_limit_s)
