@@ -387,7 +387,7 @@ def test_errors_in_the_users_file_name_file_and_line(clean_registry, tmp_path):
     raising = write(tmp_path, "raising.py", "import os\n\nVALUE = 1 / 0\n")
     with pytest.raises(UserError, match=r"raising.py, line 3: importing it raised ZeroDivisionError"):
         load_reward_module(raising)
-    with pytest.raises(UserError, match="--reward-module .*missing.py: not a Python file"):
+    with pytest.raises(UserError, match="--reward-module .*missing.py: the file does not exist"):
         load_reward_module(tmp_path / "missing.py")
     assert "ok" not in {r.name for r in list_reward_functions()}
 

@@ -123,9 +123,10 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     """The tokenizer of --model (a base model, or a saved adapter directory: its own tokenizer if it
     kept one, else its base model's), loaded in the parent: cheap, and data prep needs it."""
     from opensloth import models
-    from opensloth.models.loading import check_model_path, read_adapter_config
+    from opensloth.models.loading import check_model_path, check_weights, read_adapter_config
 
     name = check_model_path(cfg.model.model)
+    check_weights(name, f"--model {cfg.model.model}")  # a cut-off download fails here, before data prep
     adapter = read_adapter_config(name)
     has_own = (Path(name) / "tokenizer_config.json").is_file() or (Path(name) / "tokenizer.json").is_file()
     if adapter and not has_own and adapter.get("base_model_name_or_path"):

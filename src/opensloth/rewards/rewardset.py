@@ -214,6 +214,20 @@ def _call_with_time_limit(reward: RewardFunction, prompts: list, completions: li
     return box["value"]
 
 
+def _check_modules_used(defined: dict, selected: list[str]) -> None:
+    """Refuse a --reward-module none of whose rewards the run uses: TRL runs exactly the reward
+    functions it is given, and a file loaded for nothing is a forgotten --rewards, not a choice."""
+    for module, names in defined.items():
+        if not names:
+            raise UserError(f"--reward-module {module} defines no reward: give it a function with TRL's signature "
+                            "fn(completions, **kwargs) -> list[float], a RewardFunction instance, or a "
+                            "register_reward_function call (see docs/rewards.md).")
+        if not set(names) & set(selected):
+            raise UserError(f"--reward-module {module} defines {', '.join(names)}, but the run uses none of them "
+                            f"(--task presets hold built-in rewards only). Name the ones to use: --rewards "
+                            f"{','.join(names)}.")
+
+
 def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights: Sequence[float] = (),
                     modules: Sequence[Path | str] = (), time_limit_s: float = 120.0) -> RewardSet:
     """The rewards of a GRPO run: the task preset, then --rewards, with --reward-weights.
@@ -233,8 +247,7 @@ def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights:
         UserError: no rewards, unknown task or reward (lists the valid ones), a weight count that
             does not match, or a bad reward module.
     """
-    for module in modules:
-        load_reward_module(module)
+    defined = {module: load_reward_module(module) for module in modules}
     selected: list[str] = []
     if task is not None:
         if task not in PRESETS:
@@ -245,6 +258,7 @@ def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights:
     if not selected:
         raise UserError("GRPO needs at least one reward: pass --task (math, code, general, reasoning) and/or "
                         "--rewards NAME,... (see `os list-rewards`).")
+    _check_modules_used(defined, selected)
     rewards = get_reward_functions(selected)
     if weights and len(weights) != len(rewards):
         raise UserError(
