@@ -255,7 +255,7 @@ def test_empty_and_unreadable_dataset(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text("not json\n")
     assert_clean_error(_train("grpo", tiny_model_dir, broken, tmp_path / "o"), "--dataset", "broken.jsonl",
-                       "could not read it")
+                       "line 1: not valid JSON")
     assert broken.read_text() == "not json\n"
 
 

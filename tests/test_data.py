@@ -431,7 +431,7 @@ def test_source_errors(tiny_model_dir, tok, tmp_path):
     with pytest.raises(UserError, match="unsupported file type '.txt'"):
         prepare_sft_dataset(cfg(tmp_path / "rows.txt"), tok, 1)
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(UserError, match="could not read it"):
+    with pytest.raises(UserError, match=r"broken.jsonl, line 2: not valid JSON"):
         prepare_sft_dataset(cfg(tmp_path / "broken.jsonl"), tok, 1)
     datasets.DatasetDict({"cot": datasets.Dataset.from_list([{"text": "a"}])}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(UserError, match="--dataset-split 'train' is not in .*splits are: cot"):
