@@ -92,7 +92,7 @@ def test_group_size_too_small():
 
 def test_reward_weights_count_mismatch():
     assert_clean_error(cli("os-train", "grpo", "--model", "m", "--rewards", "math_answer,math_format",
-                           "--reward-weights", "1.0"), "--reward-weights has 1 values", "names 2 rewards")
+                           "--reward-weights", "1.0"), "--reward-weights has 1 value but", "names 2 rewards")
 
 
 def test_report_to_wandb_without_wandb():
@@ -255,7 +255,7 @@ def test_empty_and_unreadable_dataset(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text("not json\n")
     assert_clean_error(_train("grpo", tiny_model_dir, broken, tmp_path / "o"), "--dataset", "broken.jsonl",
-                       "could not read it")
+                       "line 1: not valid JSON")
     assert broken.read_text() == "not json\n"
 
 

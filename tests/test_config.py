@@ -63,7 +63,7 @@ def test_sft_rejects_grpo_format_and_lists_choices():
 
 
 def test_reward_weights_must_match_rewards():
-    with pytest.raises(UserError, match="--reward-weights has 1 values but --rewards names 2"):
+    with pytest.raises(UserError, match="--reward-weights has 1 value but --rewards names 2"):
         resolve_config("grpo", None, {"model": "m", "rewards": ["a", "b"], "reward_weights": [1.0]})
 
 

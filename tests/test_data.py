@@ -320,11 +320,11 @@ def test_bad_row_stops_with_its_index_unless_skipped(tiny_model_dir, tok, tmp_pa
     rows[4]["problem"] = ""
     rows[2]["expected_answer"] = None
     data = write_rows(rows, tmp_path / "bad.jsonl")
-    with pytest.raises(UserError, match=r"Row (2|4) of --dataset \S+bad.jsonl is malformed.*--skip-bad-rows"):
+    with pytest.raises(UserError, match=r"Row (3|5) of --dataset \S+bad.jsonl is malformed.*--skip-bad-rows"):
         prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c"), tok, 1)
     prepared = prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c", skip_bad_rows=True), tok, 1)
     assert prepared.num_rows == 4 and prepared.stats["bad_rows"] == 2
-    assert any(e.startswith("row 4: column 'problem' is empty") for e in prepared.stats["bad_row_examples"])
+    assert any(e.startswith("row 5: column 'problem' is empty") for e in prepared.stats["bad_row_examples"])
 
 
 def test_chatml_on_a_tokenizer_without_im_end_warns(tiny_model_dir, tmp_path, caplog):
@@ -431,7 +431,7 @@ def test_source_errors(tiny_model_dir, tok, tmp_path):
     with pytest.raises(UserError, match="unsupported file type '.txt'"):
         prepare_sft_dataset(cfg(tmp_path / "rows.txt"), tok, 1)
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(UserError, match="could not read it"):
+    with pytest.raises(UserError, match=r"broken.jsonl, line 2: not valid JSON"):
         prepare_sft_dataset(cfg(tmp_path / "broken.jsonl"), tok, 1)
     datasets.DatasetDict({"cot": datasets.Dataset.from_list([{"text": "a"}])}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(UserError, match="--dataset-split 'train' is not in .*splits are: cot"):

@@ -61,3 +61,15 @@ def test_documented_command_parses(where: str, command: str):
         assert command is not None, f"{where}: unknown command {name!r} in: {command}"
     # Parses every option and converts its type; raises on an unknown flag. No callback runs.
     command.make_context(name, list(args), parent=ctx)
+
+
+def _install_commands(path: Path) -> list[str]:
+    """The `pip install` lines of a page's bash blocks."""
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.DOTALL)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("pip install")]
+
+
+def test_quickstart_installs_with_the_readmes_command():
+    readme = _install_commands(ROOT / "README.md")
+    quickstart = _install_commands(ROOT / "grpo_tutorial" / "QUICKSTART.md")
+    assert readme and quickstart == readme[:1], (quickstart, readme)

@@ -423,7 +423,7 @@ def test_errors_in_the_users_file_name_file_and_line(clean_registry, tmp_path):
     raising = write(tmp_path, "raising.py", "import os\n\nVALUE = 1 / 0\n")
     with pytest.raises(UserError, match=r"raising.py, line 3: importing it raised ZeroDivisionError"):
         load_reward_module(raising)
-    with pytest.raises(UserError, match="--reward-module .*missing.py: not a Python file"):
+    with pytest.raises(UserError, match="--reward-module .*missing.py: the file does not exist"):
         load_reward_module(tmp_path / "missing.py")
     assert "ok" not in {r.name for r in list_reward_functions()}
 
@@ -466,10 +466,10 @@ def _sleeps(completions):
     ("fn", "reason"),
     [
         (_raises, "raised KeyError"),
-        (lambda c: [1.0], "returned 1 values for 3 completions"),
-        (lambda c: [1.0, math.nan, 0.0], "value 1 is nan"),
-        (lambda c: [1.0, 0.0, math.inf], "value 2 is inf"),
-        (lambda c: ["1.0", 0.0, 0.0], "value 0 is str"),
+        (lambda c: [1.0], "returned 1 value for 3 completions"),
+        (lambda c: [1.0, math.nan, 0.0], "value 2 (completion 2) is nan"),
+        (lambda c: [1.0, 0.0, math.inf], "value 3 (completion 3) is inf"),
+        (lambda c: ["1.0", 0.0, 0.0], "value 1 (completion 1) is str"),
         (lambda c: 1.0, "returned float"),
         (_sleeps, "exceeded its time limit of 0.3 s"),
         (_exits, "raised SystemExit: 3"),

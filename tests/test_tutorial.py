@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -95,3 +97,26 @@ def test_gpu_count_larger_than_present_is_refused(tutorial_env):
     result = run_script("01_sft_end_to_end.sh", {**tutorial_env, "GPU_COUNT": "8"})
     assert result.returncode == 2
     assert "GPU_COUNT=8 but this machine has 0 GPU(s)" in result.stderr
+
+
+def _documented_example(variable: str) -> str:
+    """The example value the tutorial README gives for VARIABLE in its settings table."""
+    text = (TUTORIAL / "README.md").read_text()
+    match = re.search(rf'^\| `{variable}` \|.*`{variable}="([^"]*)"`', text, flags=re.MULTILINE)
+    assert match, f"no {variable} example in grpo_tutorial/README.md"
+    return match.group(1)
+
+
+def test_documented_extra_args_reach_only_the_stage_that_takes_them(tutorial_env, tmp_path):
+    """The README's EXTRA_ARGS / SFT_EXTRA_ARGS / GRPO_EXTRA_ARGS examples, as given, run both stages
+    (--dry-run keeps it fast): the GRPO-only options reach os-train grpo, never os-train sft."""
+    examples = {name: _documented_example(name) for name in ("EXTRA_ARGS", "SFT_EXTRA_ARGS", "GRPO_EXTRA_ARGS")}
+    assert "--group-size" in examples["GRPO_EXTRA_ARGS"]
+    env = {**tutorial_env, **examples, "OUTPUT_ROOT": str(tmp_path / "outputs")}
+    env["EXTRA_ARGS"] += " --dry-run"
+    sft = run_script("01_sft_end_to_end.sh", env)
+    assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
+    shutil.copytree(tutorial_env["MODEL"], tmp_path / "outputs" / "sft_qwen_reasoning_model")  # stands in for SFT
+    grpo = run_script("02_grpo_end_to_end.sh", env)
+    assert grpo.returncode == 0, grpo.stdout[-3000:] + grpo.stderr[-3000:]
+    assert "group_size: 16" in grpo.stdout and "learning_rate: 1.0e-05" in grpo.stdout

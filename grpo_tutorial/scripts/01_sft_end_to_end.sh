@@ -14,6 +14,6 @@ os-train sft \
     --max-steps "$MAX_STEPS" \
     --devices "$DEVICES" \
     --output-dir "$SFT_OUTPUT" \
-    $EXTRA_ARGS
+    $EXTRA_ARGS $SFT_EXTRA_ARGS
 
 echo "SFT adapter saved to $SFT_OUTPUT. Next: bash scripts/02_grpo_end_to_end.sh"

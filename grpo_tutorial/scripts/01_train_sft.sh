@@ -16,4 +16,4 @@ os-train sft \
     --max-steps "$MAX_STEPS" \
     --devices "$DEVICES" \
     --output-dir "$SFT_OUTPUT" \
-    $EXTRA_ARGS
+    $EXTRA_ARGS $SFT_EXTRA_ARGS

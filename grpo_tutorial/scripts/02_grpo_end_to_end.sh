@@ -19,6 +19,6 @@ os-train grpo \
     --max-steps "$MAX_STEPS" \
     --devices "$DEVICES" \
     --output-dir "$GRPO_OUTPUT" \
-    $EXTRA_ARGS
+    $EXTRA_ARGS $GRPO_EXTRA_ARGS
 
 echo "GRPO adapter saved to $GRPO_OUTPUT. Try it: os generate --model $GRPO_OUTPUT \"What is 7 * 8?\""

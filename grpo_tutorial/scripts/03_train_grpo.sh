@@ -21,4 +21,4 @@ os-train grpo \
     --max-steps "$MAX_STEPS" \
     --devices "$DEVICES" \
     --output-dir "$GRPO_OUTPUT" \
-    $EXTRA_ARGS
+    $EXTRA_ARGS $GRPO_EXTRA_ARGS

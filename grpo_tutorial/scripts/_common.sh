@@ -1,5 +1,6 @@
 # Shared pre-flight for the tutorial scripts: sourced, not run. Every setting is an environment
-# variable with a default; EXTRA_ARGS is passed through to the os-train command unchanged.
+# variable with a default. EXTRA_ARGS goes to both training commands unchanged (options both stages
+# take); SFT_EXTRA_ARGS only to `os-train sft`, GRPO_EXTRA_ARGS only to `os-train grpo`.
 set -euo pipefail
 
 if [ ! -f "scripts/_common.sh" ] || [ ! -d "prepare_dataset" ]; then
@@ -7,7 +8,7 @@ if [ ! -f "scripts/_common.sh" ] || [ ! -d "prepare_dataset" ]; then
     exit 2
 fi
 if ! command -v os-train >/dev/null 2>&1; then
-    echo "Error: os-train is not on PATH. Install OpenSloth first: pip install -e .  (from the repository root)" >&2
+    echo "Error: os-train is not on PATH. Install OpenSloth first, from the repository root: pip install torch==2.13.0 -e \".[dev]\"" >&2
     exit 2
 fi
 
@@ -19,6 +20,8 @@ GRPO_SAMPLES="${GRPO_SAMPLES:-2000}"
 OUTPUT_ROOT="${OUTPUT_ROOT:-outputs}"
 MAX_STEPS="${MAX_STEPS:--1}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
+SFT_EXTRA_ARGS="${SFT_EXTRA_ARGS:-}"
+GRPO_EXTRA_ARGS="${GRPO_EXTRA_ARGS:-}"
 
 # The hub datasets keep their rows in a named split / config; local files have one split, "train".
 if [ "$SFT_DATASET" = "unsloth/OpenMathReasoning-mini" ]; then SFT_SPLIT_ARGS="--dataset-split cot"; else SFT_SPLIT_ARGS=""; fi

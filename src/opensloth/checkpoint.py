@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
 
 logger = logging.getLogger("opensloth")
 
@@ -341,7 +341,7 @@ def load_checkpoint(
     saved = torch.load(ckpt_dir / "trainer_state.pt", weights_only=False)
     rng = saved["rng"]
     if len(rng) != world_size:
-        raise UserError(f"Checkpoint {ckpt_dir} was saved by {len(rng)} worker(s) but this run has "
+        raise UserError(f"Checkpoint {ckpt_dir} was saved by {plural(len(rng), 'worker')} but this run has "
                         f"{world_size}: resume with the same --devices for an exact continuation.")
     restore_rng_state(rng[rank])
     return {"step": saved["step"], "state": saved["state"]}

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SFT_FORMATS = ("chat", "prompt-completion", "text", "openmath-reasoning")
@@ -105,7 +105,10 @@ class TrainingConfig(Section):
                              json_schema_extra=_flags("-o"))
     overwrite: bool = Field(False, description="Allow writing into a non-empty output dir.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.", json_schema_extra=_flags("-lr"))
-    max_steps: int = Field(-1, description="Optimizer steps; -1 means use --num-train-epochs.")
+    max_steps: int = Field(
+        -1, description="Optimizer steps to train; -1 (as in HF TrainingArguments) means --num-train-epochs "
+        "passes over the data. 0 and other negative values are refused."
+    )
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the dataset when --max-steps is -1.")
     per_device_train_batch_size: int = Field(
         2, gt=0, description="Sequences per micro-batch on each worker.", json_schema_extra=_flags("-b")
@@ -125,6 +128,15 @@ class TrainingConfig(Section):
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in --output-dir.")
     resume_from: Optional[Path] = Field(None, description="Continue from this checkpoint directory.")
     save_merged: bool = Field(False, description="Also save the LoRA merged into 16-bit base weights.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _check_max_steps(cls, value: int) -> int:
+        # HF's -1 means "use num_train_epochs"; 0 or -5 training a whole epoch would be a silent surprise.
+        if value == 0 or value < -1:
+            raise ValueError("give a number of steps of at least 1, or -1 to train for --num-train-epochs "
+                             "passes over the data")
+        return value
 
 
 class DistributedConfig(Section):
@@ -218,9 +230,12 @@ class GRPOConfig(Section):
     max_new_tokens: int = Field(
         256, gt=0, description="Completion length limit.", json_schema_extra=_flags("--max-completion-length")
     )
-    max_prompt_length: Optional[int] = Field(None, gt=0, description="Drop prompts longer than this (tokens).")
-    prompt_length_percentile: float = Field(
-        0.9, gt=0, le=1, description="Drop prompts longer than this percentile of the dataset's prompt lengths."
+    max_prompt_length: Optional[int] = Field(
+        None, gt=0, description="Drop prompts longer than this (tokens; counted in the plan). Default: keep all."
+    )
+    prompt_length_percentile: Optional[float] = Field(
+        None, gt=0, le=1, description="Also drop prompts longer than this quantile of the dataset's prompt "
+        "lengths (e.g. 0.9 drops the longest 10%; counted in the plan). Default: off."
     )
     rollout_engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Generation engine. auto: vllm on a GPU if installed and usable, else hf."
@@ -276,7 +291,8 @@ class GRPORunConfig(RunConfig):
         # With --task, weights cover the preset's rewards and then --rewards; resolve_rewards checks that.
         if g.reward_weights and g.rewards and not g.task and len(g.reward_weights) != len(g.rewards):
             raise ValueError(
-                f"--reward-weights has {len(g.reward_weights)} values but --rewards names {len(g.rewards)} rewards"
+                f"--reward-weights has {plural(len(g.reward_weights), 'value')} but --rewards names "
+                f"{plural(len(g.rewards), 'reward')}"
             )
         return self
 
@@ -287,6 +303,14 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grpo": {"output_dir": "outputs/grpo", "learning_rate": 5e-6, "per_device_train_batch_size": 8},
 }
 RUN_CONFIGS: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "grpo": GRPORunConfig}
+# Per-recipe help where one shared field means something recipe-specific.
+RECIPE_HELP: dict[str, dict[str, str]] = {
+    "grpo": {
+        "max_steps": "GRPO steps to train, each one rollout batch (generate --rollout-batch-size x --group-size "
+        "completions, score, then --epochs-per-rollout-batch passes of optimizer updates); -1 means "
+        "--num-train-epochs passes over the prompts. 0 and other negative values are refused.",
+    },
+}
 
 
 def sections(run_cls: type[RunConfig]) -> dict[str, type[Section]]:
@@ -350,8 +374,15 @@ def load_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Config file not found: {path}. Pass an existing YAML file to --config.")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"Config file {path}, line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}). "
+                        "Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
     if data is None:
@@ -401,10 +432,27 @@ def format_validation_error(exc: ValidationError, run_cls: type[RunConfig]) -> s
         key = ".".join(loc[:2]) if len(loc) > 1 else field
         msg = err["msg"].removeprefix("Value error, ")
         if field and field in field_index(run_cls):
-            lines.append(f"Invalid value for {flag_name(field)} ({key}): {err.get('input')!r}. {msg}.")
+            hint = _yaml_type_hint(err["type"], field, err.get("input"))
+            lines.append(f"Invalid value for {flag_name(field)} ({key}): {err.get('input')!r}. {msg}.{hint}")
         else:
             lines.append(f"Invalid configuration: {msg}.")
     return "\n".join(lines)
+
+
+def _yaml_type_hint(error_type: str, field: str, value: Any) -> str:
+    """How to write the value in YAML when its type is wrong: list syntax, or quotes around a string
+    that YAML read as a number, a boolean or a date (`run_name: 2024` -> `run_name: "2024"`)."""
+    if error_type == "list_type":
+        example = "[q_proj, v_proj]" if field == "target_modules" else "[a, b]"
+        return (f" In YAML write a list as {field}: {example} (or one '- item' per line); on the command line, "
+                f"comma-separated ({flag_name(field)} a,b).")
+    kind = {"bool": "boolean (yes/no/on/off/true/false)", "int": "number", "float": "number", "date": "date",
+            "datetime": "date"}.get(type(value).__name__)
+    if error_type == "string_type" and kind:
+        return f' YAML read it as a {kind}: put the text in quotes ({field}: "...").'
+    if error_type.endswith("_parsing") and isinstance(value, str):
+        return f" Write a plain {error_type.split('_')[0]} without quotes ({field}: ...)."
+    return ""
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
@@ -454,10 +502,11 @@ def config_cli_parameters(recipe: str) -> list[inspect.Parameter]:
             decls = [flag_name(name), *extra]
         default = info.get_default(call_default_factory=True) if not info.is_required() else None
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+        description = RECIPE_HELP.get(recipe, {}).get(name, info.description)
         if choices:
-            help_text = f"{info.description} (choices: {', '.join(map(str, choices))})"
+            help_text = f"{description} (choices: {', '.join(map(str, choices))})"
         else:
-            help_text = info.description or ""
+            help_text = description or ""
         if recipe in RECIPE_DEFAULTS and name in RECIPE_DEFAULTS[recipe]:
             default = RECIPE_DEFAULTS[recipe][name]
         if isinstance(default, list):

@@ -5,6 +5,9 @@ with status 2. Library code raises it for bad paths, bad columns, bad options an
 rewards; anything else is a bug and keeps its traceback. `TrainingStopped` is neither: the
 run was asked to stop (Ctrl-C, SIGTERM), saved a checkpoint, and exits with status 130 so that
 scripts chaining stages (`set -e`) never take a stopped run for a finished one.
+
+`plural` lives here too, with the messages: every count printed to a user ("1 worker", "2 rows")
+goes through it, from any layer.
 """
 
 
@@ -25,3 +28,13 @@ class TrainingStopped(Exception):
 
     The final model is not written: the output dir holds only the checkpoint to `--resume` from.
     """
+
+
+def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
+    """A count with its noun, singular for 1: every count printed to a user goes through this.
+
+    Example:
+        >>> plural(1, "worker"), plural(3, "optimizer update"), plural(2, "entry", "entries")
+        ('1 worker', '3 optimizer updates', '2 entries')
+    """
+    return f"{count} {noun if count == 1 else plural_noun or noun + 's'}"

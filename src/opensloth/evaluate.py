@@ -30,6 +30,8 @@ logger = logging.getLogger("opensloth")
 
 # The reward whose value > 0 means "this completion is correct", per task.
 ACCURACY_REWARDS = {"math": "math_answer"}
+# Built-in rewards that compare with the reference answer (None without one).
+ANSWER_REWARDS = ("math_answer", "math_number")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -211,6 +213,8 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     rows = prepare_grpo_dataset(cfg, tokenizer, 1).load_shard(0)
     if len(rows) == 0:
         raise UserError(f"--dataset {cfg.data.dataset} has no prompts to evaluate.")
+    acc_name = accuracy_reward or ACCURACY_REWARDS.get(g.task or "")
+    check_accuracy_reward(acc_name, [r.name for r in rewards.rewards], rows, cfg.data.dataset)
 
     from opensloth.rollout import get_rollout_engine
 
@@ -230,10 +234,6 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     scores = rewards.score(prompts, flat, columns)
     totals = [float(x) for x in torch.as_tensor(scores.total).tolist()]
 
-    acc_name = accuracy_reward or ACCURACY_REWARDS.get(g.task or "")
-    if acc_name is not None and acc_name not in scores.per_reward:
-        raise UserError(f"--accuracy-reward {acc_name!r} is not one of this run's rewards: "
-                        f"{', '.join(scores.per_reward)}.")
     correct = ([(v or 0.0) > 0 for v in scores.per_reward[acc_name]] if acc_name else None)
 
     summary: dict[str, float] = {"reward/mean": sum(totals) / len(totals)}
@@ -263,18 +263,51 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     return EvalResult(num_prompts=len(rows), num_samples=num_samples, summary=summary, output_file=output_file)
 
 
+def check_accuracy_reward(acc_name: str | None, reward_names: list[str], rows: Any, dataset: str) -> None:
+    """Before generating: the accuracy reward is one of the run's, and it has reference answers to
+    compare with (without them every completion would count as wrong and pass@1 read 0.0).
+
+    Raises:
+        UserError: names --accuracy-reward, the dataset and the answer columns each format reads.
+    """
+    if acc_name is None:
+        return
+    if acc_name not in reward_names:
+        raise UserError(f"--accuracy-reward {acc_name!r} is not one of this run's rewards: {', '.join(reward_names)}.")
+    answers = rows["answer"] if "answer" in rows.column_names else []
+    if acc_name in ANSWER_REWARDS and not any(a is not None and str(a).strip() for a in answers):
+        raise UserError(
+            f"--dataset {dataset} has no reference answers, so --accuracy-reward {acc_name} cannot tell a correct "
+            "completion (pass@1 would read 0.0). Give each row its answer: an `answer` column (prompt-answer "
+            "format), `solution` (dapo-math) or a final `#### n` line in `answer` (gsm8k); or pass "
+            "--accuracy-reward NAME for a reward that needs no answer."
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Export
 # ------------------------------------------------------------------------------------------------
 
 
-def export_merged(model_dir: Path, output_dir: Path, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+def export_merged(model_dir: Path, output_dir: Path, dtype: str = "bfloat16", overwrite: bool = False,
+                  base_model: str | None = None) -> Path:
     """Merge a saved LoRA adapter into its base weights and save a plain transformers model.
 
+    Args:
+        base_model: where the adapter's base model is now (default: the path or hub name recorded in
+            its adapter_config.json; pass this when that model was moved).
+
     Raises:
-        UserError: not an adapter directory, or a non-empty output dir without overwrite.
+        UserError: not an adapter directory, --output is a file or a non-empty dir without overwrite,
+            the base model was moved (names the recorded path and --base-model), weights cut short.
     """
     from opensloth.models import merge_and_save
+    from opensloth.models.loading import (
+        check_base_model,
+        check_model_path,
+        check_weights,
+        read_adapter_config,
+    )
 
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if not (model_dir / "adapter_config.json").is_file():
@@ -286,10 +319,24 @@ def export_merged(model_dir: Path, output_dir: Path, dtype: str = "bfloat16", ov
     if output_dir.resolve() == model_dir.resolve():
         raise UserError("--output must differ from --model: exporting in place would mix the adapter and "
                         "the merged model.")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+    if output_dir.exists() and not output_dir.is_dir():  # --overwrite writes into a directory, never over a file
+        raise UserError(f"--output {output_dir} is a file, not a directory; the merged model is a directory of "
+                        "files. Choose another --output (the file is kept).")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise UserError(f"--output {output_dir} exists and is not empty. Choose another --output, or pass "
                         "--overwrite to write into it.")
-    merged = merge_and_save(model_dir, output_dir, dtype=dtype)
+    check_weights(model_dir, f"--model {model_dir}")
+    if base_model is not None:
+        base_model = check_model_path(base_model, option="--base-model")
+        check_weights(base_model, f"--base-model {base_model}")
+    else:
+        recorded = (read_adapter_config(str(model_dir)) or {}).get("base_model_name_or_path")
+        if not recorded:
+            raise UserError(f"--model {model_dir}: adapter_config.json records no base model. Pass --base-model "
+                            "PATH (or a hub name).")
+        check_base_model(str(model_dir), recorded, fix="Pass its new place with --base-model PATH (or a hub "
+                         "name); the adapter is not changed.")
+    merged = merge_and_save(model_dir, output_dir, dtype=dtype, base_model=base_model)
     run_config = find_run_config(str(model_dir))
     if run_config is not None:  # so eval and generate on the merged model use the training settings too
         shutil.copyfile(run_config, merged / RUN_CONFIG_FILE)

@@ -14,15 +14,41 @@ from rich.markup import escape
 from rich.table import Table
 
 from opensloth.cli.common import user_errors
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
 
 console = Console()
 
 MODEL = typer.Option(..., "--model", "-m", help="A saved adapter dir (training --output-dir or a checkpoint's "
                      "adapter/), a merged model dir, or a hub model name.")
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
-MAX_NEW = typer.Option(256, "--max-new-tokens", help="Completion length limit.")
+MAX_NEW = typer.Option(256, "--max-new-tokens", help="Completion length limit (at least 1).")
 SEED = typer.Option(0, "--seed", help="Seed for sampling.")
+
+
+def _check_device(device: str) -> None:
+    """--device is cpu, or cuda / cuda:N naming a GPU this machine has."""
+    import re
+
+    spec = device.strip().lower()
+    if spec == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", spec):
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N (e.g. cuda:1).")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"--device {device}: no CUDA GPU is visible here. Use --device cpu.")
+    index = int(spec.split(":")[1]) if ":" in spec else 0
+    if index >= count:
+        raise UserError(f"--device {device}: no GPU with id {index}; this machine has {plural(count, 'GPU')} "
+                        f"(cuda:0 to cuda:{count - 1}).")
+
+
+def _check_max_new_tokens(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"--max-new-tokens {value}: a completion needs at least 1 new token; give a positive "
+                        "number (e.g. 256).")
 
 
 def _check_model_dir(model: str) -> None:
@@ -47,8 +73,8 @@ def eval_command(
                                     "pass@k (unbiased estimator) besides pass@1."),
     temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature "
                                                 "(default: 0 = greedy for k=1, 1.0 for k>1)."),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Completion length limit "
-                                              "(default: the training run's, else 256)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Completion length limit, at "
+                                              "least 1 (default: the training run's, else 256)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only this many prompts."),
     dataset_split: str = typer.Option("train", "--dataset-split", help="Split of a hub or saved dataset."),
     format: str | None = typer.Option(None, "--format", help="dapo-math, gsm8k, prompt-answer (default: the "
@@ -71,6 +97,8 @@ def eval_command(
     from opensloth.evaluate import describe_settings, evaluate, trained_with
 
     _check_model_dir(model)
+    _check_device(device)
+    _check_max_new_tokens(max_new_tokens)
     # Evaluate the model as it was trained: the run's system prompt, saved template, format, length.
     trained = trained_with(model)
     from_run: set[str] = set()
@@ -98,14 +126,12 @@ def eval_command(
     overrides = dict(model=model, dataset=dataset, dataset_split=dataset_split, format=format, task=task,
                      rewards=rewards.split(",") if rewards else None, reward_modules=reward_module or None,
                      num_samples=limit, chat_template=chat_template, system_prompt=system_prompt,
-                     max_new_tokens=max_new_tokens, seed=seed, backend="hf", rollout_engine=rollout_engine,
-                     # Evaluate every prompt: training drops the longest 10% by default, eval must not.
-                     prompt_length_percentile=1.0)
+                     max_new_tokens=max_new_tokens, seed=seed, backend="hf", rollout_engine=rollout_engine)
     cfg = resolve_config("grpo", None, overrides)
     result = evaluate(cfg, num_samples=num_samples, temperature=temperature, batch_size=batch_size,
                       output_file=output, accuracy_reward=accuracy_reward, device=device)
-    table = Table(title=f"{escape(model)} on {escape(dataset)}: {result.num_prompts} prompts x "
-                  f"{result.num_samples} sample(s)")
+    table = Table(title=f"{escape(model)} on {escape(dataset)}: {plural(result.num_prompts, 'prompt')} x "
+                  f"{plural(result.num_samples, 'sample')}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.summary.items():
@@ -135,6 +161,8 @@ def generate_command(
 
     if prompt is None and not interactive:
         raise UserError('Give a prompt (os generate --model DIR "What is 2+3?") or pass --interactive.')
+    _check_max_new_tokens(max_new_tokens)
+    _check_device(device)
     _check_model_dir(model)
     trained = trained_with(model)
     from_run = set()
@@ -173,6 +201,9 @@ def export_command(
     output: Path = typer.Option(..., "--output", "-o", help="Where the merged model goes."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --output."),
+    base_model: str | None = typer.Option(None, "--base-model", help="The base model to merge into, when it is "
+                                          "no longer where the adapter's adapter_config.json says (a moved "
+                                          "directory); default: the recorded one."),
 ) -> None:
     """Merge the LoRA adapter into its base weights: a plain transformers model (no PEFT needed)."""
     from opensloth.evaluate import export_merged
@@ -181,7 +212,7 @@ def export_command(
         raise UserError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32.")
     if not model.is_dir():
         raise UserError(f"--model {model}: no such directory. Pass a training --output-dir.")
-    out = export_merged(model, output, dtype=dtype, overwrite=overwrite)
+    out = export_merged(model, output, dtype=dtype, overwrite=overwrite, base_model=base_model)
     console.print(f"Merged model ({dtype}) saved to {escape(str(out))}; load it with "
                   "AutoModelForCausalLM.from_pretrained.")
 

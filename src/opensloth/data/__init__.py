@@ -9,12 +9,14 @@ Public API (see `opensloth.data.prepare` for the cache and the sharding rule):
     check_shards(prepared, num_workers)          # UserError when the counts differ
     find_cached(cfg, tokenizer) -> PreparedDataset | None   # cache lookup only (dry runs)
     cache_entry(cfg, tokenizer) -> Path          # where this config's prepared data is cached
+    describe_drops(stats) -> list[str]           # what prep dropped or clamped, for the plan
 """
 
 from opensloth.data.prepare import (
     PreparedDataset,
     cache_entry,
     check_shards,
+    describe_drops,
     find_cached,
     load_prepared,
     prepare_grpo_dataset,
@@ -26,6 +28,7 @@ __all__ = [
     "PreparedDataset",
     "cache_entry",
     "check_shards",
+    "describe_drops",
     "find_cached",
     "load_prepared",
     "prepare_grpo_dataset",

@@ -140,22 +140,22 @@ def _messages(value: Any, column: str) -> Messages:
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise BadRow(f"{column}[{i}] should be a {{'role', 'content'}} object, got {_preview(message)}")
+            raise BadRow(f"message {i + 1} of {column!r} should be a {{'role', 'content'}} object, got {_preview(message)}")
         if message.get("role") is None and message.get("from") is not None:
             role = SHAREGPT_ROLES.get(str(message["from"]).lower(), str(message["from"]))
             content = message.get("value")
         else:
             role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
-            raise BadRow(f"{column}[{i}] has no 'role'")
+            raise BadRow(f"message {i + 1} of {column!r} has no 'role'")
         if message.get("tool_calls"):  # only 'content' is kept: the calls would vanish unnoticed
-            raise BadRow(f"{column}[{i}] ({role}) has 'tool_calls', which this format does not train on (only "
+            raise BadRow(f"message {i + 1} of {column!r} ({role}) has 'tool_calls', which this format does not train on (only "
                          "'content' is kept). Write each call into the content as the model should emit it "
                          "(for Qwen2.5: <tool_call>\\n{\"name\": ..., \"arguments\": ...}\\n</tool_call>)")
         if not isinstance(content, str):
-            raise BadRow(f"{column}[{i}] ({role}) should have text 'content', got {_preview(content)}")
+            raise BadRow(f"message {i + 1} of {column!r} ({role}) should have text 'content', got {_preview(content)}")
         if not content.strip() and role != "system":
-            raise BadRow(f"{column}[{i}] ({role}) has empty content")
+            raise BadRow(f"message {i + 1} of {column!r} ({role}) has empty content")
         out.append({"role": role, "content": content})
     return out
 

@@ -75,12 +75,20 @@ from opensloth.data.formats import (
 )
 from opensloth.data.sources import PREPARED_META, is_prepared_dir, load_source, source_identity
 from opensloth.data.templates import render, resolve_template, resolve_template_name
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
+from opensloth.tracking import TrainingProgress
 
 logger = logging.getLogger("opensloth")
 
-PIPELINE_VERSION = 2  # 2: SFT rows are tokenized in pieces at each generation prompt's end
+PIPELINE_VERSION = 3  # 2: SFT rows are tokenized in pieces at each generation prompt's end; 3: every drop counted
 TOKENIZE_CHUNK = 512  # rows per batched tokenizer call
+PROGRESS_LINE_INTERVAL_S = 10.0  # off a terminal: one progress line per stage at most this often
+
+
+def data_progress(stage: str, total: int) -> TrainingProgress:
+    """Progress of one data-prep stage (120k rows take a minute): a rich bar on a terminal, else a
+    plain line at the first update, every PROGRESS_LINE_INTERVAL_S seconds, and at the end."""
+    return TrainingProgress(total, description=f"prepare: {stage}", line_interval=PROGRESS_LINE_INTERVAL_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ def check_shards(prepared: PreparedDataset, num_workers: int) -> None:
     if prepared.num_shards != num_workers:
         n, w = prepared.num_shards, num_workers
         raise UserError(
-            f"--dataset {prepared.path} was prepared for {n} worker{'s' * (n != 1)} but this run has {w}. "
+            f"--dataset {prepared.path} was prepared for {plural(n, 'worker')} but this run has {w}. "
             f"Re-run `os-train data {prepared.recipe} ... --num-workers {w} --output-path DIR` and pass DIR, "
             f"or pass --devices with {n} devices (e.g. --devices cpu:{n}, or {n} GPU ids)."
         )
@@ -178,7 +186,7 @@ def reshard(prepared: PreparedDataset, num_shards: int) -> PreparedDataset:
     meta["reshard_history"] = [*meta.get("reshard_history", []),
                                {"from": prepared.num_shards, "to": num_shards, "time": time.time()}]
     _write_json_atomic(prepared.path / PREPARED_META, meta)
-    logger.info("Re-sharded %s from %d to %d shards", prepared.path, prepared.num_shards, num_shards)
+    logger.info("Re-sharded %s from %d to %s", prepared.path, prepared.num_shards, plural(num_shards, "shard"))
     return PreparedDataset(path=prepared.path, meta=meta, cache_hit=prepared.cache_hit)
 
 
@@ -201,7 +209,8 @@ def prepare_sft_dataset(cfg: RunConfig, tokenizer: Any, num_shards: int) -> Prep
 
 def prepare_grpo_dataset(cfg: RunConfig, tokenizer: Any, num_shards: int) -> PreparedDataset:
     """Prepare (or reuse) the GRPO prompts of `cfg.data` for `num_shards` workers, dropping prompts
-    longer than --max-prompt-length or the --prompt-length-percentile of the prompt lengths."""
+    longer than --max-prompt-length and, when given, the --prompt-length-percentile of the prompt
+    lengths (both off by default; every drop is counted in the stats, see `describe_drops`)."""
     return _prepare(cfg, tokenizer, num_shards, "grpo")
 
 
@@ -279,7 +288,10 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
     if not _write_entry(entry, train, held_out, meta, replace=d.overwrite_cache):
         logger.info("Another run prepared %s meanwhile; using it", entry)
         return reshard(load_prepared(entry), num_shards)
-    logger.info("Prepared %d %s rows in %.1fs: %s", len(train), recipe, stats["seconds"], entry)
+    logger.info("Prepared %s (%s) in %.1fs: %s", plural(len(train), "row"), recipe, stats["seconds"], entry)
+    notes = describe_drops(stats)
+    if notes:  # the same summary is in the plan table
+        logger.warning("Data prep: %s", "; ".join(notes))
     return PreparedDataset(path=entry, meta=meta, cache_hit=False)
 
 
@@ -370,23 +382,67 @@ def _seeded_order(n: int, seed: int, num_samples: int | None) -> list[int]:
     return order[:num_samples] if num_samples else order
 
 
+def _training_order(cfg: RunConfig, source, stats: dict) -> list[int]:
+    """The seeded order of the training rows; a --num-samples above the row count is noted, not refused
+    (a hub dataset's size is rarely known in advance), in `stats` and the log."""
+    d = cfg.data
+    if d.num_samples and d.num_samples > len(source):
+        stats["num_samples_requested"] = d.num_samples
+        logger.warning("--num-samples %d is more than the %d rows of --dataset %s: using all %d",
+                       d.num_samples, len(source), d.dataset, len(source))
+    return _seeded_order(len(source), cfg.training.seed, d.num_samples)
+
+
+def describe_drops(stats: dict) -> list[str]:
+    """What data prep dropped, clamped or could not honour, one phrase per kind, from a prepared
+    dataset's stats (shown in the plan, logged when prepared). Empty when every row was used whole."""
+    notes = []
+    if stats.get("num_samples_requested"):
+        notes.append(f"--num-samples {stats['num_samples_requested']} is more than the "
+                     f"{plural(stats['rows_in'], 'row')} of --dataset: all {stats['rows_in']} used")
+    if stats.get("bad_rows"):
+        notes.append(f"{plural(stats['bad_rows'], 'malformed row')} dropped (--skip-bad-rows)")
+    if stats.get("dropped_over_max_prompt_length"):
+        notes.append(f"{plural(stats['dropped_over_max_prompt_length'], 'prompt')} longer than "
+                     f"--max-prompt-length {stats['max_prompt_length']} dropped")
+    if stats.get("dropped_over_percentile"):
+        notes.append(f"{plural(stats['dropped_over_percentile'], 'prompt')} longer than "
+                     f"--prompt-length-percentile {stats['prompt_length_percentile']} "
+                     f"({stats['percentile_tokens']} tokens) dropped")
+    if stats.get("dropped_long_eval_prompts"):
+        notes.append(f"{plural(stats['dropped_long_eval_prompts'], 'eval prompt')} over the prompt-length "
+                     "limit dropped")
+    if stats.get("truncated_rows"):
+        notes.append(f"{plural(stats['truncated_rows'], 'row')} truncated to --max-seq-length "
+                     f"{stats.get('max_seq_length', '')}".rstrip())
+    if stats.get("dropped_no_assistant_tokens"):
+        notes.append(f"{plural(stats['dropped_no_assistant_tokens'], 'row')} dropped: no assistant tokens left "
+                     "after truncation")
+    return notes
+
+
 def _format_rows(source, order: list[int], fmt: str, fn, system_prompt: str | None, skip: bool,
                  option: str, stats: dict) -> list[tuple[int, Any]]:
     """Apply formatter `fn` to the rows `order`; a bad row stops the run unless `skip`."""
     out, bad = [], []
     # One Arrow read of the selected rows; indexing row by row costs ~10x more.
-    for index, row in zip(order, source.select(order).to_list()):
-        try:
-            out.append((index, fn(fmt, row, system_prompt)))
-        except BadRow as exc:
-            if not skip:
-                raise UserError(f"Row {index} of {option} is malformed ({fmt} format): {exc}. Fix the row, or pass "
-                                "--skip-bad-rows to drop malformed rows (they are counted).") from None
-            bad.append(f"row {index}: {exc}")
+    selected = source.select(order).to_list()
+    with data_progress(f"format rows ({fmt})", len(order)) as progress:
+        for done, (index, row) in enumerate(zip(order, selected), 1):
+            if done % TOKENIZE_CHUNK == 0 or done == len(order):
+                progress.update(done)
+            try:
+                out.append((index, fn(fmt, row, system_prompt)))
+            except BadRow as exc:
+                if not skip:
+                    raise UserError(f"Row {index + 1} of {option} is malformed ({fmt} format): {exc}. Fix the row "
+                                    "(rows count from 1, as lines of a .jsonl file do), or pass "
+                                    "--skip-bad-rows to drop malformed rows (they are counted).") from None
+                bad.append(f"row {index + 1}: {exc}")  # 1-based, as users count rows and lines
     stats["bad_rows"] = stats.get("bad_rows", 0) + len(bad)
     if bad:
         stats.setdefault("bad_row_examples", []).extend(bad[:3])
-        logger.warning("Dropped %d malformed rows of %s (--skip-bad-rows), e.g. %s", len(bad), option, bad[0])
+        logger.warning("Dropped %s of %s (--skip-bad-rows), e.g. %s", plural(len(bad), "malformed row"), option, bad[0])
     return out
 
 
@@ -512,8 +568,8 @@ def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, 
     import datasets
 
     d = cfg.data
-    stats: dict[str, Any] = {"rows_in": len(source)}
-    order = _seeded_order(len(source), cfg.training.seed, d.num_samples)
+    stats: dict[str, Any] = {"rows_in": len(source), "max_seq_length": d.max_seq_length}
+    order = _training_order(cfg, source, stats)
     rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows,
                         f"--dataset {d.dataset}", stats)
     eval_rows = None
@@ -544,43 +600,46 @@ def _tokenize_sft(tokenizer: Any, template: str, items: list, fmt: str, max_len:
     out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
     truncated = dropped = total = trained = longest = 0
     can_cut = fmt != "text" and piecewise_tokenization_is_exact(tokenizer)
-    for chunk_start in range(0, len(items), TOKENIZE_CHUNK):
-        chunk = items[chunk_start: chunk_start + TOKENIZE_CHUNK]
-        if fmt == "text":
-            encoded = tokenizer(chunk, add_special_tokens=True)["input_ids"]
-            eos = tokenizer.eos_token_id
-            pairs = [(ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []), None)
-                     for ids in encoded]
-            pairs = [(ids, [1] * len(ids)) for ids, _ in pairs]
-        else:
-            if only_assistant:
-                rendered = [assistant_char_spans(tokenizer, messages, template) for messages in chunk]
-                if not getattr(tokenizer, "is_fast", False):
-                    raise UserError("Assistant-only labels need a fast tokenizer (character offsets); "
-                                    f"{getattr(tokenizer, 'name_or_path', 'this model')} has a slow one.")
+    with data_progress("tokenize", len(items)) as progress:
+        for chunk_start in range(0, len(items), TOKENIZE_CHUNK):
+            progress.update(chunk_start)
+            chunk = items[chunk_start: chunk_start + TOKENIZE_CHUNK]
+            if fmt == "text":
+                encoded = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+                eos = tokenizer.eos_token_id
+                pairs = [(ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []), None)
+                         for ids in encoded]
+                pairs = [(ids, [1] * len(ids)) for ids, _ in pairs]
             else:
-                rendered = [(render(tokenizer, messages, chat_template=template), []) for messages in chunk]
-            cuts = [generation_prompt_ends(tokenizer, messages, template, text) if can_cut else []
-                    for messages, (text, _) in zip(chunk, rendered)]
-            encoded = tokenize_at_cuts(tokenizer, [text for text, _ in rendered], cuts, offsets=only_assistant)
-            pairs = [(ids, spans_to_mask(offsets, spans) if only_assistant else [1] * len(ids))
-                     for (ids, offsets), (_, spans) in zip(encoded, rendered)]
-        for ids, mask in pairs:
-            longest = max(longest, len(ids))
-            if len(ids) > max_len:
-                truncated += 1
-                ids, mask = ids[:max_len], mask[:max_len]
-            if not any(mask):  # nothing to learn from (all assistant tokens cut off)
-                dropped += 1
-                continue
-            out["input_ids"].append(list(ids))
-            out["assistant_masks"].append(mask)
-            total += len(ids)
-            trained += sum(mask)
+                if only_assistant:
+                    rendered = [assistant_char_spans(tokenizer, messages, template) for messages in chunk]
+                    if not getattr(tokenizer, "is_fast", False):
+                        raise UserError("Assistant-only labels need a fast tokenizer (character offsets); "
+                                        f"{getattr(tokenizer, 'name_or_path', 'this model')} has a slow one.")
+                else:
+                    rendered = [(render(tokenizer, messages, chat_template=template), []) for messages in chunk]
+                cuts = [generation_prompt_ends(tokenizer, messages, template, text) if can_cut else []
+                        for messages, (text, _) in zip(chunk, rendered)]
+                encoded = tokenize_at_cuts(tokenizer, [text for text, _ in rendered], cuts, offsets=only_assistant)
+                pairs = [(ids, spans_to_mask(offsets, spans) if only_assistant else [1] * len(ids))
+                         for (ids, offsets), (_, spans) in zip(encoded, rendered)]
+            for ids, mask in pairs:
+                longest = max(longest, len(ids))
+                if len(ids) > max_len:
+                    truncated += 1
+                    ids, mask = ids[:max_len], mask[:max_len]
+                if not any(mask):  # nothing to learn from (all assistant tokens cut off)
+                    dropped += 1
+                    continue
+                out["input_ids"].append(list(ids))
+                out["assistant_masks"].append(mask)
+                total += len(ids)
+                trained += sum(mask)
+        progress.update(len(items))
     stats.update(truncated_rows=truncated, dropped_no_assistant_tokens=dropped, tokens=total,
                  assistant_tokens=trained, longest_row_tokens=longest)
     if truncated:
-        logger.warning("%d rows were longer than --max-seq-length %d and were truncated", truncated, max_len)
+        logger.warning("%s longer than --max-seq-length %d truncated", plural(truncated, "row"), max_len)
     return out
 
 
@@ -600,7 +659,7 @@ def nearest_rank(values: list[int], q: float) -> int:
 def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, eval_source):
     d, g = cfg.data, cfg.grpo
     stats: dict[str, Any] = {"rows_in": len(source)}
-    order = _seeded_order(len(source), cfg.training.seed, d.num_samples)
+    order = _training_order(cfg, source, stats)
     rows = _format_rows(source, order, fmt, format_grpo_row, d.system_prompt, d.skip_bad_rows, f"--dataset {d.dataset}", stats)
     eval_rows = None
     if eval_source is not None:
@@ -610,21 +669,23 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
     _check_code_tests(cfg, source, eval_source)
 
-    texts = [render(tokenizer, messages, True, template) for _, (messages, _, _) in rows]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    texts, ids = _render_prompts(tokenizer, template, [messages for _, (messages, _, _) in rows])
     lengths = [len(x) for x in ids]
-    threshold = nearest_rank(lengths, g.prompt_length_percentile)
-    if g.max_prompt_length is not None:
-        threshold = min(threshold, g.max_prompt_length)
-    keep = [i for i, n in enumerate(lengths) if n <= threshold]
+    # Keep every prompt that fits --max-prompt-length; the percentile cut is opt-in.
+    percentile_tokens = (nearest_rank(lengths, g.prompt_length_percentile)
+                         if g.prompt_length_percentile is not None else None)
+    limits = [x for x in (g.max_prompt_length, percentile_tokens) if x is not None]
+    threshold = min(limits) if limits else None
+    keep = [i for i, n in enumerate(lengths) if threshold is None or n <= threshold]
+    over_max = sum(g.max_prompt_length is not None and n > g.max_prompt_length for n in lengths)
     stats.update(
         prompt_tokens_p50=nearest_rank(lengths, 0.5), prompt_tokens_p90=nearest_rank(lengths, 0.9),
         prompt_tokens_p99=nearest_rank(lengths, 0.99), prompt_tokens_max=max(lengths),
         prompt_length_threshold=threshold, dropped_long_prompts=len(rows) - len(keep),
+        max_prompt_length=g.max_prompt_length, prompt_length_percentile=g.prompt_length_percentile,
+        percentile_tokens=percentile_tokens, dropped_over_max_prompt_length=over_max,
+        dropped_over_percentile=len(rows) - len(keep) - over_max,
     )
-    if stats["dropped_long_prompts"]:
-        logger.info("Dropped %d prompts longer than %d tokens (--prompt-length-percentile %s, --max-prompt-length %s)",
-                    stats["dropped_long_prompts"], threshold, g.prompt_length_percentile, g.max_prompt_length)
     if not keep:
         raise UserError(f"Every prompt is longer than --max-prompt-length {g.max_prompt_length} tokens; "
                         f"the shortest has {min(lengths)}. Raise --max-prompt-length.")
@@ -633,9 +694,8 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
 
     held_out = None
     if eval_rows:
-        e_texts = [render(tokenizer, m, True, template) for _, (m, _, _) in eval_rows]
-        e_ids = tokenizer(e_texts, add_special_tokens=False)["input_ids"]
-        fits = [i for i, x in enumerate(e_ids) if len(x) <= threshold]
+        e_texts, e_ids = _render_prompts(tokenizer, template, [m for _, (m, _, _) in eval_rows], "eval prompts")
+        fits = [i for i, x in enumerate(e_ids) if threshold is None or len(x) <= threshold]
         stats["dropped_long_eval_prompts"] = len(e_ids) - len(fits)
         held_out = _grpo_dataset(eval_source, [eval_rows[i] for i in fits], [e_texts[i] for i in fits],
                                  [e_ids[i] for i in fits])
@@ -658,6 +718,19 @@ def _check_code_tests(cfg: RunConfig, source, eval_source) -> None:
     check_dataset_tests(source, rewards, f"--dataset {cfg.data.dataset}")
     if eval_source is not None:
         check_dataset_tests(eval_source, rewards, f"--eval-dataset {cfg.data.eval_dataset}")
+
+
+def _render_prompts(tokenizer: Any, template: str, prompts: list, stage: str = "prompts") -> tuple[list, list]:
+    """(rendered texts with the generation prompt, their token ids), chunk by chunk with progress."""
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    with data_progress(f"render and tokenize {stage}", len(prompts)) as progress:
+        for start in range(0, len(prompts), TOKENIZE_CHUNK):
+            chunk = [render(tokenizer, messages, True, template) for messages in prompts[start:start + TOKENIZE_CHUNK]]
+            texts += chunk
+            ids += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            progress.update(len(texts))
+    return texts, ids
 
 
 def _grpo_dataset(source, rows: list, texts: list[str], ids: list[list[int]]):

@@ -9,6 +9,7 @@ config for the hub.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from opensloth.errors import UserError
 logger = logging.getLogger("opensloth")
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv")  # read as UTF-8 text (parquet is binary)
 PREPARED_META = "opensloth_prepared.json"
 
 
@@ -72,15 +74,74 @@ def load_source(spec: str, split: str = "train", config: str | None = None,
         if builder is None:
             raise UserError(f"{option} {spec}: unsupported file type {path.suffix!r}. Use .json, .jsonl, .csv or "
                             ".parquet, a saved dataset directory, or a hub dataset name.")
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            # `datasets` reads non-UTF-8 bytes into Arrow and fails much later, deep in a row lookup.
+            check_utf8(path, f"{option} {spec}")
+        logger.info("Reading %s %s", option, spec)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
         except Exception as exc:  # noqa: BLE001 - pyarrow / json errors: the file is malformed
+            where = find_bad_json_line(path) if builder == "json" else None
+            if where is not None:
+                line, why = where
+                raise UserError(
+                    f"{option} {spec}, line {line}: not valid JSON ({why}). Each line of a {path.suffix} file "
+                    'must be one JSON object, such as {"prompt": "...", "answer": "..."}: fix or remove that line.'
+                ) from None
             raise UserError(f"{option} {spec}: could not read it as {path.suffix} "
                             f"({type(exc).__name__}: {_short(exc)}). Check the file's contents.") from None
     if path.suffix.lower() in FILE_BUILDERS or spec.startswith((".", "/", "~")):
         raise UserError(f"{option} {spec}: no such file. Check the path (relative paths start from "
                         f"{Path.cwd()}).")
     return _load_hub(spec, split, config, cache, option)
+
+
+def check_utf8(path: Path, what: str) -> None:
+    """Raise a UserError naming the 1-based line of the first byte in `path` that is not UTF-8.
+
+    Reads the file in 16 MiB chunks (about 1 s per GB), so a huge file is never held in memory.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 24)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                # exc.object is the decoder's pending bytes (never a newline) plus this chunk.
+                line += exc.object[: exc.start].count(b"\n")
+                raise UserError(
+                    f"{what}, line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}). Save the file as "
+                    f"UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8{path.suffix}."
+                ) from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+
+
+def find_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(1-based line, what is wrong) of the first line of a JSON Lines file that is not one JSON object;
+    for a .json file holding one document (an array), where that document breaks. None when the
+    file parses (the problem is elsewhere)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as exc:
+            if not text.lstrip().startswith("{"):  # one JSON document (an array), not JSON Lines
+                return exc.lineno, f"{exc.msg} at column {exc.colno}"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return number, f"{exc.msg} at column {exc.colno}"
+        if not isinstance(value, dict):
+            return number, f"a JSON {type(value).__name__}, not an object"
+    return None
 
 
 def _load_saved_dir(path: Path, split: str, option: str):

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opensloth.config import RunConfig, config_to_yaml, dump_config
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
 from opensloth.launch.procs import Device, WorkerFailed, run_workers
 
 __all__ = ["launch_training", "prepare_only", "resolve_devices", "check_output_dir", "WorkerFailed"]
@@ -100,13 +100,12 @@ def global_batch(cfg: RunConfig, world_size: int) -> str:
     t = cfg.training
     if cfg.recipe == "grpo":
         g = cfg.grpo
-        return (f"{g.rollout_batch_size} prompts x {g.group_size} completions = "
+        return (f"{plural(g.rollout_batch_size, 'prompt')} x {plural(g.group_size, 'completion')} = "
                 f"{g.rollout_batch_size * g.group_size} per step "
-                f"({g.rollout_batch_size // world_size} prompts "
-                "per worker)")
+                f"({plural(g.rollout_batch_size // world_size, 'prompt')} per worker)")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
-    return (f"{per_step} sequences per step ({t.per_device_train_batch_size} per micro-batch x "
-            f"{t.gradient_accumulation_steps} accumulation x {world_size} workers)")
+    return (f"{plural(per_step, 'sequence')} per step ({t.per_device_train_batch_size} per micro-batch x "
+            f"{t.gradient_accumulation_steps} accumulation x {plural(world_size, 'worker')})")
 
 
 def grpo_updates_per_step(cfg: RunConfig, world_size: int) -> str:
@@ -117,16 +116,17 @@ def grpo_updates_per_step(cfg: RunConfig, world_size: int) -> str:
     updates = math.ceil(per_worker / minibatch) * g.epochs_per_rollout_batch
     if updates == 1:
         return "1 optimizer step per rollout (on-policy)"
-    return f"{updates} optimizer steps per rollout (after the first, off-policy: clipped to the old log-probs)"
+    return f"{plural(updates, 'optimizer step')} per rollout (after the first, off-policy: clipped to the old log-probs)"
 
 
 def load_tokenizer(cfg: RunConfig) -> Any:
     """The tokenizer of --model (a base model, or a saved adapter directory: its own tokenizer if it
     kept one, else its base model's), loaded in the parent: cheap, and data prep needs it."""
     from opensloth import models
-    from opensloth.models.loading import check_model_path, read_adapter_config
+    from opensloth.models.loading import check_model_path, check_weights, read_adapter_config
 
     name = check_model_path(cfg.model.model)
+    check_weights(name, f"--model {cfg.model.model}")  # a cut-off download fails here, before data prep
     adapter = read_adapter_config(name)
     has_own = (Path(name) / "tokenizer_config.json").is_file() or (Path(name) / "tokenizer.json").is_file()
     if adapter and not has_own and adapter.get("base_model_name_or_path"):
@@ -166,21 +166,26 @@ def cache_status(cfg: RunConfig) -> str:
 
 
 def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> None:
-    """The devices, workers, data, output dir and global batch, as a small table."""
+    """The devices, workers, data (with every drop and clamp counted), output dir and global batch."""
+    from opensloth.data import describe_drops
+
     world = len(devices)
     table = Table(title=f"os-train {cfg.recipe}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     shown = "cpu" if devices[0] == "cpu" else "GPU " + ",".join(map(str, devices))
-    table.add_row("devices", f"{shown} ({world} worker{'s' if world > 1 else ''}, "
+    table.add_row("devices", f"{shown} ({plural(world, 'worker')}, "
                   f"{'in this process' if devices == ['cpu'] else cfg.distributed.launcher + ' launcher'})")
     table.add_row("model", cfg.model.model)
     if prepared is None:
         table.add_row("data", cache_status(cfg))
     else:
         hit = "cache hit" if prepared.cache_hit else "prepared now (cache miss)"
-        table.add_row("data", f"{prepared.num_rows} rows, {prepared.num_shards} shards, "
+        stats = prepared.stats
+        read = f" of {stats['rows_in']} read" if "rows_in" in stats else ""
+        table.add_row("data", f"{plural(prepared.num_rows, 'row')}{read}, {plural(prepared.num_shards, 'shard')}, "
                       f"{hit}: {prepared.path}")
+        table.add_row("dropped", "; ".join(describe_drops(stats)) or "nothing (every row used whole)")
     table.add_row("output dir", str(cfg.training.output_dir))
     table.add_row("global batch", global_batch(cfg, world))
     if cfg.recipe == "grpo":
@@ -263,6 +268,9 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
         return
     check_writable(cfg.training.output_dir)
 
+    from opensloth.distributed import setup_logging
+
+    setup_logging(is_main=True)  # data prep runs here: its notes (drops, progress stages) must show
     tokenizer = load_tokenizer(cfg)
     prepared = prepare_data(cfg, tokenizer, num_shards=len(devices))
     print_plan(cfg, devices, prepared)
@@ -292,6 +300,8 @@ def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None,
         output_path: also copy the prepared directory here (pass it to --dataset later).
         num_workers: shards to write (default: the worker count of --devices).
     """
+    from opensloth.data import describe_drops
+
     if num_workers is not None and num_workers < 1:
         raise UserError(f"--num-workers {num_workers}: must be at least 1.")
     cfg = with_trained_system_prompt(cfg)
@@ -301,6 +311,9 @@ def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None,
         if output_path.exists() and (not output_path.is_dir() or any(output_path.iterdir())):
             raise UserError(f"--output-path {output_path} already exists and is not empty. "
                             "Choose a new directory (nothing was written).")
+    from opensloth.distributed import setup_logging
+
+    setup_logging(is_main=True)
     tokenizer = load_tokenizer(cfg)
     prepared = prepare_data(cfg, tokenizer, num_shards=shards)
 
@@ -311,6 +324,7 @@ def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None,
     table.add_row("fingerprint", str(prepared.fingerprint))
     table.add_row("rows", str(prepared.num_rows))
     table.add_row("shards", f"{prepared.num_shards} (one per worker)")
+    table.add_row("dropped", "; ".join(describe_drops(prepared.stats)) or "nothing (every row used whole)")
     for key, value in sorted(prepared.stats.items()):
         table.add_row(str(key), str(value))
     if output_path is not None:

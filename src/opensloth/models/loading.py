@@ -92,6 +92,25 @@ def read_adapter_config(model: str) -> dict[str, Any] | None:
         raise UserError(f"--model {model}: adapter_config.json is not valid JSON ({err}).") from None
 
 
+def check_base_model(adapter_dir: str, base: str,
+                     fix: str = "Point base_model_name_or_path in that file at its new place.") -> str:
+    """The base model an adapter records (`base_model_name_or_path`), checked like --model.
+
+    Raises:
+        UserError: the recorded local base was moved or deleted (says where to point at its new
+            place), or its weights are cut short.
+    """
+    try:
+        base = check_model_path(base, option=f"The base model recorded in {adapter_dir}/adapter_config.json,")
+    except UserError as err:
+        if Path(base).expanduser().exists():
+            raise
+        raise UserError(f"The base model recorded in {adapter_dir}/adapter_config.json, {base}, does not exist "
+                        f"(moved or deleted). {fix}") from err
+    check_weights(base, f"The base model of {adapter_dir}")
+    return base
+
+
 def check_model_path(model: str, option: str = "--model") -> str:
     """Return a local path as an absolute string (so it is recorded that way in saved adapters),
     or a hub name unchanged. Raise a UserError for a local path that is not a model."""
@@ -109,6 +128,48 @@ def check_model_path(model: str, option: str = "--model") -> str:
     if looks_local:
         raise UserError(f"{option} {model}: no such directory. Check the path, or pass a hub model name.")
     return model
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file's framing, or None when it is whole.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range, then the data: a download or save cut short ends before the last range does. Only the
+    header is read, so this costs microseconds even for a 10 GB file.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte header"
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        if 8 + header_len > size:
+            return f"{size:,} bytes, but its header alone claims {header_len:,} (a cut-off file, or a Git LFS pointer)"
+        try:
+            header = json.loads(fh.read(header_len))
+        except ValueError:
+            return "its header is not valid JSON"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"{size:,} bytes, but its header describes {expected:,}"
+    return None
+
+
+def check_weights(directory: str | Path, what: str) -> None:
+    """Refuse a local model or adapter directory whose .safetensors files are cut short.
+
+    Raises:
+        UserError: names the file, says it is corrupt or incomplete and how to get it whole.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return  # a hub name: the hub download checks its files
+    for file in sorted(directory.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise UserError(f"{what}: {file} is corrupt or incomplete ({problem}). Download it again, or save "
+                            "the model again with save_pretrained (an interrupted copy or download leaves this).")
 
 
 # ------------------------------------------------------------------ loading
@@ -141,6 +202,7 @@ def load_model_and_tokenizer(
     """
     device = torch.device(device)
     name = check_model_path(model_cfg.model)
+    check_weights(name, f"--model {model_cfg.model}")
     adapter = read_adapter_config(name)
     if adapter is not None and model_cfg.full_finetune:
         raise UserError(
@@ -168,7 +230,7 @@ def _load_hf(model_cfg, lora_cfg, name, adapter, dtype, device, for_training):
         base_name = adapter.get("base_model_name_or_path")
         if not base_name:
             raise UserError(f"--model {name}: adapter_config.json records no base_model_name_or_path.")
-        base_name = check_model_path(base_name, option=f"the base model recorded in {name}/adapter_config.json:")
+        base_name = check_base_model(name, base_name)
     tokenizer = load_tokenizer(name if _has_tokenizer(name) else base_name, model_cfg.trust_remote_code)
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}

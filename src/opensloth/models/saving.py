@@ -67,22 +67,28 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     return out
 
 
-def merge_and_save(model_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
+def merge_and_save(model_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
+                   base_model: str | None = None) -> Path:
     """Merge a saved LoRA adapter into its base weights and save a standalone model.
 
     Args:
         model_dir: a directory written by `save_model` with a PEFT adapter.
         out_dir: where the merged model and tokenizer go.
         dtype: dtype of the merged weights (16-bit for serving).
+        base_model: the base model to merge into (default: the one the adapter records).
 
     Returns:
         `out_dir` as a Path, loadable with `AutoModelForCausalLM.from_pretrained`.
     """
     import torch
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    if base_model is None:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, dtype))
+        model = PeftModel.from_pretrained(base, str(model_dir))
     merged = model.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return save_model(merged, tokenizer, out_dir)

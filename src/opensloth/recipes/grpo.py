@@ -69,7 +69,7 @@ from opensloth.checkpoint import (
 )
 from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
-from opensloth.errors import TrainingStopped, UserError
+from opensloth.errors import TrainingStopped, UserError, plural
 
 logger = logging.getLogger("opensloth")
 
@@ -249,8 +249,9 @@ class GRPORecipe:
             for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
-        logger.info("GRPO: %d steps, %d prompts x %d completions per step, %d optimizer updates per step",
-                    self.total_steps, g.rollout_batch_size, g.group_size, self.updates_per_rollout)
+        logger.info("GRPO: %s, %s x %s per step, %s per step", plural(self.total_steps, "step"),
+                    plural(g.rollout_batch_size, "prompt"), plural(g.group_size, "completion"),
+                    plural(self.updates_per_rollout, "optimizer update"))
 
     def _count_steps(self) -> int:
         t, g = self.cfg.training, self.cfg.grpo

@@ -35,7 +35,7 @@ from transformers import PrinterCallback, TrainerCallback
 from opensloth.checkpoint import StopSignal, resolve_resume, sft_checkpoint_callback, stopped_message
 from opensloth.config import SFTRunConfig
 from opensloth.distributed import WorkerContext
-from opensloth.errors import TrainingStopped, UserError
+from opensloth.errors import TrainingStopped, UserError, plural
 from opensloth.models import load_model_and_tokenizer, save_model, unwrap_model
 from opensloth.tracking import MetricsLogger, TrainingProgress, plot_metrics
 
@@ -83,8 +83,8 @@ class SFTRecipe:
         if self.ctx.is_main:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
-            logger.info("SFT: %d training rows, %s trainable of %s parameters, %d workers",
-                        len(self.train_data), f"{trainable:,}", f"{total:,}", self.ctx.world_size)
+            logger.info("SFT: %s, %s trainable of %s parameters, %s", plural(len(self.train_data), "training row"),
+                        f"{trainable:,}", f"{total:,}", plural(self.ctx.world_size, "worker"))
 
     def _load_data(self):
         """The whole prepared dataset in its global order (see the module docstring), and the eval split if any."""

@@ -234,6 +234,9 @@ def load_reward_module(path: Path | str) -> list[str]:
             message names the file and line), or a name clashes with another reward.
     """
     path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"--reward-module {path}: the file does not exist. Check the path (relative paths start "
+                        f"from {Path.cwd()}).")
     if not path.is_file() or path.suffix != ".py":
         raise UserError(f"--reward-module {path}: not a Python file. Pass the path of a .py file with rewards.")
     path = path.resolve()

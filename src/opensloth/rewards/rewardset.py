@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opensloth.errors import UserError
+from opensloth.errors import UserError, plural
 from opensloth.rewards.base import PRESETS, RewardFunction, get_reward_functions, load_reward_module
 
 logger = logging.getLogger(__name__)
@@ -70,16 +70,16 @@ def check_values(values: Any, n: int) -> list[float | None]:
     if not isinstance(values, (list, tuple)):
         raise RewardFailure(f"returned {type(values).__name__}, expected a list of {n} floats")
     if len(values) != n:
-        raise RewardFailure(f"returned {len(values)} values for {n} completions")
+        raise RewardFailure(f"returned {plural(len(values), 'value')} for {plural(n, 'completion')}")
     out: list[float | None] = []
     for i, value in enumerate(values):
         if value is None:
             out.append(None)
             continue
         if not isinstance(value, numbers.Real):
-            raise RewardFailure(f"value {i} is {type(value).__name__} {value!r}, not a number or None")
+            raise RewardFailure(f"value {i + 1} (completion {i + 1}) is {type(value).__name__} {value!r}, not a number or None")
         if not math.isfinite(value):
-            raise RewardFailure(f"value {i} is {value}; rewards must be finite (or None)")
+            raise RewardFailure(f"value {i + 1} (completion {i + 1}) is {value}; rewards must be finite (or None)")
         out.append(float(value))
     return out
 
@@ -99,7 +99,8 @@ class RewardSet:
         self.weights = [float(w) for w in weights] if weights else [1.0] * len(self.rewards)
         if len(self.weights) != len(self.rewards):
             raise UserError(
-                f"--reward-weights has {len(self.weights)} values but there are {len(self.rewards)} rewards "
+                f"--reward-weights has {plural(len(self.weights), 'value')} but there are "
+                f"{plural(len(self.rewards), 'reward')} "
                 f"({', '.join(r.name for r in self.rewards)}). Give one weight per reward, in that order."
             )
         self.time_limit_s = time_limit_s
@@ -216,6 +217,20 @@ def _call_with_time_limit(reward: RewardFunction, prompts: list, completions: li
     return box["value"]
 
 
+def _check_modules_used(defined: dict, selected: list[str]) -> None:
+    """Refuse a --reward-module none of whose rewards the run uses: TRL runs exactly the reward
+    functions it is given, and a file loaded for nothing is a forgotten --rewards, not a choice."""
+    for module, names in defined.items():
+        if not names:
+            raise UserError(f"--reward-module {module} defines no reward: give it a function with TRL's signature "
+                            "fn(completions, **kwargs) -> list[float], a RewardFunction instance, or a "
+                            "register_reward_function call (see docs/rewards.md).")
+        if not set(names) & set(selected):
+            raise UserError(f"--reward-module {module} defines {', '.join(names)}, but the run uses none of them "
+                            f"(--task presets hold built-in rewards only). Name the ones to use: --rewards "
+                            f"{','.join(names)}.")
+
+
 def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights: Sequence[float] = (),
                     modules: Sequence[Path | str] = (), time_limit_s: float = 120.0) -> RewardSet:
     """The rewards of a GRPO run: the task preset, then --rewards, with --reward-weights.
@@ -235,8 +250,7 @@ def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights:
         UserError: no rewards, unknown task or reward (lists the valid ones), a weight count that
             does not match, or a bad reward module.
     """
-    for module in modules:
-        load_reward_module(module)
+    defined = {module: load_reward_module(module) for module in modules}
     selected: list[str] = []
     if task is not None:
         if task not in PRESETS:
@@ -247,10 +261,11 @@ def resolve_rewards(task: str | None = None, names: Sequence[str] = (), weights:
     if not selected:
         raise UserError("GRPO needs at least one reward: pass --task (math, code, general, reasoning) and/or "
                         "--rewards NAME,... (see `os list-rewards`).")
+    _check_modules_used(defined, selected)
     rewards = get_reward_functions(selected)
     if weights and len(weights) != len(rewards):
         raise UserError(
-            f"--reward-weights has {len(weights)} values but the run has {len(rewards)} rewards "
+            f"--reward-weights has {plural(len(weights), 'value')} but the run has {plural(len(rewards), 'reward')} "
             f"({', '.join(selected)}). Give one weight per reward, in that order."
         )
     return RewardSet(rewards, list(weights) or None, time_limit_s)
