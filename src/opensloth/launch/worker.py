@@ -39,6 +39,7 @@ from opensloth.errors import TrainingStopped, UserError
 from opensloth.launch.procs import ERROR_FILE_ENV, LAUNCHED_ENV, PARENT_PID_ENV
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
+_TORCHRUN_LOCK = None  # rank 0's output-dir lock under torchrun (see check_torchrun_job)
 
 
 def parse_fault_spec(spec: str) -> dict[str, str]:
@@ -83,6 +84,13 @@ def run_recipe(cfg: RunConfig, ctx: WorkerContext) -> None:
     disarm = install_fault_injection(ctx.rank)
     try:
         recipe.run(cfg, ctx)
+    except Exception as exc:
+        from opensloth.checkpoint import is_disk_full, training_disk_full_error
+
+        if isinstance(exc, UserError) or not is_disk_full(exc):
+            raise
+        # A write the recipes do not name themselves (metrics.jsonl, TensorBoard events, ...).
+        raise training_disk_full_error(exc, cfg.training.output_dir) from exc
     finally:
         if disarm is not None:
             disarm()
@@ -120,17 +128,24 @@ def check_torchrun_job(cfg: RunConfig, prepared: Path) -> None:
     """Under torchrun no launcher of ours ran its checks: do them here, before joining the group.
 
     The prepared data must be sharded for WORLD_SIZE workers (GRPO reads shard RANK), and rank 0
-    guards the output dir as `os-train` does, then keeps the resolved config beside the outputs.
+    guards the output dir as `os-train` does: it takes the dir's lock for the life of its process
+    (the other ranks of this node die with the job), refuses a non-empty dir and a --resume that
+    would train over a finished run. The recipe writes config.yaml once training starts.
     """
-    from opensloth.config import dump_config
     from opensloth.data import check_shards, load_prepared
     from opensloth.launch import check_output_dir
+    from opensloth.launch.rundir import RunLock, check_resume
 
+    global _TORCHRUN_LOCK
     check_shards(load_prepared(prepared), int(os.environ.get("WORLD_SIZE", 1)))
     if int(os.environ.get("RANK", 0)) == 0:
+        _TORCHRUN_LOCK = RunLock(cfg.training.output_dir).acquire()  # released when the process exits
+        note = _TORCHRUN_LOCK.stale_note()
+        if note:
+            sys.stderr.write(note + "\n")
         check_output_dir(cfg)
-        cfg.training.output_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, cfg.training.output_dir / "config.yaml")
+        for line in check_resume(cfg):
+            sys.stderr.write(line + "\n")
 
 
 def use_cuda_for(cfg: RunConfig) -> bool:
