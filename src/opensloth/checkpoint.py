@@ -267,7 +267,7 @@ def _reason(exc: BaseException) -> str:
         name = os.strerror(errnum)
         if name in text or f"os error {errnum}" in text or any(
                 isinstance(e, OSError) and e.errno == errnum for e in _chain(exc)):
-            return name
+            return name + (" (a file size limit, ulimit -f)" if errnum == errno.EFBIG else "")
     return "a write failed (disk full or a file size limit)"
 
 
@@ -280,7 +280,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _mb(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:.1f} MB"
+    """1234567 -> "1.2 MB"; below 10 MB in KB, so a small save does not read as "0.2 MB needed, 0.2 MB free"."""
+    if num_bytes < 10 * 2**20:
+        return f"{num_bytes / 2**10:.0f} KB"
+    if num_bytes < 10 * 2**30:
+        return f"{num_bytes / 2**20:.1f} MB"
+    return f"{num_bytes / 2**30:.1f} GB"
 
 
 def free_bytes(path: Path) -> int:
@@ -306,15 +311,20 @@ def disk_full_error(exc: BaseException, what: str, path: Path, needed: int, afte
         needed: an estimate of the bytes the save writes.
         after: what is intact and how to go on (a sentence).
     """
-    return UserError(f"{_reason(exc)} while writing {what} to {path}: it needs about {_mb(needed)} and "
-                     f"{_mb(free_bytes(path))} is free there. {after}")
+    free = free_bytes(path)
+    reason = _reason(exc)
+    if reason.startswith("a write failed") and free < needed:  # torch.save names no errno
+        reason = os.strerror(errno.ENOSPC)
+    return UserError(f"{reason} while writing {what} to {path}: it needs about {_mb(needed)} and "
+                     f"{_mb(free)} is free there. {after}")
 
 
 def last_checkpoint_sentence(output_dir: Path) -> str:
     """Where the trained weights survive after a failed save, and how to go on."""
     latest = find_latest_checkpoint(Path(output_dir))
     if latest is None:
-        return ("No checkpoint was written (pass --save-steps N to keep some); free some space and run again.")
+        return ("No complete checkpoint exists yet (--save-steps N writes some), so this run's training is lost; "
+                "free some space and run again.")
     return (f"The last checkpoint, {latest}, is intact: free some space and continue with --resume "
             f"(or use {latest / 'adapter' if (latest / 'adapter').is_dir() else latest} as --model).")
 
