@@ -408,6 +408,7 @@ def record_run_config(cfg: Any, resumed_from: Path | None) -> Path:
     from opensloth.config import config_to_yaml
 
     out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # (the launcher made it; a recipe called directly may not have)
     path = out / "config.yaml"
     text = config_to_yaml(cfg)
     if resumed_from is not None and path.is_file() and path.read_text() != text:
