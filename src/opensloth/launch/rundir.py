@@ -91,8 +91,8 @@ class RunLock:
     """An exclusive lock on an output dir for the life of one run (a context manager).
 
     Args:
-        output_dir: the run's --output-dir (created if missing; removed again on release if this
-            lock created it and the run left it empty, so a failed start leaves nothing behind).
+        output_dir: the run's --output-dir (created if missing, with its parents; those are removed
+            again on release if the run left them empty, so a failed start leaves nothing behind).
 
     Raises:
         UserError: another live run holds the dir (names its pid, host and start time).
@@ -102,11 +102,12 @@ class RunLock:
         self.dir = Path(output_dir)
         self.path = self.dir / LOCK_FILE
         self._fd: Optional[int] = None
-        self._created_dir = False
+        self._created: list[Path] = []  # directories this lock created, deepest first
         self.took_over: Optional[dict[str, Any]] = None  # the record of a dead owner, if any
 
     def acquire(self) -> RunLock:
-        self._created_dir = not self.dir.exists()
+        absolute = self.dir.absolute()
+        self._created = [p for p in [absolute, *absolute.parents] if not p.exists()]
         self.dir.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -163,11 +164,11 @@ class RunLock:
             pass
         os.close(self._fd)  # closing drops the flock
         self._fd = None
-        if self._created_dir:
+        for path in self._created:  # only empty ones: a failed start leaves no directory behind
             try:
-                self.dir.rmdir()  # only if empty: a failed start leaves no directory behind
+                path.rmdir()
             except OSError:
-                pass
+                break
 
     def __enter__(self) -> RunLock:
         return self.acquire()
