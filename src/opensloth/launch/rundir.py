@@ -66,6 +66,17 @@ def _in_use_error(output_dir: Path) -> UserError:
                      "Wait for it to finish or stop it, or choose another --output-dir (nothing was written).")
 
 
+def _recorded_owner_alive(path: Path) -> bool:
+    """Does the lock file name a live process on this host (other than this one)?"""
+    try:
+        owner = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    pid = owner.get("pid")
+    return (owner.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid()
+            and _pid_alive(pid))
+
+
 def check_unlocked(output_dir: Path) -> None:
     """Refuse at once (writing nothing) when a live run holds `output_dir`'s lock.
 
@@ -104,6 +115,7 @@ class RunLock:
         self._fd: Optional[int] = None
         self._created: list[Path] = []  # directories this lock created, deepest first
         self.took_over: Optional[dict[str, Any]] = None  # the record of a dead owner, if any
+        self.unlocked_reason: Optional[str] = None  # set when the filesystem cannot lock
 
     def acquire(self) -> RunLock:
         absolute = self.dir.absolute()
@@ -114,6 +126,13 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    # A filesystem without locks (some network mounts): fall back to the recorded pid.
+                    self.unlocked_reason = exc.strerror
+                    if _recorded_owner_alive(self.path):
+                        os.close(fd)
+                        self._refuse()
+                    break
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                     raise
@@ -145,7 +164,11 @@ class RunLock:
         raise _in_use_error(self.dir)
 
     def stale_note(self) -> Optional[str]:
-        """A line about the dead run whose lock this one took over, or None."""
+        """A line about the dead run whose lock this one took over (or about a filesystem that cannot
+        lock), or None."""
+        if self.unlocked_reason is not None:
+            return (f"Warning: {self.dir} cannot be locked ({self.unlocked_reason}): a second run into it at the "
+                    "same time would not be refused.")
         old = self.took_over
         if not old:
             return None

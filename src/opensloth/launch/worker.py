@@ -139,13 +139,20 @@ def check_torchrun_job(cfg: RunConfig, prepared: Path) -> None:
     global _TORCHRUN_LOCK
     check_shards(load_prepared(prepared), int(os.environ.get("WORLD_SIZE", 1)))
     if int(os.environ.get("RANK", 0)) == 0:
-        _TORCHRUN_LOCK = RunLock(cfg.training.output_dir).acquire()  # released when the process exits
+        _TORCHRUN_LOCK = RunLock(cfg.training.output_dir).acquire()  # released by _exit
         note = _TORCHRUN_LOCK.stale_note()
         if note:
             sys.stderr.write(note + "\n")
         check_output_dir(cfg)
         for line in check_resume(cfg):
             sys.stderr.write(line + "\n")
+
+
+def _exit(code: int) -> None:
+    """os._exit(code), releasing rank 0's output-dir lock first under torchrun (os._exit runs no finally)."""
+    if _TORCHRUN_LOCK is not None:
+        _TORCHRUN_LOCK.release()
+    os._exit(code)
 
 
 def use_cuda_for(cfg: RunConfig) -> bool:
@@ -183,9 +190,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         cleanup()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        _exit(130)
     except KeyboardInterrupt:
-        os._exit(130)
+        _exit(130)
     except SystemExit as exc:
         if exc.code in (0, None):
             raise
@@ -200,14 +207,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         # os._exit: skip process-group teardown and atexit hooks that may block on a dead peer.
-        os._exit(2 if isinstance(exc, UserError) else 1)
+        _exit(2 if isinstance(exc, UserError) else 1)
     cleanup()
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit here too: even with the group destroyed, gloo's threads can abort an exiting
     # interpreter ("terminate called without an active exception", seen in CI on a rank that
     # finished while rank 0 was still saving). Everything the run writes is written by now.
-    os._exit(0)
+    _exit(0)
 
 
 if __name__ == "__main__":
