@@ -163,6 +163,36 @@ def test_a_second_run_into_a_live_dir_is_refused_and_a_stale_lock_is_taken_over(
     assert not (out / ".opensloth.lock").exists()  # released at exit
 
 
+RACER = """
+import sys, time
+from opensloth.errors import UserError
+from opensloth.launch.rundir import RunLock
+out, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    lock = RunLock(out).acquire()
+except UserError:
+    print("refused")
+else:
+    print("got")
+    time.sleep(2)  # hold it while the others try
+    lock.release()
+"""
+
+
+def test_runs_that_start_together_get_the_lock_exactly_once(tmp_path):
+    out = tmp_path / "fresh" / "run"  # not there yet: every racer also creates it
+    start = time.time() + 3  # every racer imported and spinning by then
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(out), str(start)], stdout=subprocess.PIPE,
+                               text=True, env=ENV) for _ in range(6)]
+    results = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+    assert results == ["got"] + ["refused"] * 5
+    # No file is left (the winner released its lock; the losers wrote nothing). The directories go with the
+    # winner's release unless a loser happened to create them first: then they stay, empty.
+    assert [p for p in (tmp_path / "fresh").rglob("*") if p.is_file()] == []
+
+
 # -- 3. a full disk ---------------------------------------------------------------------------------
 
 

@@ -31,7 +31,6 @@ from typing import Any, Optional
 
 import yaml
 
-from opensloth.checkpoint import previous_config_name
 from opensloth.config import RunConfig
 from opensloth.errors import UserError
 
@@ -270,7 +269,7 @@ def check_resume(cfg: RunConfig) -> list[str]:
     Raises:
         UserError: a finished run with nothing to resume, or changed shape options.
     """
-    from opensloth.checkpoint import CHECKPOINTS_SUBDIR, find_latest_checkpoint
+    from opensloth.checkpoint import CHECKPOINTS_SUBDIR, find_latest_checkpoint, previous_config_name
 
     t = cfg.training
     if not (t.resume or t.resume_from):
