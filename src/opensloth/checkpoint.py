@@ -247,17 +247,19 @@ _DISK_FULL_TEXT = re.compile(r"No space left on device|File too large|Disk quota
                              r"|file write failed|unexpected pos \d+ vs \d+")
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from (or while handling), outermost first."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Did `exc` (or an exception it was raised from) fail because the disk or a size limit is full?"""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        if _DISK_FULL_TEXT.search(str(exc)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any((isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS) or _DISK_FULL_TEXT.search(str(e))
+               for e in _chain(exc))
 
 
 def _reason(exc: BaseException) -> str:
@@ -269,14 +271,6 @@ def _reason(exc: BaseException) -> str:
                 isinstance(e, OSError) and e.errno == errnum for e in _chain(exc)):
             return name + (" (a file size limit, ulimit -f)" if errnum == errno.EFBIG else "")
     return "a write failed (disk full or a file size limit)"
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    while exc is not None and exc not in out:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
 
 
 def _mb(num_bytes: float) -> str:
