@@ -23,6 +23,7 @@ and exits; a second Ctrl-C interrupts at once.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -235,6 +236,184 @@ def check_writable(output_dir: Path, option: str = "--output-dir") -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# A full disk: one message naming the path and the space needed
+# ------------------------------------------------------------------------------------------------
+
+# ENOSPC (disk full), EFBIG (file size limit), EDQUOT (quota): the same remedy, the same message.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# safetensors (Rust) and torch.save (C++) report them as text: "No space left on device (os error 28)",
+# "[enforce fail at inline_container.cc:...] . PytorchStreamWriter failed writing file ...: file write failed".
+_DISK_FULL_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (?:28|27|122)\b"
+                             r"|file write failed|unexpected pos \d+ vs \d+")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from (or while handling), outermost first."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Did `exc` (or an exception it was raised from) fail because the disk or a size limit is full?"""
+    return any((isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS) or _DISK_FULL_TEXT.search(str(e))
+               for e in _chain(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    """"No space left on device" / "File too large" / ... for `exc`'s chain."""
+    text = " ".join(str(e) for e in _chain(exc))
+    for errnum in DISK_FULL_ERRNOS:
+        name = os.strerror(errnum)
+        if name in text or f"os error {errnum}" in text or any(
+                isinstance(e, OSError) and e.errno == errnum for e in _chain(exc)):
+            return name + (" (a file size limit, ulimit -f)" if errnum == errno.EFBIG else "")
+    return "a write failed (disk full or a file size limit)"
+
+
+def _mb(num_bytes: float) -> str:
+    """1234567 -> "1.2 MB"; below 10 MB in KB, so a small save does not read as "0.2 MB needed, 0.2 MB free"."""
+    if num_bytes < 10 * 2**20:
+        return f"{num_bytes / 2**10:.0f} KB"
+    if num_bytes < 10 * 2**30:
+        return f"{num_bytes / 2**20:.1f} MB"
+    return f"{num_bytes / 2**30:.1f} GB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def tensor_bytes(model: torch.nn.Module, trainable_only: bool) -> int:
+    """Bytes of the model's (trainable) parameters: what a save of its weights writes, roughly."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def disk_full_error(exc: BaseException, what: str, path: Path, needed: int, after: str) -> UserError:
+    """The one message for a save that ran out of space: what, where, how much, what is intact.
+
+    Args:
+        exc: the error of the failed write (its reason is named: disk full, file too large, quota).
+        what: "the final model", "checkpoint-4", ...
+        path: where it was being written.
+        needed: an estimate of the bytes the save writes.
+        after: what is intact and how to go on (a sentence).
+    """
+    free = free_bytes(path)
+    reason = _reason(exc)
+    if reason.startswith("a write failed") and free < needed:  # torch.save names no errno
+        reason = os.strerror(errno.ENOSPC)
+    return UserError(f"{reason} while writing {what} to {path}: it needs about {_mb(needed)} and "
+                     f"{_mb(free)} is free there. {after}")
+
+
+def last_checkpoint_sentence(output_dir: Path) -> str:
+    """Where the trained weights survive after a failed save, and how to go on."""
+    latest = find_latest_checkpoint(Path(output_dir))
+    if latest is None:
+        return ("No complete checkpoint exists yet (--save-steps N writes some), so this run's training is lost; "
+                "free some space and run again.")
+    return (f"The last checkpoint, {latest}, is intact: free some space and continue with --resume "
+            f"(or use {latest / 'adapter' if (latest / 'adapter').is_dir() else latest} as --model).")
+
+
+def discard_unsealed_checkpoint(output_dir: Path) -> Path | None:
+    """Remove the newest checkpoint dir if it has no manifest (a save that failed midway; never resumed
+    from) and is newer than every complete one, to give its space back; returns it, or None."""
+    ckpts = list_checkpoints(output_dir)
+    if not ckpts or (ckpts[-1] / MANIFEST).is_file():
+        return None
+    shutil.rmtree(ckpts[-1], ignore_errors=True)
+    return ckpts[-1]
+
+
+def training_disk_full_error(exc: BaseException, output_dir: Path, needed: int | None = None) -> UserError:
+    """A write during training (an SFT checkpoint, metrics.jsonl, ...) that hit a full disk: one message.
+
+    An unsealed SFT checkpoint (the HF Trainer writes in place) is removed first; the message names it,
+    or else the file that failed.
+    """
+    unsealed = discard_unsealed_checkpoint(output_dir)
+    if unsealed is not None:
+        what, path = unsealed.name, unsealed.parent
+    else:
+        failed = next((getattr(e, "filename", None) for e in _chain(exc) if getattr(e, "filename", None)), None)
+        what, path = ("a file", Path(failed)) if failed else ("the run's files", Path(output_dir))
+    if needed is not None:
+        return disk_full_error(exc, what, path, needed, last_checkpoint_sentence(output_dir))
+    return UserError(f"{_reason(exc)} while writing {what} to {path} ({_mb(free_bytes(path))} free there). "
+                     + last_checkpoint_sentence(output_dir))
+
+
+def save_final_model(model: Any, tokenizer: Any, output_dir: Path, full_model: bool) -> None:
+    """The end-of-run save (rank 0): the model and tokenizer into output_dir, then the curves PNG.
+
+    `save_model` writes beside the files already there and moves the new ones in only once all are
+    written, so a full disk leaves the previous final model (if any) as it was; the error says where
+    the trained weights survive. A curves PNG that cannot be written is only a warning: the model is saved.
+
+    Raises:
+        UserError: the disk (or a size limit or quota) is full; names the path and the space needed.
+    """
+    from opensloth.models.saving import save_model, unwrap_model
+    from opensloth.tracking import plot_metrics
+
+    try:
+        save_model(model, tokenizer, output_dir)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        needed = tensor_bytes(unwrap_model(model), trainable_only=not full_model)
+        raise disk_full_error(exc, "the final model", Path(output_dir), needed,
+                              "The files already there are unchanged (the new ones are moved in only once all "
+                              "are written). " + last_checkpoint_sentence(output_dir)) from exc
+    try:
+        plot_metrics(output_dir)
+    except Exception as exc:  # noqa: BLE001 - the model is saved; a missing PNG must not fail the run
+        if not is_disk_full(exc):
+            raise
+        logger.warning("Could not write the training curves in %s (%s); `os plot %s` draws them later.",
+                       output_dir, _reason(exc), output_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# config.yaml: what the run used, written once training starts
+# ------------------------------------------------------------------------------------------------
+
+
+def previous_config_name(ckpt: Path) -> str:
+    """Where a resume keeps the config it replaces: config.until-step-<N>.yaml (N = the checkpoint's step)."""
+    return f"config.until-step-{checkpoint_step(Path(ckpt)) or 0}.yaml"
+
+
+def record_run_config(cfg: Any, resumed_from: Path | None) -> Path:
+    """Write output_dir/config.yaml (atomically) once the run has loaded everything and starts training.
+
+    Written this late so a start that fails (bad model, bad --target-modules, a checkpoint that does not
+    fit) leaves the output dir as it was. A resume with changed options keeps the config it replaces as
+    config.until-step-<N>.yaml: config.yaml is what the latest run used, the old one what trained steps 1..N.
+    """
+    from opensloth.config import config_to_yaml
+
+    out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # (the launcher made it; a recipe called directly may not have)
+    path = out / "config.yaml"
+    text = config_to_yaml(cfg)
+    if resumed_from is not None and path.is_file() and path.read_text() != text:
+        os.replace(path, out / previous_config_name(resumed_from))
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
 # Our own loop (GRPO): save / load
 # ------------------------------------------------------------------------------------------------
 
@@ -294,8 +473,12 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            # weights + two AdamW moments + the loadable adapter copy
+            raise disk_full_error(exc, f"{PREFIX}{step}", root, 4 * tensor_bytes(model, trainable_only=True),
+                                  last_checkpoint_sentence(output_dir)) from exc
         raise
     rotate_checkpoints(output_dir, save_total_limit)
     logger.info("Saved checkpoint %s", final)

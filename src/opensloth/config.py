@@ -125,7 +125,8 @@ class TrainingConfig(Section):
     save_steps: int = Field(0, ge=0, description="Save a checkpoint every this many steps (0: only at the end).")
     save_total_limit: Optional[int] = Field(2, gt=0, description="Keep at most this many checkpoints.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps (0: never).")
-    resume: bool = Field(False, description="Continue from the newest complete checkpoint in --output-dir.")
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in --output-dir "
+                         "(a finished run only with a larger --max-steps).")
     resume_from: Optional[Path] = Field(None, description="Continue from this checkpoint directory.")
     save_merged: bool = Field(False, description="Also save the LoRA merged into 16-bit base weights.")
 

@@ -2,11 +2,14 @@
 
 `launch_training(cfg, dry_run)` (os-train sft / grpo):
 1. resolve `--devices` into one entry per worker and check the batch splits evenly;
-2. refuse a non-empty output dir unless --overwrite or --resume (nothing is ever deleted);
+2. refuse a non-empty output dir unless --overwrite or --resume (nothing is ever deleted), and a
+   --master-port that is taken;
 3. load the tokenizer and prepare the data ONCE, here in the parent, sharded for the workers;
 4. print the plan; `--dry-run` prints the resolved config and the plan and stops here,
    without preparing data or writing anything;
-5. write output_dir/config.yaml and run the recipe: a single CPU worker runs in this process
+5. lock the output dir (`rundir.RunLock`: one live run per dir), refuse a --resume that would train
+   over a finished run or change what was saved (`rundir.check_resume`), and run the recipe (it
+   writes output_dir/config.yaml once everything is loaded): a single CPU worker runs in this process
    (plain tracebacks, Ctrl-C friendly); otherwise one worker process per device
    (`opensloth.launch.procs`). Both paths call the same `recipes.<recipe>.run(cfg, ctx)`.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -32,7 +36,7 @@ from rich.table import Table
 
 from opensloth.config import RunConfig, config_to_yaml, dump_config
 from opensloth.errors import UserError, plural
-from opensloth.launch.procs import Device, WorkerFailed, run_workers
+from opensloth.launch.procs import Device, WorkerFailed, check_master_port, run_workers
 
 __all__ = ["launch_training", "prepare_only", "resolve_devices", "check_output_dir", "WorkerFailed"]
 
@@ -82,7 +86,10 @@ def check_output_dir(cfg: RunConfig) -> None:
     out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a directory. Choose another --output-dir.")
-    if out.is_dir() and any(out.iterdir()) and not (t.overwrite or t.resume or t.resume_from):
+    from opensloth.launch.rundir import LOCK_FILE
+
+    holds = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+    if holds and not (t.overwrite or t.resume or t.resume_from):
         raise UserError(f"--output-dir {out} is not empty. Pass --overwrite to write into it (its files are "
                         "kept unless the run replaces them), --resume to continue that run, "
                         "or choose another --output-dir.")
@@ -246,11 +253,17 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     """Run `os-train sft|grpo`: plan, prepare data once, train on every requested device.
 
     Raises:
-        UserError: bad devices, non-empty output dir, bad data; WorkerFailed (a UserError)
-            when a worker fails, naming its rank and error.
+        UserError: bad devices, a busy --master-port, non-empty or locked output dir, a --resume that
+            would train over a finished run or changes the saved shape, bad data; WorkerFailed (a
+            UserError) when a worker fails, naming its rank and error.
     """
     devices = resolve_devices(cfg.distributed.devices)
     check_batch(cfg, len(devices))
+    if len(devices) > 1:
+        check_master_port(cfg.distributed.master_port)
+    from opensloth.launch.rundir import check_unlocked
+
+    check_unlocked(cfg.training.output_dir)  # a live run there: say so, not "not empty"
     check_output_dir(cfg)
     cfg = with_trained_system_prompt(cfg)
     # Fail fast (before data prep and model loading): bad --resume-from, rewards, unwritable output dir.
@@ -269,26 +282,36 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     check_writable(cfg.training.output_dir)
 
     from opensloth.distributed import setup_logging
+    from opensloth.launch.rundir import RunLock, check_resume
 
-    setup_logging(is_main=True)  # data prep runs here: its notes (drops, progress stages) must show
-    tokenizer = load_tokenizer(cfg)
-    prepared = prepare_data(cfg, tokenizer, num_shards=len(devices))
-    print_plan(cfg, devices, prepared)
-    out = Path(cfg.training.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.yaml"
-    dump_config(cfg, config_path)
+    # One live run per output dir, from here until every worker has exited. Taken before anything is
+    # written; the checks that read the dir run again under the lock (another run may have just finished).
+    with RunLock(cfg.training.output_dir) as lock:
+        note = lock.stale_note()
+        if note:
+            console.print(note, markup=False, highlight=False)
+        check_output_dir(cfg)
+        for line in check_resume(cfg):
+            console.print(line, style="yellow", markup=False, highlight=False)
+        setup_logging(is_main=True)  # data prep runs here: its notes (drops, progress stages) must show
+        tokenizer = load_tokenizer(cfg)
+        prepared = prepare_data(cfg, tokenizer, num_shards=len(devices))
+        print_plan(cfg, devices, prepared)
+        # The workers read the config from here; output_dir/config.yaml is written by the recipe once
+        # training starts, so a start that fails (bad model, bad --target-modules) leaves the dir as it was.
+        with tempfile.TemporaryDirectory(prefix="opensloth-run-") as tmp:
+            config_path = Path(tmp) / "config.yaml"
+            dump_config(cfg, config_path)
+            if devices == ["cpu"]:
+                run_in_process(cfg, prepared.path)
+            else:
+                run_workers(cfg.recipe, config_path, prepared.path, devices,
+                            launcher=cfg.distributed.launcher, master_port=cfg.distributed.master_port,
+                            finish_timeout=cfg.distributed.collective_timeout + 60)
+        if cfg.training.save_merged:
+            from opensloth.evaluate import save_merged_after_training
 
-    if devices == ["cpu"]:
-        run_in_process(cfg, prepared.path)
-    else:
-        run_workers(cfg.recipe, config_path, prepared.path, devices,
-                    launcher=cfg.distributed.launcher, master_port=cfg.distributed.master_port,
-                    finish_timeout=cfg.distributed.collective_timeout + 60)
-    if cfg.training.save_merged:
-        from opensloth.evaluate import save_merged_after_training
-
-        save_merged_after_training(cfg)
+            save_merged_after_training(cfg)
 
 
 def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None,

@@ -76,6 +76,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_master_port(port: Optional[int]) -> None:
+    """Refuse a --master-port something on this machine already listens on, before any worker starts.
+
+    The rendezvous store of rank 0 listens on it; taken, the workers would fail with a raw
+    "address already in use" from inside torch.distributed after the data was prepared.
+
+    Raises:
+        UserError: names the port and the fix.
+    """
+    if port is None:
+        return
+    with socket.socket() as sock:
+        # SO_REUSEADDR as the store sets it: a port in TIME_WAIT is usable, one with a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as exc:
+            raise UserError(f"--master-port {port} is already in use on this machine ({exc.strerror}). "
+                            "Pick another port, or leave --master-port unset to use a free one.") from None
+
+
 def worker_env(rank: int, world_size: int, device: Device, port: int, error_file: Path) -> dict[str, str]:
     """The environment of one worker: torchrun's variables plus its pinned device."""
     env = dict(os.environ)

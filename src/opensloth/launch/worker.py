@@ -39,6 +39,7 @@ from opensloth.errors import TrainingStopped, UserError
 from opensloth.launch.procs import ERROR_FILE_ENV, LAUNCHED_ENV, PARENT_PID_ENV
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
+_TORCHRUN_LOCK = None  # rank 0's output-dir lock under torchrun (see check_torchrun_job)
 
 
 def parse_fault_spec(spec: str) -> dict[str, str]:
@@ -83,6 +84,13 @@ def run_recipe(cfg: RunConfig, ctx: WorkerContext) -> None:
     disarm = install_fault_injection(ctx.rank)
     try:
         recipe.run(cfg, ctx)
+    except Exception as exc:
+        from opensloth.checkpoint import is_disk_full, training_disk_full_error
+
+        if isinstance(exc, UserError) or not is_disk_full(exc):
+            raise
+        # A write the recipes do not name themselves (metrics.jsonl, TensorBoard events, ...).
+        raise training_disk_full_error(exc, cfg.training.output_dir) from exc
     finally:
         if disarm is not None:
             disarm()
@@ -120,17 +128,31 @@ def check_torchrun_job(cfg: RunConfig, prepared: Path) -> None:
     """Under torchrun no launcher of ours ran its checks: do them here, before joining the group.
 
     The prepared data must be sharded for WORLD_SIZE workers (GRPO reads shard RANK), and rank 0
-    guards the output dir as `os-train` does, then keeps the resolved config beside the outputs.
+    guards the output dir as `os-train` does: it takes the dir's lock for the life of its process
+    (the other ranks of this node die with the job), refuses a non-empty dir and a --resume that
+    would train over a finished run. The recipe writes config.yaml once training starts.
     """
-    from opensloth.config import dump_config
     from opensloth.data import check_shards, load_prepared
     from opensloth.launch import check_output_dir
+    from opensloth.launch.rundir import RunLock, check_resume
 
+    global _TORCHRUN_LOCK
     check_shards(load_prepared(prepared), int(os.environ.get("WORLD_SIZE", 1)))
     if int(os.environ.get("RANK", 0)) == 0:
+        _TORCHRUN_LOCK = RunLock(cfg.training.output_dir).acquire()  # released by _exit
+        note = _TORCHRUN_LOCK.stale_note()
+        if note:
+            sys.stderr.write(note + "\n")
         check_output_dir(cfg)
-        cfg.training.output_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, cfg.training.output_dir / "config.yaml")
+        for line in check_resume(cfg):
+            sys.stderr.write(line + "\n")
+
+
+def _exit(code: int) -> None:
+    """os._exit(code), releasing rank 0's output-dir lock first under torchrun (os._exit runs no finally)."""
+    if _TORCHRUN_LOCK is not None:
+        _TORCHRUN_LOCK.release()
+    os._exit(code)
 
 
 def use_cuda_for(cfg: RunConfig) -> bool:
@@ -168,9 +190,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         cleanup()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        _exit(130)
     except KeyboardInterrupt:
-        os._exit(130)
+        _exit(130)
     except SystemExit as exc:
         if exc.code in (0, None):
             raise
@@ -185,14 +207,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         # os._exit: skip process-group teardown and atexit hooks that may block on a dead peer.
-        os._exit(2 if isinstance(exc, UserError) else 1)
+        _exit(2 if isinstance(exc, UserError) else 1)
     cleanup()
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit here too: even with the group destroyed, gloo's threads can abort an exiting
     # interpreter ("terminate called without an active exception", seen in CI on a rank that
     # finished while rank 0 was still saving). Everything the run writes is written by now.
-    os._exit(0)
+    _exit(0)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ import torch
 from opensloth.checkpoint import (
     StopSignal,
     load_checkpoint,
+    record_run_config,
     resolve_resume,
     save_checkpoint,
     stop_requested,
@@ -236,7 +237,6 @@ class GRPORecipe:
         )
 
         self.engine = get_rollout_engine(g.rollout_engine, self.model, self.tokenizer, ctx.device, cfg)
-        self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main)
 
         # Resume last: loading a checkpoint restores the RNG streams, which nothing above may consume.
         self.start_step = 1
@@ -249,6 +249,10 @@ class GRPORecipe:
             for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
+        # Everything loaded: only now the first writes into the output dir (a failed start leaves none).
+        if ctx.is_main:
+            record_run_config(cfg, resume_from)
+        self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main)
         logger.info("GRPO: %s, %s x %s per step, %s per step", plural(self.total_steps, "step"),
                     plural(g.rollout_batch_size, "prompt"), plural(g.group_size, "completion"),
                     plural(self.updates_per_rollout, "optimizer update"))
@@ -645,13 +649,12 @@ class GRPORecipe:
 
     def save(self) -> None:
         """Rank 0 writes the adapter (or full model), tokenizer and chat template to --output-dir."""
-        from opensloth.models import save_model
-        from opensloth.tracking import plot_metrics
+        from opensloth.checkpoint import save_final_model
 
         if self.ctx.is_main:
-            save_model(self.model, self.tokenizer, self.cfg.training.output_dir)
-            self.metrics_logger.close()  # flush metrics.jsonl before plotting it
-            plot_metrics(self.cfg.training.output_dir)
+            self.metrics_logger.close()  # flush metrics.jsonl before the curves are drawn from it
+            save_final_model(self.model, self.tokenizer, self.cfg.training.output_dir,
+                             full_model=self.cfg.model.full_finetune)
 
     def cleanup(self) -> None:
         """Close the metrics files and the rollout engine (vLLM must shut down before the group does)."""

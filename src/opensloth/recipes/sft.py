@@ -32,12 +32,22 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from opensloth.checkpoint import StopSignal, resolve_resume, sft_checkpoint_callback, stopped_message
+from opensloth.checkpoint import (
+    StopSignal,
+    is_disk_full,
+    record_run_config,
+    resolve_resume,
+    save_final_model,
+    sft_checkpoint_callback,
+    stopped_message,
+    tensor_bytes,
+    training_disk_full_error,
+)
 from opensloth.config import SFTRunConfig
 from opensloth.distributed import WorkerContext
 from opensloth.errors import TrainingStopped, UserError, plural
-from opensloth.models import load_model_and_tokenizer, save_model, unwrap_model
-from opensloth.tracking import MetricsLogger, TrainingProgress, plot_metrics
+from opensloth.models import load_model_and_tokenizer, unwrap_model
+from opensloth.tracking import MetricsLogger, TrainingProgress
 
 logger = logging.getLogger("opensloth")
 
@@ -76,10 +86,15 @@ class SFTRecipe:
             cfg.model, cfg.lora, self.ctx.device, max_seq_length=cfg.data.max_seq_length
         )
         self.train_data, self.eval_data = self._load_data()
-        self.metrics = MetricsLogger(self.output_dir, cfg.logging.report_to, cfg.logging.run_name, self.ctx.is_main)
         self.stop = StopSignal()
         self.resume_from = resolve_resume(self.output_dir, cfg.training.resume, cfg.training.resume_from)
+        self.log_callback = _LogCallback(self.ctx)
         self.trainer = self._build_trainer()
+        # Everything loaded: only now the first writes into the output dir (a failed start leaves none).
+        if self.ctx.is_main:
+            record_run_config(cfg, self.resume_from)
+        self.metrics = MetricsLogger(self.output_dir, cfg.logging.report_to, cfg.logging.run_name, self.ctx.is_main)
+        self.log_callback.metrics = self.metrics
         if self.ctx.is_main:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in self.model.parameters())
@@ -151,7 +166,7 @@ class SFTRecipe:
             dataloader_num_workers=0,
         )
         callbacks = [
-            _LogCallback(self.metrics, self.ctx),
+            self.log_callback,
             sft_checkpoint_callback(self.stop, t.save_total_limit),
         ]
         trainer = sft_trainer_class(self.ctx.device)(
@@ -172,16 +187,21 @@ class SFTRecipe:
         """Run the Trainer; Ctrl-C saves a checkpoint at the end of the step and stops."""
         if self.resume_from is not None and self.ctx.is_main:
             logger.info("Resuming from %s", self.resume_from)
-        with self.stop:
-            self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+        try:
+            with self.stop:
+                self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # A checkpoint holds the adapter (or model), two AdamW moments and the loadable copy.
+            raise training_disk_full_error(exc, self.output_dir, 4 * tensor_bytes(self.model, True)) from exc
 
     def save(self) -> None:
         """Rank 0 writes the adapter (or full model), tokenizer and chat template, and the curves PNG."""
         if self.ctx.is_main:
-            model = unwrap_model(self.trainer.model)
-            save_model(model, self.tokenizer, self.output_dir)
-            self.metrics.close()
-            plot_metrics(self.output_dir)
+            self.metrics.close()  # flush metrics.jsonl before the curves are drawn from it
+            save_final_model(unwrap_model(self.trainer.model), self.tokenizer, self.output_dir,
+                             full_model=self.cfg.model.full_finetune)
             logger.info("Saved the %s to %s", "model" if self.cfg.model.full_finetune else "adapter", self.output_dir)
 
     def cleanup(self) -> None:
@@ -222,8 +242,8 @@ def sft_trainer_class(device: torch.device):
 class _LogCallback(TrainerCallback):
     """Trainer logs -> MetricsLogger (adds tokens/s per worker); steps -> the rich progress bar."""
 
-    def __init__(self, metrics: MetricsLogger, ctx: WorkerContext):
-        self.metrics = metrics
+    def __init__(self, ctx: WorkerContext, metrics: MetricsLogger | None = None):
+        self.metrics = metrics  # set by the recipe once training starts (nothing is logged before)
         self.ctx = ctx
         self.progress: TrainingProgress | None = None
         self._last: dict[str, Any] = {}
