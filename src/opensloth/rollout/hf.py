@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,6 +174,8 @@ class HFRolloutEngine(RolloutEngine):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self.decoder = self._choose_decoder(decoder)
+        # Seconds of the last lean generate() call: {"prefill_time": ..., "decode_time": ...} ({} with generate).
+        self.last_timings: dict[str, float] = {}
 
     def _choose_decoder(self, asked: str) -> str:
         if asked == "generate" or (asked == "auto" and self.device.type == "cuda"):
@@ -237,6 +240,7 @@ class HFRolloutEngine(RolloutEngine):
         lean = self.decoder == "lean"
         multiple_of = 64 if self.static_cache and not lean else 1
         prompt_ids, prompt_mask = left_pad(prompt_lists, self.pad_id, multiple_of=multiple_of)  # (N, P)
+        self.last_timings = {}
         sampling = {"greedy": greedy, "temperature": temperature, "top_p": top_p, "min_p": min_p}
 
         was_training = self.model.training
@@ -304,12 +308,17 @@ class HFRolloutEngine(RolloutEngine):
         positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)  # (N, P)
 
         # Prefill: N rows, the logits of the last position only (not P x V of them).
+        start = time.perf_counter()
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(G)  # (N, ...) -> (B, ...): prompt i's rows are i*G .. i*G+G-1
         logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (B, V)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # so the phase times below are the device's
+        self.last_timings["prefill_time"] = time.perf_counter() - start
+        start = time.perf_counter()
 
         # Decode: one forward per token over all B rows (static shapes; finished rows emit pad).
         full_mask = torch.cat([mask.repeat_interleave(G, dim=0), mask.new_ones(B, max_new_tokens)], dim=1)
@@ -331,4 +340,6 @@ class HFRolloutEngine(RolloutEngine):
             out = model(input_ids=token[:, None], attention_mask=full_mask[:, : P + t + 1],
                         position_ids=next_position + t, past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()  # (B, V)
-        return tokens[:, :steps].cpu()
+        tokens = tokens[:, :steps].cpu()
+        self.last_timings["decode_time"] = time.perf_counter() - start
+        return tokens
