@@ -223,6 +223,11 @@ def test_lean_greedy_gives_exactly_generates_tokens(model_and_tokenizer):
     assert torch.equal(a.completion_mask, b.completion_mask)
     assert torch.equal(a.is_truncated, b.is_truncated) and a.completions_text == b.completions_text
     assert eos in a.completion_ids
+    # min_new_tokens (bench/gpu_grpo.py forces full-length completions with it): the same on both decoders.
+    lean.min_new_tokens = ref.min_new_tokens = 16
+    a = lean.generate(prompts, group_size=1, max_new_tokens=16, greedy=True)
+    b = ref.generate(prompts, group_size=1, max_new_tokens=16, greedy=True)
+    assert a.completion_mask.all() and torch.equal(a.completion_ids, b.completion_ids)
 
 
 def test_lean_prefills_each_prompt_once(model_and_tokenizer):

@@ -174,6 +174,9 @@ class HFRolloutEngine(RolloutEngine):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self.decoder = self._choose_decoder(decoder)
+        # Stop tokens are suppressed until this many new tokens (0: never). For benchmarks that need
+        # every completion at full length (bench/gpu_grpo.py); both decoders honour it.
+        self.min_new_tokens = 0
         # Seconds of the last lean generate() call: {"prefill_time": ..., "decode_time": ...} ({} with generate).
         self.last_timings: dict[str, float] = {}
 
@@ -209,7 +212,7 @@ class HFRolloutEngine(RolloutEngine):
             do_sample=not greedy,
             **sampling,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
+            min_new_tokens=self.min_new_tokens,
             num_beams=1,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
@@ -331,6 +334,8 @@ class HFRolloutEngine(RolloutEngine):
         check_every = 1 if device.type == "cpu" else 8
         steps = max_new_tokens
         for t in range(max_new_tokens):
+            if t < self.min_new_tokens:
+                logits[:, eos] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
             token = torch.where(finished, pad, sample_tokens(logits, **sampling))  # (B,)
             tokens[:, t] = token
             finished |= torch.isin(token, eos)
