@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,17 +141,19 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def phase_floors(prompt_tokens: int, completion_tokens: int, rows: int, groups: int, gflops: float) -> dict:
-    """Seconds each phase needs at `gflops` for the 0.5B shape: 2 x params x tokens per forward
-    (params = 494M with the 136M-parameter LM head, which a prefill needs for one position only),
-    twice that for a backward through a frozen base (activation gradients only). Attention scores
-    are left out (under 2% at 170 tokens)."""
-    n_body = 494e6 - 151936 * 896  # everything but the tied embedding / LM head
+def phase_floors(prompt_tokens: int, completion_tokens: int, rows: int, groups: int, gflops: float,
+                 shared: bool) -> dict:
+    """Seconds each phase needs at `gflops` for the 0.5B shape: 2 x params x tokens per forward (the
+    136M-parameter LM head only where logits are needed: one position per prefill row, the completion
+    positions in the log-prob forwards), twice that for a backward through a frozen base (activation
+    gradients only). `shared`: each prompt prefilled and run through the log-prob forwards once per
+    group (ours); else once per row (TRL). Attention scores are left out (under 2% at 170 tokens)."""
     n_head = 151936 * 896
-    seq = prompt_tokens + completion_tokens
-    prefill = 2 * (n_body * prompt_tokens * groups + n_head * groups)  # once per prompt (ours)
+    n_body = 494e6 - n_head  # everything but the tied embedding / LM head
+    prompt_rows = groups if shared else rows
+    prefill = 2 * (n_body * prompt_tokens + n_head) * prompt_rows
     decode = 2 * (n_body + n_head) * rows * completion_tokens
-    forward = 2 * (n_body * seq + n_head * completion_tokens) * rows  # log-probs of the completion only
+    forward = 2 * (n_body * (prompt_tokens * prompt_rows + completion_tokens * rows) + n_head * completion_tokens * rows)
     return {"prefill": prefill / gflops / 1e9, "decode": decode / gflops / 1e9,
             "reference": forward / gflops / 1e9, "policy": 3 * forward / gflops / 1e9}
 
@@ -188,6 +191,8 @@ def main() -> None:
         grpo_data = write_rows(make_arithmetic_rows(64, seed=1, schema="dapo"), root / "dapo.jsonl")
 
         sft_out, grpo_out = root / "sft", root / "grpo"
+        for old in (sft_out, grpo_out, root / "trl"):  # --overwrite keeps an old metrics.jsonl: start clean
+            shutil.rmtree(old, ignore_errors=True)
         sft = run_stage(["sft", "--model", str(model), "--dataset", str(sft_data), "--format", "openmath-reasoning",
                          "--devices", "cpu", "--output-dir", str(sft_out), "--overwrite",
                          "--max-steps", str(args.sft_steps), "--per-device-train-batch-size", "4",
@@ -227,9 +232,10 @@ def main() -> None:
     # 2-3 steps here: leave out the first only.
     print_table(sides, "trl 1.16 GRPOTrainer" if trl else None, warmup=1 if args.grpo_steps > 1 else 0)
     prompt_tokens = 120  # about: the rendered dapo-math prompts with the Instruct system turn
-    floors = phase_floors(prompt_tokens, args.max_new_tokens, rows=8, groups=2, gflops=gflops)
-    print(f"\nfp32 matmul rate of this CPU now: {gflops:.0f} GFLOP/s; compute floor per phase (s): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in floors.items()))
+    print(f"\nfp32 matmul rate of this CPU now: {gflops:.0f} GFLOP/s; compute floor per phase (s):")
+    for name, shared in (("ours (prompt once per group)", True), ("TRL (prompt once per row)", False)):
+        floors = phase_floors(prompt_tokens, args.max_new_tokens, rows=8, groups=2, gflops=gflops, shared=shared)
+        print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in floors.items()))
     print(f"peak RSS (GB): ours GRPO {grpo['peak_rss_gb']:.1f}" + (f", TRL {trl['peak_rss_gb']:.1f}" if trl else "")
           + f"; ours SFT {sft['peak_rss_gb']:.1f}, SFT {sft.get('s_per_step') or 0:.1f} s/step")
     if args.out:
