@@ -150,7 +150,9 @@ def _shared_prompt_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask:
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=-1) - 1).clamp_min(0),
                   use_cache=True)
     prompt_hidden = out.last_hidden_state  # (U, W, H)
-    cache = out.past_key_values
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None  # a decoder that returned no standard KV cache: the whole-row forward instead
     cache.batch_select_indices(row_prompt)  # (U, ...) -> (B, ...): differentiable indexing
     # The completions on top of their prompt's cache; position ids continue each prompt's.
     row_lengths = lengths[row_prompt]  # (B,)
