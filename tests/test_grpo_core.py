@@ -446,3 +446,64 @@ def test_sampler_logprob_diff_is_the_abs_difference_on_completion_tokens():
     diff = core.compute_sampler_logprob_diff(trainer, sampler, mask)
     assert diff.tolist() == pytest.approx([0.5, 0.0, 0.25, 0.0])
     assert core.compute_sampler_logprob_diff(trainer, sampler, torch.zeros_like(mask)).numel() == 0
+
+
+def test_shared_prompts_give_the_row_log_probs_and_gradients_with_one_prompt_forward_per_group(tiny_model_dir):
+    """Groups sharing a prompt (left-padded prompts of different lengths, right-padded completions of
+    different lengths, a group split across the batch): the prompt runs once per distinct prompt,
+    and log-probs, entropies and LoRA gradients equal those of the whole-row forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from opensloth.grpo.forward import compute_model_log_probs
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 256, (n,), generator=g) for n in (6, 3)]
+    P, T, G = 6, 5, 3
+    rows, masks = [], []
+    for i in (0, 1, 0, 0, 1, 1):  # prompt 0's group is not contiguous
+        n = int(torch.randint(1, T + 1, (1,), generator=g))
+        ids, mask = torch.zeros(P + T, dtype=torch.long), torch.zeros(P + T, dtype=torch.long)
+        ids[P - len(prompts[i]):P], mask[P - len(prompts[i]):P + n] = prompts[i], 1
+        ids[P:P + n] = torch.randint(3, 256, (n,), generator=g)
+        rows.append(ids)
+        masks.append(mask)
+    input_ids, attention_mask = torch.stack(rows), torch.stack(masks)
+    real = attention_mask[:, -T:].bool()
+    model.train()
+
+    def run(share):
+        model.zero_grad()
+        seen = []
+        hook = model.get_decoder().register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        try:
+            logp, entropy = compute_model_log_probs(model, input_ids, attention_mask, num_completion_tokens=T,
+                                                    temperature=0.9, share_prompts=share)
+        finally:
+            hook.remove()
+        (logp * real).sum().backward()
+        grads = [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+        return logp, entropy, grads, seen
+
+    logp, entropy, grads, seen = run(share=True)
+    ref_logp, ref_entropy, ref_grads, ref_seen = run(share=False)
+    assert seen == [(2, 6), (2 * G, T)]  # the two prompts once, then the six completions
+    longest = int(attention_mask.sum(1).max())  # the row path cuts columns of padding in every row
+    assert ref_seen == [(2 * G, longest)] and longest > T
+    torch.testing.assert_close(logp[real], ref_logp[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[real], ref_entropy[real], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert sum(float(gr.abs().sum()) for gr in grads) > 0
+
+    # Gradient checkpointing drops a KV cache in training: the whole-row forward is used instead.
+    model.gradient_checkpointing_enable()
+    _, _, _, seen = run(share=True)
+    assert seen == [(2 * G, longest)]

@@ -10,7 +10,13 @@ import torch
 from opensloth.errors import UserError
 from opensloth.rollout import get_rollout_engine
 from opensloth.rollout.base import RolloutBatch, completion_mask_from_eos
-from opensloth.rollout.hf import HFRolloutEngine, left_pad, stop_token_ids
+from opensloth.rollout.hf import (
+    HFRolloutEngine,
+    filter_logits,
+    lean_decode_unsupported,
+    left_pad,
+    stop_token_ids,
+)
 
 PROMPTS = [
     "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n",
@@ -183,6 +189,133 @@ def test_rollout_batch_to_device_and_errors(model_and_tokenizer):
         engine.generate(PROMPTS, group_size=0, max_new_tokens=3)
     with pytest.raises(ValueError, match="at least one prompt"):
         engine.generate([], group_size=2, max_new_tokens=3)
+
+
+# -- the lean decoder against transformers' generate ---------------------------------------------
+
+
+def _make_eos_likely(model, tok, prompt):
+    """Make <|im_end|> likely wherever the greedy first token of `prompt` would be (its output row
+    becomes a scaled copy of that token's), so some rows stop mid-way and others run on."""
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    first = HFRolloutEngine(model, tok, decoder="generate").generate([prompt], group_size=1, max_new_tokens=1,
+                                                                     greedy=True)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[eos] = 1.05 * head[int(first.completion_ids[0, 0])]
+    return eos
+
+
+def test_lean_greedy_gives_exactly_generates_tokens(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    eos = _make_eos_likely(model, tok, PROMPTS[1])
+    lean = HFRolloutEngine(model, tok, decoder="lean")
+    ref = HFRolloutEngine(model, tok, decoder="generate")
+    assert lean.decoder == "lean" and ref.decoder == "generate"
+    prompts = PROMPTS + ["<|im_start|>user\nA longer question, to pad the others a lot more?<|im_end|>\n"]
+    a = lean.generate(prompts, group_size=3, max_new_tokens=16, greedy=True)
+    b = ref.generate(prompts, group_size=3, max_new_tokens=16, greedy=True)
+    ended = (~b.is_truncated).nonzero().flatten().tolist()
+    assert 0 < len(ended) < len(b), "the test needs rows that stop at EOS mid-way and rows that do not"
+    assert any(b.completion_mask[r].sum() < 16 for r in ended)
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.prompt_mask, b.prompt_mask)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.equal(a.is_truncated, b.is_truncated) and a.completions_text == b.completions_text
+    assert eos in a.completion_ids
+    # min_new_tokens (bench/gpu_grpo.py forces full-length completions with it): the same on both decoders.
+    lean.min_new_tokens = ref.min_new_tokens = 16
+    a = lean.generate(prompts, group_size=1, max_new_tokens=16, greedy=True)
+    b = ref.generate(prompts, group_size=1, max_new_tokens=16, greedy=True)
+    assert a.completion_mask.all() and torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_lean_prefills_each_prompt_once(model_and_tokenizer):
+    """generate() runs the prompt batch G times over; the lean loop runs each prompt once."""
+    model, tok = model_and_tokenizer
+    shapes: list[tuple[int, int]] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        HFRolloutEngine(model, tok, decoder="lean").generate(PROMPTS, group_size=4, max_new_tokens=5, seed=0)
+        lean_prefills = [s for s in shapes if s[1] > 1]
+        shapes.clear()
+        HFRolloutEngine(model, tok, decoder="generate").generate(PROMPTS, group_size=4, max_new_tokens=5, seed=0)
+        generate_prefills = [s for s in shapes if s[1] > 1]
+    finally:
+        hook.remove()
+    P = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS)
+    assert lean_prefills == [(3, P)]  # N rows, once
+    assert generate_prefills == [(12, P)]  # N x G rows
+
+
+@pytest.mark.parametrize("temperature,top_p,min_p", [(1.0, 1.0, 0.0), (0.7, 0.9, 0.0), (1.3, 1.0, 0.1),
+                                                     (0.5, 0.8, 0.05), (1.0, 0.3, 0.0)])
+def test_filter_logits_equals_transformers_warpers(model_and_tokenizer, temperature, top_p, min_p):
+    """Our sampling distribution is exactly the one generate builds from the same GenerationConfig."""
+    model, tok = model_and_tokenizer
+    engine = HFRolloutEngine(model, tok)
+    cfg = engine.generation_config(max_new_tokens=4, temperature=temperature, top_p=top_p, min_p=min_p, greedy=False)
+    processors = model._get_logits_processor(generation_config=cfg, input_ids_seq_length=3,
+                                             encoder_input_ids=None, prefix_allowed_tokens_fn=None,
+                                             logits_processor=None, device="cpu")
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(0)) * 3
+    logits[0, :5] = 10.0  # ties at the top
+    theirs = processors(torch.zeros(16, 3, dtype=torch.long), logits.clone())
+    ours = filter_logits(logits, temperature=temperature, top_p=top_p, min_p=min_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))  # the same tokens removed
+    torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1), rtol=0, atol=1e-7)
+    if top_p < 1.0 or min_p > 0.0:
+        assert torch.isinf(ours).any()  # the filters did something
+
+
+def test_lean_samples_the_filtered_distribution(model_and_tokenizer):
+    """Empirical first and second tokens of many completions against softmax(filter(logits / T)) of a
+    teacher-forced forward, with a total-variation bound that the distribution without top-p fails."""
+    model, tok = model_and_tokenizer
+    with torch.no_grad():  # sharpen the random model, so top-p keeps ~100 of its 263 tokens
+        model.get_output_embeddings().weight.mul_(3.0)
+    temperature, top_p, n = 0.7, 0.8, 3000
+    engine = HFRolloutEngine(model, tok, decoder="lean")
+    batch = engine.generate([PROMPTS[0]], group_size=n, max_new_tokens=2, temperature=temperature, top_p=top_p,
+                            seed=0)
+    prompt = batch.prompt_ids[:1]
+    with torch.no_grad():
+        first_logits = model(prompt).logits[0, -1].float()
+    first = batch.completion_ids[:, 0]
+
+    def tv(samples, logits, **kw):
+        """TV(empirical, expected) and a bound ~2.5x its expected value under the right distribution."""
+        expected = filter_logits(logits[None], **kw)[0].softmax(-1)
+        empirical = torch.bincount(samples, minlength=expected.numel()).float() / samples.numel()
+        bound = 2 * (expected * (1 - expected) / samples.numel()).sqrt().sum() / 2
+        return float((empirical - expected).abs().sum() / 2), float(bound)
+
+    distance, bound = tv(first, first_logits, temperature=temperature, top_p=top_p)
+    assert distance < bound
+    for wrong in ({}, {"temperature": temperature}, {"top_p": top_p}):  # each must be told apart
+        assert tv(first, first_logits, **wrong)[0] > bound, wrong
+    # Second step, conditioned on the most frequent first token (the decode path, cache repeated G times).
+    common = int(first.mode().values)
+    rows = (first == common).nonzero().flatten()
+    assert len(rows) > 500
+    with torch.no_grad():
+        second_logits = model(torch.cat([prompt, torch.tensor([[common]])], 1)).logits[0, -1].float()
+    distance, bound = tv(batch.completion_ids[rows, 1], second_logits, temperature=temperature, top_p=top_p)
+    assert distance < bound
+
+
+def test_lean_falls_back_to_generate_for_an_unsupported_model(model_and_tokenizer, caplog):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    _, tok = model_and_tokenizer
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=300, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                             d_kv=8, decoder_start_token_id=0))
+    assert lean_decode_unsupported(t5) == "not a decoder-only transformers model"
+    with caplog.at_level("INFO", logger="opensloth.rollout.hf"):
+        assert HFRolloutEngine(t5, tok).decoder == "generate"
+    assert "lean loop cannot: not a decoder-only" in caplog.text
+    with pytest.raises(ValueError, match="decoder must be one of auto, lean, generate"):
+        HFRolloutEngine(t5, tok, decoder="fast")
 
 
 # -- engine selection --------------------------------------------------------------------------

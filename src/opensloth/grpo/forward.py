@@ -17,6 +17,15 @@ Left-aligned, a padded position sees the row's real tokens, and a real token see
 saw before, at the same position ids, so the log-probs are unchanged. Columns that are padding
 in every row are then cut off before the forward.
 
+Shared prompts (`share_prompts=True`). The G completions of a group share one prompt, so the
+decoder can run each distinct prompt once, repeat its KV cache (an indexing op, so gradients flow
+back to the prompt's one forward) and run only the completions on top of it: the prompt tokens cost
+one forward and one backward per group instead of G. The log-probs are the same function of the
+weights (the same keys, values and position ids reach every completion token); only the batch
+shapes, hence float rounding, differ. It needs a decoder that accepts `past_key_values` in training,
+so it is skipped when gradient checkpointing is on (transformers then drops the cache) and the
+recipe asks for it only with the hf backend.
+
 Duck-typed on the model: this module imports no transformers.
 """
 
@@ -60,6 +69,7 @@ def compute_model_log_probs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the last `num_completion_tokens` tokens of each sequence.
 
@@ -74,13 +84,33 @@ def compute_model_log_probs(
         temperature: the sampling temperature (logits are divided by it).
         chunk_size: tokens per chunk of the (tokens x V) computation.
         with_entropy: also return per-token entropies.
+        share_prompts: run each distinct prompt through the decoder once (see the module docstring).
 
     Returns:
         logp (B, T) float32 and entropy (B, T) float32 or None. Values at padded completion
         positions are meaningless: mask them.
     """
     decoder, head_weight = get_decoder_and_head(model)
-    L, T = input_ids.shape[1], num_completion_tokens
+    T = num_completion_tokens
+    hidden = None
+    if share_prompts and not _checkpointing(decoder):
+        hidden = _shared_prompt_hidden(decoder, input_ids, attention_mask, T)
+    if hidden is None:
+        hidden = _row_hidden(decoder, input_ids, attention_mask, T)
+    targets = input_ids[:, -T:]  # (B, T)
+    return compute_token_log_probs(
+        hidden, head_weight, targets, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+    )
+
+
+def _checkpointing(decoder: torch.nn.Module) -> bool:
+    """True when some layer recomputes activations in this mode (transformers then ignores a KV cache)."""
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in decoder.modules())
+
+
+def _row_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """Hidden states (B, T, H) that predict the last T tokens, each row through the decoder whole."""
+    L = input_ids.shape[1]
     ids, mask, shift = left_align(input_ids, attention_mask)  # (B, L), (B, L), (B,)
     width = max(int(mask.sum(dim=1).max()), 1)  # columns past every row's last real token are padding
     ids, mask = ids[:, :width], mask[:, :width]  # (B, W)
@@ -92,11 +122,48 @@ def compute_model_log_probs(
     # fell in the cut-off padding are clamped to the last column: they predict padding and are masked.
     predicting = torch.arange(L - T - 1, L - 1, device=ids.device)  # (T,)
     columns = (predicting[None, :] - shift[:, None]).clamp(0, width - 1)  # (B, T)
-    hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
-    targets = input_ids[:, -T:]  # (B, T)
-    return compute_token_log_probs(
-        hidden, head_weight, targets, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
-    )
+    return hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
+
+
+def _shared_prompt_hidden(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          T: int) -> torch.Tensor | None:
+    """Like `_row_hidden`, but each distinct prompt goes through the decoder once (module docstring).
+
+    The prompt is the first L - T columns (left-padded), the completion the last T (right-padded).
+
+    Returns:
+        (B, T, H) hidden states, or None when no two rows share a prompt (nothing to save).
+    """
+    B, L = input_ids.shape
+    P = L - T
+    if P < 1:
+        return None
+    # Distinct prompts (U of them) and, for each row, which one it has.
+    prompts, row_prompt = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P].long()], dim=1),
+                                       dim=0, return_inverse=True)  # (U, 2P), (B,)
+    if prompts.shape[0] == B:
+        return None
+    ids, mask, _ = left_align(prompts[:, :P], prompts[:, P:])  # (U, P): real tokens first
+    lengths = mask.sum(dim=1)  # (U,)
+    width = max(int(lengths.max()), 1)
+    ids, mask = ids[:, :width], mask[:, :width]  # (U, W)
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=-1) - 1).clamp_min(0),
+                  use_cache=True)
+    prompt_hidden = out.last_hidden_state  # (U, W, H)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None  # a decoder that returned no standard KV cache: the whole-row forward instead
+    cache.batch_select_indices(row_prompt)  # (U, ...) -> (B, ...): differentiable indexing
+    # The completions on top of their prompt's cache; position ids continue each prompt's.
+    row_lengths = lengths[row_prompt]  # (B,)
+    full_mask = torch.cat([mask[row_prompt], attention_mask[:, P:]], dim=1)  # (B, W + T)
+    positions = row_lengths[:, None] + torch.arange(T, device=ids.device)[None, :]  # (B, T)
+    out = decoder(input_ids=input_ids[:, P:], attention_mask=full_mask, position_ids=positions,
+                  past_key_values=cache, use_cache=True)
+    completion_hidden = out.last_hidden_state  # (B, T, H)
+    # Completion token 0 is predicted by the prompt's last real token, token j by completion token j - 1.
+    last = prompt_hidden[row_prompt, row_lengths.clamp_min(1) - 1]  # (B, H)
+    return torch.cat([last[:, None], completion_hidden[:, :-1]], dim=1)  # (B, T, H)
 
 
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

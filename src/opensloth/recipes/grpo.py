@@ -183,6 +183,7 @@ class GRPORecipe:
         self.optimizer_step = 0
         self.nonfinite_updates_in_a_row = 0
         self.ref_model, self.ref_adapter = None, None  # the KL reference, chosen in setup()
+        self.share_prompts = False  # set in setup() from the backend
         self.stopped = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class GRPORecipe:
         """Data, model + tokenizer, reference, optimizer, LR schedule, rollout engine, rewards, logger."""
         from opensloth.data import load_prepared
         from opensloth.models import load_model_and_tokenizer
-        from opensloth.models.loading import add_reference_adapter, read_adapter_config
+        from opensloth.models.loading import add_reference_adapter, read_adapter_config, resolve_backend
         from opensloth.rewards import resolve_rewards
         from opensloth.rollout import get_rollout_engine
         from opensloth.tracking import MetricsLogger
@@ -217,6 +218,9 @@ class GRPORecipe:
             # Saved with the tokenizer, so eval and generate render prompts as training did.
             self.tokenizer.chat_template = self.data.chat_template
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # The G rows of a group share their prompt: the log-prob forwards run it once per group
+        # (grpo/forward.py). Only on the hf backend, the one this is tested with.
+        self.share_prompts = resolve_backend(cfg.model.backend, ctx.device) == "hf"
         # The KL reference is the policy GRPO starts from (DeepSeekMath's pi_ref, verl's initial actor):
         # a fresh LoRA: the base with the adapter disabled (B = 0 at the start, so no copy is needed);
         # a continued adapter (--model an SFT adapter dir): a frozen second copy of that adapter;
@@ -365,8 +369,9 @@ class GRPORecipe:
             "learning_rate": learning_rate,
             "step_time": step_time,
             "generation_time": gen_time,
+            **getattr(self.engine, "last_timings", {}),  # hf lean decoder: prefill_time, decode_time
             "reward_time": reward_time,
-            "update_time": update_time,  # reference and old log-probs, forward + backward, optimizer
+            "update_time": update_time,  # reference_time + policy forward + backward + optimizer
             "tokens_per_second": num_tokens / step_time,
             **self.reward_metrics(scores),
             **update_metrics,
@@ -416,7 +421,7 @@ class GRPORecipe:
         if n_max == 0:
             return {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
                     "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "skipped_update": 1.0,
-                    "nonfinite_grad_updates": 0.0}
+                    "nonfinite_grad_updates": 0.0, "reference_time": 0.0}
         num_minibatches = math.ceil(n_max / self.minibatch_size)
         off_policy = num_minibatches * g.epochs_per_rollout_batch > 1
         # A separate sampler (vLLM) needs pi_old from our own forward for its importance weights.
@@ -424,11 +429,13 @@ class GRPORecipe:
 
         # Old log-probs once per rollout batch (only needed when later updates are off-policy),
         # reference log-probs with the adapter disabled (beta 0 skips the extra forward).
+        reference_start = time.perf_counter()
         with torch.no_grad():
             if need_old and len(batch):
                 batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
             if g.beta > 0 and len(batch):
                 batch.ref_log_probs = self.reference_log_probs(batch)
+        reference_time = time.perf_counter() - reference_start  # old + reference log-probs
         mismatch = self.sampler_mismatch(batch) if batch.sampler_log_probs is not None else {}
 
         sums: dict[str, float] = {}
@@ -506,6 +513,7 @@ class GRPORecipe:
         for key in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean"):
             out[key] *= self.ctx.world_size
         out["skipped_update"] = 0.0
+        out["reference_time"] = reference_time
         out.update(mismatch)  # already global: the caller's mean-reduce keeps them
         return out
 
@@ -554,7 +562,7 @@ class GRPORecipe:
         return compute_model_log_probs(
             model, batch.input_ids, batch.attention_mask, num_completion_tokens=batch.completion_mask.shape[1],
             temperature=self.cfg.grpo.temperature, chunk_size=self.cfg.grpo.logprob_chunk_size,
-            with_entropy=with_entropy,
+            with_entropy=with_entropy, share_prompts=self.share_prompts,
         )
 
     def reference_log_probs(self, batch: Batch) -> torch.Tensor:

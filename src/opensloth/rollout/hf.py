@@ -1,26 +1,39 @@
-"""The `hf` rollout engine: batched `model.generate` with a KV cache and left padding.
+"""The `hf` rollout engine: transformers models, a KV cache, left padding, any device.
 
 Generates through whatever module it is given, so a PEFT model samples with its LoRA
-adapter active and no weight sync is ever needed. Every sampling parameter is set
-explicitly: a hub model's generation_config (Qwen2.5-Instruct ships top_k=20,
-repetition_penalty=1.05) would otherwise reshape the distribution the completions are drawn
-from, and the policy-gradient log-probs would no longer describe it.
+adapter active and no weight sync is ever needed. Two decoders produce the same completions:
 
-On CUDA the engine asks for `cache_implementation="static"`: transformers then compiles the
-decode step (measured on an H100, 64 x 256 sampled tokens from a 0.5B Qwen2: 2.3 s against
-13.5 s with the dynamic cache). Prompts are left-padded to a multiple of 64 there so that the
-cache length, hence the compiled graph, changes rarely. On the CPU the dynamic cache is used.
+    lean      (default on the CPU) our own loop: each prompt is prefilled ONCE, its KV cache is
+              repeated for the G completions of its group, then one batched forward per new
+              token with our own sampling (`filter_logits`: the same operations, in the same
+              order, as transformers' temperature / top-p / min-p warpers, full vocabulary).
+              generate() prefills every prompt G times and runs a chain of Python logits
+              processors and stopping criteria per token; on the Qwen2.5-0.5B-shaped CPU workload
+              the prefill alone is G x cheaper here (docs/performance.md).
+    generate  transformers' `model.generate` (default on CUDA, where `cache_implementation="static"`
+              makes transformers compile the decode step: 64 x 256 sampled tokens from a 0.5B
+              Qwen2 on an H100 in 2.3 s against 13.5 s with the dynamic cache; prompts are then
+              left-padded to a multiple of 64 so the cache length, hence the compiled graph,
+              changes rarely). Also the fallback for a model the lean loop does not support
+              (encoder-decoder, a custom cache, no `logits_to_keep`), with a log line.
+
+Every sampling parameter is set explicitly on both paths: a hub model's generation_config
+(Qwen2.5-Instruct ships top_k=20, repetition_penalty=1.05) would otherwise reshape the
+distribution the completions are drawn from, and the policy-gradient log-probs would no longer
+describe it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from opensloth.rollout.base import Prompt, RolloutBatch, RolloutEngine, completion_mask_from_eos
 
@@ -68,21 +81,91 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: int =
     return ids, mask
 
 
+def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """The sampling distribution's logits: removed tokens at -inf, the rest divided by the temperature.
+
+    The same operations, in the same order, as transformers' TemperatureLogitsWarper,
+    TopPLogitsWarper and MinPLogitsWarper (what `generate` applies with do_sample, top_k=0 and
+    min_tokens_to_keep=1), so both decoders sample from one distribution.
+
+    Args:
+        logits: (B, V) float32 next-token logits.
+        temperature: divides the logits (1.0 leaves them as they are).
+        top_p: keep the smallest set of likeliest tokens whose probability reaches top_p (1.0 = off);
+            the likeliest token is always kept.
+        min_p: drop tokens whose probability is below min_p x the top token's (0.0 = off).
+
+    Returns:
+        (B, V) float32 filtered logits; softmax of them is the distribution sampled from.
+    """
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False)  # (B, V) ascending
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # keep the likeliest token
+        remove = remove_sorted.scatter(1, sorted_index, remove_sorted)  # back to vocabulary order
+        scores = scores.masked_fill(remove, float("-inf"))
+    if min_p > 0.0:
+        probs = scores.softmax(dim=-1)
+        remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)  # keep the likeliest token
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def sample_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float = 1.0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """Next tokens (B,) int64: argmax when greedy, else one draw from softmax(filter_logits(logits)).
+
+    Args:
+        logits: (B, V) float32 next-token logits.
+    """
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature=temperature, top_p=top_p, min_p=min_p).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def lean_decode_unsupported(model: Any) -> str | None:
+    """Why the lean loop cannot drive `model` (then the engine falls back to `generate`), or None.
+
+    It needs a decoder-only model whose forward takes `logits_to_keep` and whose cache is a
+    standard DynamicCache (transformers' own test, `_supports_default_dynamic_cache`).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return "not a decoder-only transformers model"
+    supports_cache = getattr(type(base), "_supports_default_dynamic_cache", None)
+    if supports_cache is None or not supports_cache():
+        return f"{type(base).__name__} does not use a standard DynamicCache"
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward has no logits_to_keep"
+    return None
+
+
 class HFRolloutEngine(RolloutEngine):
-    """Rollouts with `model.generate` (transformers), on any device.
+    """Rollouts with a transformers model (see the module docstring for the two decoders), on any device.
 
     Args:
         model: a causal LM, possibly PEFT-wrapped (generation goes through the adapter).
         tokenizer: its tokenizer (used to tokenise string prompts and decode completions).
         device: where generation runs; defaults to the model's device.
-        static_cache: use transformers' static cache and its compiled decode step; None means
-            on CUDA only.
+        static_cache: with the generate decoder, use transformers' static cache and its compiled
+            decode step; None means on CUDA only.
+        decoder: "lean", "generate", or "auto" (lean on the CPU, generate on CUDA where its compiled
+            static-cache step is measured; lean falls back to generate for a model it does not support).
     """
 
     name = "hf"
+    DECODERS = ("auto", "lean", "generate")
 
     def __init__(self, model: Any, tokenizer: Any, device: str | torch.device | None = None,
-                 static_cache: bool | None = None):
+                 static_cache: bool | None = None, decoder: str = "auto"):
+        if decoder not in self.DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(self.DECODERS)}, not {decoder!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -90,6 +173,21 @@ class HFRolloutEngine(RolloutEngine):
         self.eos_ids = stop_token_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self.decoder = self._choose_decoder(decoder)
+        # Stop tokens are suppressed until this many new tokens (0: never). For benchmarks that need
+        # every completion at full length (bench/gpu_grpo.py); both decoders honour it.
+        self.min_new_tokens = 0
+        # Seconds of the last lean generate() call: {"prefill_time": ..., "decode_time": ...} ({} with generate).
+        self.last_timings: dict[str, float] = {}
+
+    def _choose_decoder(self, asked: str) -> str:
+        if asked == "generate" or (asked == "auto" and self.device.type == "cuda"):
+            return "generate"
+        reason = lean_decode_unsupported(self.model)
+        if reason is None:
+            return "lean"
+        logger.info("hf engine: decoding with transformers' generate (the lean loop cannot: %s)", reason)
+        return "generate"
 
     def tokenize(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """Token ids of each prompt; strings are rendered prompts, so no special tokens are added."""
@@ -114,7 +212,7 @@ class HFRolloutEngine(RolloutEngine):
             do_sample=not greedy,
             **sampling,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
+            min_new_tokens=self.min_new_tokens,
             num_beams=1,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
@@ -142,13 +240,11 @@ class HFRolloutEngine(RolloutEngine):
         if group_size < 1 or max_new_tokens < 1:
             raise ValueError(f"group_size and max_new_tokens must be >= 1 (got {group_size}, {max_new_tokens})")
         prompt_lists = self.tokenize(prompts)
-        ids, mask = left_pad(prompt_lists, self.pad_id, multiple_of=64 if self.static_cache else 1)  # (N, P)
-        # Repeat each prompt G times, contiguously: rows i*G .. i*G+G-1 are prompt i's group.
-        ids = ids.repeat_interleave(group_size, dim=0)  # (B, P)
-        mask = mask.repeat_interleave(group_size, dim=0)  # (B, P)
-        prompt_index = torch.arange(len(prompt_lists)).repeat_interleave(group_size)  # (B,)
-        gen_cfg = self.generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                         min_p=min_p, greedy=greedy)
+        lean = self.decoder == "lean"
+        multiple_of = 64 if self.static_cache and not lean else 1
+        prompt_ids, prompt_mask = left_pad(prompt_lists, self.pad_id, multiple_of=multiple_of)  # (N, P)
+        self.last_timings = {}
+        sampling = {"greedy": greedy, "temperature": temperature, "top_p": top_p, "min_p": min_p}
 
         was_training = self.model.training
         self.model.eval()  # no dropout; gradient checkpointing is inactive, so the KV cache is used
@@ -157,27 +253,98 @@ class HFRolloutEngine(RolloutEngine):
             with rng if seed is not None else contextlib.nullcontext():
                 if seed is not None:
                     torch.manual_seed(seed)
-                sequences = self.model.generate(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen_cfg
-                )  # (B, P + T')
+                if lean:
+                    completion_ids = self._decode_lean(prompt_ids, prompt_mask, group_size, max_new_tokens, sampling)
+                else:
+                    completion_ids = self._decode_generate(prompt_ids, prompt_mask, group_size, max_new_tokens,
+                                                           sampling)
         finally:
             self.model.train(was_training)
 
-        P = ids.shape[1]
-        completion_ids = sequences[:, P:].cpu()  # (B, T), T <= max_new_tokens
         completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_id)
-        lengths = completion_mask.sum(dim=1).tolist()
+        lengths = completion_mask.sum(dim=1)  # (B,)
+        # T = the longest completion: columns past it are padding in every row, and the update
+        # would pay for them in every forward.
+        T = int(lengths.max())
+        completion_ids, completion_mask = completion_ids[:, :T], completion_mask[:, :T]
         texts = self.tokenizer.batch_decode(
-            [row[:n] for row, n in zip(completion_ids.tolist(), lengths)], skip_special_tokens=True
+            [row[:n] for row, n in zip(completion_ids.tolist(), lengths.tolist())], skip_special_tokens=True
         )
         return RolloutBatch(
-            prompt_ids=ids,
-            prompt_mask=mask,
+            # Rows i*G .. i*G+G-1 are prompt i's group.
+            prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),  # (B, P)
+            prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),  # (B, P)
             completion_ids=completion_ids,
             completion_mask=completion_mask,
             completions_text=texts,
             is_truncated=is_truncated,
-            prompt_index=prompt_index,
+            prompt_index=torch.arange(len(prompt_lists)).repeat_interleave(group_size),  # (B,)
             sampler_log_probs=None,  # the trainer's forward is the sampler here
         )
+
+    def _decode_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+                         max_new_tokens: int, sampling: dict) -> torch.Tensor:
+        """transformers' generate over the N x G repeated prompts: (N, P) prompts -> (B, T') tokens on the CPU."""
+        gen_cfg = self.generation_config(max_new_tokens=max_new_tokens, **sampling)
+        ids = prompt_ids.repeat_interleave(group_size, dim=0).to(self.device)  # (B, P)
+        mask = prompt_mask.repeat_interleave(group_size, dim=0).to(self.device)  # (B, P)
+        sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)  # (B, P + T')
+        return sequences[:, ids.shape[1]:].cpu()
+
+    def _decode_lean(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+                     max_new_tokens: int, sampling: dict) -> torch.Tensor:
+        """Prefill each prompt once, repeat its cache G times, decode with our own sampling.
+
+        Args:
+            prompt_ids: (N, P) left-padded prompts; prompt_mask: (N, P) 1 on real tokens.
+
+        Returns:
+            (B, T') int64 tokens on the CPU, B = N x G, T' <= max_new_tokens; a row that has emitted
+            an EOS emits the pad id afterwards (as generate does).
+        """
+        model, device, G = self.model, self.device, group_size
+        N, P = prompt_ids.shape
+        B = N * G
+        ids, mask = prompt_ids.to(device), prompt_mask.to(device)
+        # Position ids as generate numbers them: 0 at each row's first real token.
+        positions = (mask.cumsum(dim=-1) - 1).clamp_min(0)  # (N, P)
+
+        # Prefill: N rows, the logits of the last position only (not P x V of them).
+        start = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)  # (N, ...) -> (B, ...): prompt i's rows are i*G .. i*G+G-1
+        logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (B, V)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # so the phase times below are the device's
+        self.last_timings["prefill_time"] = time.perf_counter() - start
+        start = time.perf_counter()
+
+        # Decode: one forward per token over all B rows (static shapes; finished rows emit pad).
+        full_mask = torch.cat([mask.repeat_interleave(G, dim=0), mask.new_ones(B, max_new_tokens)], dim=1)
+        next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1  # (B, 1): rows end at column P-1
+        eos = torch.tensor(self.eos_ids, device=device)
+        pad = torch.tensor(self.pad_id, device=device)
+        tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        # "All done?" costs a host sync: every step on the CPU (free), every 8 steps on an accelerator.
+        check_every = 1 if device.type == "cpu" else 8
+        steps = max_new_tokens
+        for t in range(max_new_tokens):
+            if t < self.min_new_tokens:
+                logits[:, eos] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
+            token = torch.where(finished, pad, sample_tokens(logits, **sampling))  # (B,)
+            tokens[:, t] = token
+            finished |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+                steps = t + 1
+                break
+            out = model(input_ids=token[:, None], attention_mask=full_mask[:, : P + t + 1],
+                        position_ids=next_position + t, past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()  # (B, V)
+        tokens = tokens[:, :steps].cpu()
+        self.last_timings["decode_time"] = time.perf_counter() - start
+        return tokens
