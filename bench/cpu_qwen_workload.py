@@ -121,6 +121,8 @@ def trl_worker(model: Path, sft_out: Path, grpo_data_dir: Path, out: Path, steps
         per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=4,
         max_completion_length=max_new_tokens, temperature=1.0, beta=0.04, loss_type="dapo",
         logging_steps=1, report_to="none", save_strategy="no", bf16=False, dataloader_num_workers=0,
+        # TRL turns gradient checkpointing on by default; ours does not use it on the CPU. Same work on both sides.
+        gradient_checkpointing=False,
     )
     trainer = GRPOTrainer(model=policy, reward_funcs=digit_share_reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)

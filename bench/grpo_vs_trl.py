@@ -168,6 +168,8 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, threads: int) ->
         max_completion_length=MAX_NEW, temperature=1.0, beta=BETA, loss_type="dapo", epsilon=0.2,
         max_grad_norm=1.0, logging_steps=1, report_to="none", save_strategy="no", bf16=False,
         disable_dropout=True, dataloader_num_workers=0,
+        # TRL turns gradient checkpointing on by default; ours does not use it on the CPU. Same work on both sides.
+        gradient_checkpointing=False,
     )
     peft_config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM")

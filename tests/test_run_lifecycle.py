@@ -112,7 +112,9 @@ def test_resume_refuses_a_finished_run_and_a_changed_shape_and_lists_other_chang
     assert (now["grpo"]["group_size"], now["training"]["learning_rate"]) == (4, 1e-3)
     assert (kept["grpo"]["group_size"], kept["training"]["learning_rate"]) == (2, 5e-6)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 2, 3]  # step 2 again from checkpoint-1, then 3
+    assert steps == [1, 2, 3]  # step 2 again from checkpoint-1, then 3: each step once
+    replaced = [json.loads(line)["step"] for line in (out / "metrics.replaced-at-step-1.jsonl").read_text().splitlines()]
+    assert replaced == [1, 2]  # the first run's rows, kept whole
 
     # The default --save-steps 0 leaves no checkpoint: nothing to resume, and the way to train further.
     shutil.rmtree(out / "checkpoints")
@@ -121,6 +123,15 @@ def test_resume_refuses_a_finished_run_and_a_changed_shape_and_lists_other_chang
     assert_one_error(finished, "holds a finished run", "no checkpoint", f"--model {out} --output-dir NEW_DIR",
                      "--save-steps N")
     assert snapshot(out) == before
+
+
+def test_a_fresh_run_into_an_overwritten_dir_starts_its_own_metrics(tiny_model_dir, data, tmp_path):
+    """--overwrite used to append the new run's steps to the old run's metrics.jsonl (steps 1, 2, 1)."""
+    out = tmp_path / "run"
+    for steps in ("2", "1"):
+        proc = os_train(*grpo_args(tiny_model_dir, data, out, "--max-steps", steps, "--overwrite"))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 # -- 2. one live run per output dir -----------------------------------------------------------------

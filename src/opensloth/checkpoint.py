@@ -410,7 +410,39 @@ def record_run_config(cfg: Any, resumed_from: Path | None) -> Path:
     tmp = out / ".config.yaml.tmp"
     tmp.write_text(text)
     os.replace(tmp, path)
+    restart_metrics(out, resumed_from)
     return path
+
+
+def restart_metrics(out: Path, resumed_from: Path | None) -> None:
+    """Make output_dir/metrics.jsonl hold this run's steps once each, in order.
+
+    A fresh run (into an --overwrite dir) starts the file anew. A resume from checkpoint-N keeps the rows
+    of steps 1..N and moves the whole previous file to metrics.replaced-at-step-<N>.jsonl when it also has later
+    steps, which the resumed run now trains again (the curves would otherwise show two step N+1).
+    """
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    if resumed_from is None:
+        path.unlink()
+        return
+    resumed_step = checkpoint_step(Path(resumed_from)) or 0
+    kept, superseded = [], False
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a torn last line of a killed run
+        if step <= resumed_step:
+            kept.append(line + "\n")
+        else:
+            superseded = True
+    if superseded:
+        os.replace(path, out / f"metrics.replaced-at-step-{resumed_step}.jsonl")
+        tmp = out / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
