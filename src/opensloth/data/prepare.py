@@ -388,7 +388,7 @@ def _training_order(cfg: RunConfig, source, stats: dict) -> list[int]:
     d = cfg.data
     if d.num_samples and d.num_samples > len(source):
         stats["num_samples_requested"] = d.num_samples
-        logger.warning("--num-samples %d is more than the %d rows of --dataset %s: using all %d",
+        logger.warning("--num-samples %d is more than the %d rows of --dataset %s (in os eval: --limit): using all %d",
                        d.num_samples, len(source), d.dataset, len(source))
     return _seeded_order(len(source), cfg.training.seed, d.num_samples)
 

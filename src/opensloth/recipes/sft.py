@@ -65,8 +65,6 @@ class SFTRecipe:
             raise ValueError("the launcher must prepare the data and pass ctx.prepared_data_path")
         if cfg.training.eval_steps and not (cfg.data.eval_dataset or cfg.data.eval_split_ratio):
             raise UserError("--eval-steps needs evaluation data: pass --eval-dataset or --eval-split-ratio.")
-        if cfg.training.max_steps == 0:
-            raise UserError("--max-steps 0 trains nothing. Pass a positive number, or -1 to use --num-train-epochs.")
         self.cfg = cfg
         self.ctx = ctx
         self.output_dir = cfg.training.output_dir
