@@ -349,3 +349,63 @@ def test_static_cache_on_cuda_matches_dynamic_greedy(model_and_tokenizer):
     assert a.prompt_ids.shape[1] % 64 == 0  # padded to a cache-friendly length
     for row in range(len(PROMPTS)):
         assert _valid_prefix(a, row) == _valid_prefix(b, row)
+
+
+def _peft_with_random_lora(model, **lora_kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    return peft_model
+
+
+def test_lora_merged_for_sampling_is_the_same_function_and_restores_the_weights_bit_for_bit(model_and_tokenizer):
+    from opensloth.rollout.hf import lora_merged_for_sampling
+
+    model, tok = model_and_tokenizer
+    peft_model = _peft_with_random_lora(model).eval()
+    ids = torch.tensor([tok(PROMPTS[0], add_special_tokens=False)["input_ids"]])
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "base_layer" in n}
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in peft_model.named_modules()
+             if n.endswith("lora_A.default")]
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits.log_softmax(-1)
+        n_calls = len(calls)
+        with lora_merged_for_sampling(peft_model) as merged_layers:
+            merged = peft_model(ids).logits.log_softmax(-1)
+            assert len(calls) == n_calls  # the LoRA branch does not run: it is in the weights
+        after = peft_model(ids).logits.log_softmax(-1)
+    for h in hooks:
+        h.remove()
+    assert merged_layers == len(hooks) == 7 * model.config.num_hidden_layers
+    assert len(calls) == 2 * n_calls  # back to the two-branch forward
+    assert not torch.equal(merged, unmerged)  # rounded differently ...
+    assert (merged - unmerged).abs().max() < 1e-5  # ... but the same function
+    assert torch.equal(after, unmerged)
+    for n, p in peft_model.named_parameters():
+        if "base_layer" in n:
+            assert torch.equal(p, base_before[n]), n  # restored bit for bit, no merge/unmerge drift
+    # Nothing to merge: the adapter disabled, or no PEFT at all.
+    with peft_model.disable_adapter(), lora_merged_for_sampling(peft_model) as merged_layers:
+        assert merged_layers == 0
+    with lora_merged_for_sampling(torch.nn.Sequential(torch.nn.Linear(4, 4))) as merged_layers:
+        assert merged_layers == 0
+
+
+def test_lean_on_a_lora_model_greedy_equals_generate_and_samples_only_the_active_adapter(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    peft_model = _peft_with_random_lora(model)
+    lean = HFRolloutEngine(peft_model, tok, decoder="lean")
+    ref = HFRolloutEngine(peft_model, tok, decoder="generate")
+    a = lean.generate(PROMPTS, group_size=2, max_new_tokens=12, greedy=True)
+    b = ref.generate(PROMPTS, group_size=2, max_new_tokens=12, greedy=True)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    with peft_model.disable_adapter():  # the reference policy's rollouts stay the base model's
+        base = lean.generate(PROMPTS, group_size=2, max_new_tokens=12, greedy=True)
+        base_ref = ref.generate(PROMPTS, group_size=2, max_new_tokens=12, greedy=True)
+    assert torch.equal(base.completion_ids, base_ref.completion_ids)
+    assert not torch.equal(base.completion_ids, a.completion_ids)

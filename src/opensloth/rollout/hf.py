@@ -29,11 +29,12 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache, GenerationConfig
+from transformers.cache_utils import DynamicLayer
 
 from opensloth.rollout.base import Prompt, RolloutBatch, RolloutEngine, completion_mask_from_eos
 
@@ -126,6 +127,105 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float = 1.
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, temperature=temperature, top_p=top_p, min_p=min_p).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers allocated once, for the whole rollout.
+
+    DynamicLayer appends each new position with torch.cat, which copies the whole cache every token
+    (O(T^2) bytes over a completion): on the CPU bench model it was 60% of the decode time. Here each
+    update writes the new positions in place and `keys` / `values` are views of the filled part, so
+    attention still sees exactly the positions written so far (a static cache would attend over its
+    full length, masked).
+
+    Args:
+        keys: (B, H, L, Dk) and values: (B, H, L, Dv), the prefilled cache.
+        capacity: positions the buffers hold, >= L (L + the new tokens to decode).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        B, H, L, _ = keys.shape
+        self.key_buffer = keys.new_empty(B, H, capacity, keys.shape[-1])
+        self.value_buffer = values.new_empty(B, H, capacity, values.shape[-1])
+        self.key_buffer[:, :, :L] = keys
+        self.value_buffer[:, :, :L] = values
+        self.keys, self.values = self.key_buffer[:, :, :L], self.value_buffer[:, :, :L]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"PreallocatedLayer holds {self.key_buffer.shape[-2]} positions, asked for {end}")
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+def expand_prefilled_cache(cache: DynamicCache, repeats: int, capacity: int) -> None:
+    """Repeat a prefilled cache's rows for the G completions of each prompt, into preallocated layers.
+
+    Row i of the (N, ...) cache becomes rows i*repeats .. i*repeats+repeats-1. Plain DynamicLayers
+    become PreallocatedLayers of `capacity` positions; any other layer kind (sliding window) keeps
+    its own update and is only repeated.
+    """
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            cache.layers[index] = PreallocatedLayer(layer.keys.repeat_interleave(repeats, dim=0),
+                                                    layer.values.repeat_interleave(repeats, dim=0), capacity)
+        else:
+            layer.batch_repeat_interleave(repeats)
+
+
+@contextlib.contextmanager
+def lora_merged_for_sampling(model: Any) -> Iterator[int]:
+    """Inside the block, each active LoRA linear of `model` runs as ONE matmul with W + scale * B @ A.
+
+    A LoRA linear costs the base matmul plus five small ops (dropout, A, B, scale, add) per call; in a
+    decode step of a small model those ops, not the FLOPs, are the time (docs/performance.md). The
+    merged weight is a new tensor swapped in for the block and the original is put back after, so the
+    base weights are restored bit for bit (PEFT's merge_adapter/unmerge_adapter would add and subtract
+    the delta in place, and the rounding would drift the frozen weights, hence the reference policy,
+    a little every step). Costs memory for a copy of every merged weight while the block runs.
+
+    The merged layer computes the same function, rounded differently: token log-probs differ from the
+    unmerged forward's by ~1e-6 in float32 (tests/test_rollout_hf.py bounds it).
+
+    Left as they are (their own forward runs): layers with the adapter disabled or already merged,
+    DoRA and other LoRA variants, LoRA biases, and non-Linear or quantized base layers.
+
+    Yields:
+        The number of layers merged (0 for a model without LoRA).
+    """
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # no peft: nothing to merge
+        yield 0
+        return
+    swapped: list[tuple[Any, torch.nn.Parameter, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
+                    continue
+                adapters = [name for name in module.active_adapters if name in module.lora_A]
+                if not adapters or any(name in module.lora_variant or module.lora_bias[name] for name in adapters):
+                    continue
+                weight = module.get_base_layer().weight
+                merged = weight.detach().clone()
+                for name in adapters:
+                    merged += module.get_delta_weight(name).to(merged.dtype)
+                swapped.append((module, weight, weight.data))
+                weight.data = merged
+                module._disable_adapters = True  # the LoRA branch is in the weight now
+        yield len(swapped)
+    finally:
+        for module, weight, original in swapped:
+            weight.data = original
+            module._disable_adapters = False
 
 
 def lean_decode_unsupported(model: Any) -> str | None:
@@ -250,7 +350,8 @@ class HFRolloutEngine(RolloutEngine):
         self.model.eval()  # no dropout; gradient checkpointing is inactive, so the KV cache is used
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         try:
-            with rng if seed is not None else contextlib.nullcontext():
+            merged = lora_merged_for_sampling(self.model) if lean else contextlib.nullcontext()
+            with rng if seed is not None else contextlib.nullcontext(), merged:
                 if seed is not None:
                     torch.manual_seed(seed)
                 if lean:
@@ -316,7 +417,8 @@ class HFRolloutEngine(RolloutEngine):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(G)  # (N, ...) -> (B, ...): prompt i's rows are i*G .. i*G+G-1
+        # (N, ...) -> (B, ...): prompt i's rows are i*G .. i*G+G-1, with room for the new tokens.
+        expand_prefilled_cache(cache, G, capacity=P + max_new_tokens)
         logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (B, V)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so the phase times below are the device's
