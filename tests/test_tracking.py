@@ -28,6 +28,31 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     assert [e.value for e in events.Scalars("loss")] == [2.5]  # NaN not sent
 
 
+def test_tensorboard_shows_each_step_once_after_a_resume_or_an_overwrite(tmp_path):
+    """A resumed run retrains the steps after its checkpoint and an --overwrite run starts again at step 1,
+    into the same runs/<name> directory: TensorBoard must show only the newest value of each step."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(steps, value, start_step):
+        with MetricsLogger(tmp_path, report_to=["tensorboard"], run_name="r", start_step=start_step) as logger:
+            for step in steps:
+                logger.log(step, {"loss": value + step})
+        time.sleep(1.1)  # event files are named by the second they were opened
+
+    def scalars():
+        events = EventAccumulator(str(tmp_path / "runs" / "r"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("loss")]
+
+    run(range(1, 6), 0.0, start_step=1)  # killed after step 5, last checkpoint at step 3
+    run(range(4, 7), 100.0, start_step=4)  # --resume: steps 4.. again
+    assert scalars() == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 104.0), (5, 105.0), (6, 106.0)]
+    run(range(1, 3), 1000.0, start_step=1)  # --overwrite: a new run from step 1
+    assert scalars() == [(1, 1001.0), (2, 1002.0)]
+
+
 def test_non_main_rank_writes_nothing(tmp_path):
     logger = MetricsLogger(tmp_path / "out", report_to=["tensorboard"], is_main=False)
     logger.log(1, {"loss": 1.0})

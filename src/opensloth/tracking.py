@@ -47,10 +47,14 @@ class MetricsLogger:
         report_to: any of "tensorboard", "wandb", "none". metrics.jsonl is always written.
         run_name: TensorBoard subdirectory and wandb run name (default: the output dir's name).
         is_main: only the main process writes; others ignore every call.
+        start_step: the first step this run logs (N + 1 when resumed from checkpoint-N, else 1).
+            TensorBoard drops the events the same directory holds from that step on, which an
+            earlier run (killed after its last checkpoint, or overwritten) wrote and this run
+            writes again; metrics.jsonl gets the same treatment from `checkpoint.restart_metrics`.
     """
 
     def __init__(self, output_dir: str | Path, report_to: Iterable[str] = ("tensorboard",),
-                 run_name: str | None = None, is_main: bool = True):
+                 run_name: str | None = None, is_main: bool = True, start_step: int = 1):
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.run_name = run_name or self.output_dir.name
@@ -66,7 +70,7 @@ class MetricsLogger:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "runs" / self.run_name))
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "runs" / self.run_name), purge_step=start_step)
         if "wandb" in report_to:
             try:
                 import wandb

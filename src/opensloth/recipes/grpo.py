@@ -256,7 +256,8 @@ class GRPORecipe:
         # Everything loaded: only now the first writes into the output dir (a failed start leaves none).
         if ctx.is_main:
             record_run_config(cfg, resume_from)
-        self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main)
+        self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main,
+                                            start_step=self.start_step)
         logger.info("GRPO: %s, %s x %s per step, %s per step", plural(self.total_steps, "step"),
                     plural(g.rollout_batch_size, "prompt"), plural(g.group_size, "completion"),
                     plural(self.updates_per_rollout, "optimizer update"))

@@ -34,6 +34,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from opensloth.checkpoint import (
     StopSignal,
+    checkpoint_step,
     is_disk_full,
     record_run_config,
     resolve_resume,
@@ -91,7 +92,9 @@ class SFTRecipe:
         # Everything loaded: only now the first writes into the output dir (a failed start leaves none).
         if self.ctx.is_main:
             record_run_config(cfg, self.resume_from)
-        self.metrics = MetricsLogger(self.output_dir, cfg.logging.report_to, cfg.logging.run_name, self.ctx.is_main)
+        resumed_step = (checkpoint_step(self.resume_from) or 0) if self.resume_from is not None else 0
+        self.metrics = MetricsLogger(self.output_dir, cfg.logging.report_to, cfg.logging.run_name, self.ctx.is_main,
+                                     start_step=resumed_step + 1)
         self.log_callback.metrics = self.metrics
         if self.ctx.is_main:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

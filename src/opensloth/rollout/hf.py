@@ -4,9 +4,11 @@ Generates through whatever module it is given, so a PEFT model samples with its 
 adapter active and no weight sync is ever needed. Two decoders produce the same completions:
 
     lean      (default on the CPU) our own loop: each prompt is prefilled ONCE, its KV cache is
-              repeated for the G completions of its group, then one batched forward per new
-              token with our own sampling (`filter_logits`: the same operations, in the same
-              order, as transformers' temperature / top-p / min-p warpers, full vocabulary).
+              repeated for the G completions of its group into buffers allocated once for the
+              whole completion (`PreallocatedLayer`), then one batched forward per new token with
+              our own sampling (`filter_logits`: the same operations, in the same order, as
+              transformers' temperature / top-p / min-p warpers, full vocabulary), with each LoRA
+              layer merged into one matmul for the rollout (`lora_merged_for_sampling`).
               generate() prefills every prompt G times and runs a chain of Python logits
               processors and stopping criteria per token; on the Qwen2.5-0.5B-shaped CPU workload
               the prefill alone is G x cheaper here (docs/performance.md).
