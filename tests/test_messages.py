@@ -231,6 +231,24 @@ def test_row_numbers_count_from_one(tiny_model_dir, tmp_path):
     skipped = prepare_grpo(tiny_model_dir, data, tmp_path, "--skip-bad-rows")
     assert skipped.returncode == 0 and "row 3: column 'prompt' is empty" in skipped.stdout + skipped.stderr
     assert "1 malformed row dropped (--skip-bad-rows)" in skipped.stdout
+    # Blank lines (the JSON reader skips them) part rows from lines: the message names both.
+    lines = [json.dumps(r) for r in rows]
+    data.write_text("\n".join([lines[0], "", lines[1], "   ", lines[2], lines[3]]) + "\n")
+    assert_clean_error(prepare_grpo(tiny_model_dir, data, tmp_path), "Row 3 (line 5) of --dataset",
+                       "column 'prompt' is empty")
+    skipped = prepare_grpo(tiny_model_dir, data, tmp_path, "--skip-bad-rows")
+    assert skipped.returncode == 0 and "row 3 (line 5): column 'prompt' is empty" in skipped.stdout + skipped.stderr
+
+
+def test_row_name_gives_the_line_of_a_jsonl_row(tmp_path):
+    from opensloth.data.sources import row_name
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"a": 1}\n\n{"a": 2}\n \t\n{"a": 3}\n')
+    assert [row_name(str(data), i) for i in range(3)] == ["row 1", "row 2 (line 3)", "row 3 (line 5)"]
+    assert row_name("some/hub-dataset", 4) == "row 5"
+    (tmp_path / "d.json").write_text('[{"a": 1},\n\n{"a": 2}]')
+    assert row_name(str(tmp_path / "d.json"), 1) == "row 2"  # a JSON array: rows are not lines
 
 
 def test_yaml_type_errors_show_list_and_quoting_syntax(tmp_path):

@@ -73,7 +73,7 @@ from opensloth.data.formats import (
     format_grpo_row,
     format_sft_row,
 )
-from opensloth.data.sources import PREPARED_META, is_prepared_dir, load_source, source_identity
+from opensloth.data.sources import PREPARED_META, is_prepared_dir, load_source, row_name, source_identity
 from opensloth.data.templates import render, resolve_template, resolve_template_name
 from opensloth.errors import UserError, plural
 from opensloth.tracking import TrainingProgress
@@ -422,8 +422,11 @@ def describe_drops(stats: dict) -> list[str]:
 
 
 def _format_rows(source, order: list[int], fmt: str, fn, system_prompt: str | None, skip: bool,
-                 option: str, stats: dict) -> list[tuple[int, Any]]:
-    """Apply formatter `fn` to the rows `order`; a bad row stops the run unless `skip`."""
+                 option: str, stats: dict, spec: str | None = None) -> list[tuple[int, Any]]:
+    """Apply formatter `fn` to the rows `order`; a bad row stops the run unless `skip`.
+
+    `spec` is the dataset's path or name: messages name a .jsonl row by its line too (`row_name`).
+    """
     out, bad = [], []
     # One Arrow read of the selected rows; indexing row by row costs ~10x more.
     selected = source.select(order).to_list()
@@ -435,14 +438,16 @@ def _format_rows(source, order: list[int], fmt: str, fn, system_prompt: str | No
                 out.append((index, fn(fmt, row, system_prompt)))
             except BadRow as exc:
                 if not skip:
-                    raise UserError(f"Row {index + 1} of {option} is malformed ({fmt} format): {exc}. Fix the row "
-                                    "(rows count from 1, as lines of a .jsonl file do), or pass "
-                                    "--skip-bad-rows to drop malformed rows (they are counted).") from None
-                bad.append(f"row {index + 1}: {exc}")  # 1-based, as users count rows and lines
+                    raise UserError(f"{row_name(spec, index).capitalize()} of {option} is malformed ({fmt} format): "
+                                    f"{exc}. Fix the row (rows count from 1), or pass --skip-bad-rows to drop "
+                                    "malformed rows (they are counted).") from None
+                bad.append((index, exc))
     stats["bad_rows"] = stats.get("bad_rows", 0) + len(bad)
     if bad:
-        stats.setdefault("bad_row_examples", []).extend(bad[:3])
-        logger.warning("Dropped %s of %s (--skip-bad-rows), e.g. %s", plural(len(bad), "malformed row"), option, bad[0])
+        examples = [f"{row_name(spec, index)}: {exc}" for index, exc in bad[:3]]
+        stats.setdefault("bad_row_examples", []).extend(examples)
+        logger.warning("Dropped %s of %s (--skip-bad-rows), e.g. %s", plural(len(bad), "malformed row"), option,
+                       examples[0])
     return out
 
 
@@ -571,11 +576,11 @@ def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, 
     stats: dict[str, Any] = {"rows_in": len(source), "max_seq_length": d.max_seq_length}
     order = _training_order(cfg, source, stats)
     rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows,
-                        f"--dataset {d.dataset}", stats)
+                        f"--dataset {d.dataset}", stats, d.dataset)
     eval_rows = None
     if eval_source is not None:
         eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_sft_row, d.system_prompt,
-                                 d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats)
+                                 d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
     # --no-assistant-only-loss trains on every token: no masks to locate (mask all 1).
     only_assistant = cfg.sft.assistant_only_loss
     train = _tokenize_sft(tokenizer, template, [r for _, r in rows], fmt, d.max_seq_length, stats, only_assistant)
@@ -660,11 +665,12 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
     d, g = cfg.data, cfg.grpo
     stats: dict[str, Any] = {"rows_in": len(source)}
     order = _training_order(cfg, source, stats)
-    rows = _format_rows(source, order, fmt, format_grpo_row, d.system_prompt, d.skip_bad_rows, f"--dataset {d.dataset}", stats)
+    rows = _format_rows(source, order, fmt, format_grpo_row, d.system_prompt, d.skip_bad_rows, f"--dataset {d.dataset}",
+                        stats, d.dataset)
     eval_rows = None
     if eval_source is not None:
         eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_row, d.system_prompt,
-                                 d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats)
+                                 d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
     if not rows:
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
     _check_code_tests(cfg, source, eval_source)
@@ -715,9 +721,11 @@ def _check_code_tests(cfg: RunConfig, source, eval_source) -> None:
     from opensloth.rewards.code import check_dataset_tests
 
     rewards = [*PRESETS.get(cfg.grpo.task or "", []), *cfg.grpo.rewards]
-    check_dataset_tests(source, rewards, f"--dataset {cfg.data.dataset}")
+    check_dataset_tests(source, rewards, f"--dataset {cfg.data.dataset}",
+                        lambda index: row_name(cfg.data.dataset, index))
     if eval_source is not None:
-        check_dataset_tests(eval_source, rewards, f"--eval-dataset {cfg.data.eval_dataset}")
+        check_dataset_tests(eval_source, rewards, f"--eval-dataset {cfg.data.eval_dataset}",
+                            lambda index: row_name(cfg.data.eval_dataset, index))
 
 
 def _render_prompts(tokenizer: Any, template: str, prompts: list, stage: str = "prompts") -> tuple[list, list]:

@@ -96,6 +96,25 @@ def load_source(spec: str, split: str = "train", config: str | None = None,
     return _load_hub(spec, split, config, cache, option)
 
 
+def row_name(spec: str | None, index: int) -> str:
+    """How a user finds 0-based row `index` of a dataset: "row N" (counting from 1), or "row N (line M)"
+    in a local .jsonl file whose blank lines make the two differ (the JSON reader skips them).
+
+    Reads the file up to that line: for error messages only.
+    """
+    name = f"row {index + 1}"
+    path = Path(spec).expanduser() if spec else None
+    if path is None or path.suffix.lower() != ".jsonl" or not path.is_file():
+        return name
+    seen = -1
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line_number, line in enumerate(fh, start=1):
+            seen += bool(line.strip())
+            if seen == index:
+                return name if line_number == index + 1 else f"{name} (line {line_number})"
+    return name
+
+
 def check_utf8(path: Path, what: str) -> None:
     """Raise a UserError naming the 1-based line of the first byte in `path` that is not UTF-8.
 

@@ -24,6 +24,7 @@ import logging
 import math
 import operator
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -502,13 +503,15 @@ def _warn_unsplittable(test: str, why: str) -> None:
                        "This is reported once; os-train checks tests when the data is prepared.", test[:200], why)
 
 
-def check_test_column(rows: Any, column: str = "tests", source: str = "the dataset") -> int:
+def check_test_column(rows: Any, column: str = "tests", source: str = "the dataset",
+                      row_name: Callable[[int], str] = lambda index: f"row {index + 1}") -> int:
     """Check that every row's assert tests can be split (run when the data is prepared).
 
     Args:
         rows: the `tests` (or `test_cases`) column's values, in dataset order.
         column: the column's name, for the message.
         source: what the rows come from, for the message (e.g. "--dataset data.jsonl").
+        row_name: how the message names 0-based row i (default "row i+1").
 
     Returns:
         The number of assert tests checked.
@@ -517,14 +520,14 @@ def check_test_column(rows: Any, column: str = "tests", source: str = "the datas
         UserError: naming the first unsplittable test's 1-based row and why.
     """
     checked = 0
-    for row, value in enumerate(rows, start=1):
+    for index, value in enumerate(rows):
         asserts, _ = normalize_tests(value)
         for test in asserts:
             try:
                 split_test(test)
             except UnsplittableTest as exc:
                 raise UserError(
-                    f"{source}, row {row}, column {column!r}: the test {test.strip()[:120]!r} cannot be graded "
+                    f"{source}, {row_name(index)}, column {column!r}: the test {test.strip()[:120]!r} cannot be graded "
                     f"safely: {exc}. code_correctness runs the call of the solution in the sandbox and evaluates "
                     "the expected side outside it, so each test must be one `assert CALL == VALUE` (or "
                     "`assert CALL`, `assert abs(CALL - x) < tol`, `assert math.isclose(CALL, x)`, `<`, `!=`, "
@@ -534,7 +537,8 @@ def check_test_column(rows: Any, column: str = "tests", source: str = "the datas
     return checked
 
 
-def check_dataset_tests(dataset: Any, rewards: list[str], source: str) -> int:
+def check_dataset_tests(dataset: Any, rewards: list[str], source: str,
+                        row_name: Callable[[int], str] = lambda index: f"row {index + 1}") -> int:
     """When `code_correctness` is among the run's rewards, check the dataset's test column
     (`tests`, else `test_cases`, as the reward reads them) with `check_test_column`.
 
@@ -545,7 +549,7 @@ def check_dataset_tests(dataset: Any, rewards: list[str], source: str) -> int:
         return 0
     for column in ("tests", "test_cases"):
         if column in dataset.column_names:
-            return check_test_column(dataset[column], column, source)
+            return check_test_column(dataset[column], column, source, row_name)
     return 0
 
 

@@ -217,9 +217,13 @@ def lora_merged_for_sampling(model: Any) -> Iterator[int]:
                 if not adapters or any(name in module.lora_variant or module.lora_bias[name] for name in adapters):
                     continue
                 weight = module.get_base_layer().weight
-                merged = weight.detach().clone()
-                for name in adapters:
-                    merged += module.get_delta_weight(name).to(merged.dtype)
+                merged = weight.detach()
+                for name in adapters:  # a new tensor: the first addmm never writes into the base weight
+                    if module.fan_in_fan_out:  # weight stored (in, out): PEFT's own delta, transposed to match
+                        merged = merged + module.get_delta_weight(name).to(merged.dtype)
+                    else:  # W + scale * B @ A in one op (one pass over W, no delta tensor)
+                        merged = torch.addmm(merged, module.lora_B[name].weight.to(merged.dtype),
+                                             module.lora_A[name].weight.to(merged.dtype), alpha=module.scaling[name])
                 swapped.append((module, weight, weight.data))
                 weight.data = merged
                 module._disable_adapters = True  # the LoRA branch is in the weight now
