@@ -26,8 +26,7 @@ adapter loaded trainable, the prompts our data preparation rendered (same tokens
 x 48 tokens, beta 0.04, loss "dapo", TRL's defaults otherwise (gradient checkpointing on). Both sides
 print the phase breakdown (prefill, decode, reward, reference, policy forward + backward + optimizer)
 and peak RSS, and the table gives the ratios ours / TRL. The compute floor of each phase is printed
-beside it: its FLOPs (2 x parameters x tokens per forward, 2x that for the backward of a frozen base,
-LM head included) divided by this CPU's measured fp32 matmul rate.
+beside it (bench/floors.py: the phase's matmuls alone at this CPU's measured rates).
 
 Random weights generate until --max-new-tokens (no EOS), so every GRPO completion is full length:
 the decode figures are for exactly 8 x 48 tokens per step.
@@ -129,37 +128,6 @@ def trl_worker(model: Path, sft_out: Path, grpo_data_dir: Path, out: Path, steps
     print("TRL_TIMES " + json.dumps(train_timed(trainer, TrainerCallback)), flush=True)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This CPU's fp32 matmul rate (GFLOP/s): the best of `repeats` (size x size) @ (size x size)."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
-def phase_floors(prompt_tokens: int, completion_tokens: int, rows: int, groups: int, gflops: float,
-                 shared: bool) -> dict:
-    """Seconds each phase needs at `gflops` for the 0.5B shape: 2 x params x tokens per forward (the
-    136M-parameter LM head only where logits are needed: one position per prefill row, the completion
-    positions in the log-prob forwards), twice that for a backward through a frozen base (activation
-    gradients only). `shared`: each prompt prefilled and run through the log-prob forwards once per
-    group (ours); else once per row (TRL). Attention scores are left out (under 2% at 170 tokens)."""
-    n_head = 151936 * 896
-    n_body = 494e6 - n_head  # everything but the tied embedding / LM head
-    prompt_rows = groups if shared else rows
-    prefill = 2 * (n_body * prompt_tokens + n_head) * prompt_rows
-    decode = 2 * (n_body + n_head) * rows * completion_tokens
-    forward = 2 * (n_body * (prompt_tokens * prompt_rows + completion_tokens * rows) + n_head * completion_tokens * rows)
-    return {"prefill": prefill / gflops / 1e9, "decode": decode / gflops / 1e9,
-            "reference": forward / gflops / 1e9, "policy": 3 * forward / gflops / 1e9}
-
-
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -225,19 +193,21 @@ def main() -> None:
             trl = run_trl_stage(args.trl_python, model, sft_out, prepared, root / "trl", args.grpo_steps,
                                 args.max_new_tokens, root)
             sides["trl 1.16 GRPOTrainer"] = trl["rows"]
-        gflops = matmul_gflops()
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
 
     report = {"model_build_s": build_s, "sft": {k: v for k, v in sft.items() if k != "tail"},
-              "grpo": {k: v for k, v in grpo.items() if k != "tail"}, "trl": trl, "max_new_tokens": args.max_new_tokens,
-              "matmul_gflops": gflops}
+              "grpo": {k: v for k, v in grpo.items() if k != "tail"}, "trl": trl, "max_new_tokens": args.max_new_tokens}
     print(json.dumps(report, indent=2))
     # 2-3 steps here: leave out the first only.
     print_table(sides, "trl 1.16 GRPOTrainer" if trl else None, warmup=1 if args.grpo_steps > 1 else 0)
-    prompt_tokens = 120  # about: the rendered dapo-math prompts with the Instruct system turn
-    print(f"\nfp32 matmul rate of this CPU now: {gflops:.0f} GFLOP/s; compute floor per phase (s):")
-    for name, shared in (("ours (prompt once per group)", True), ("TRL (prompt once per row)", False)):
-        floors = phase_floors(prompt_tokens, args.max_new_tokens, rows=8, groups=2, gflops=gflops, shared=shared)
-        print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in floors.items()))
+    from floors import print_floors
+
+    # About 120 tokens: the rendered dapo-math prompts with the Instruct system turn. Random weights never
+    # emit EOS: every completion is max_new_tokens long.
+    print_floors(config, prompt_tokens=120, completion_tokens=args.max_new_tokens,
+                 decode_steps=args.max_new_tokens, rows=8, groups=2)
     print(f"peak RSS (GB): ours GRPO {grpo['peak_rss_gb']:.1f}" + (f", TRL {trl['peak_rss_gb']:.1f}" if trl else "")
           + f"; ours SFT {sft['peak_rss_gb']:.1f}, SFT {sft.get('s_per_step') or 0:.1f} s/step")
     if args.out:

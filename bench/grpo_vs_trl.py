@@ -85,7 +85,8 @@ def ours_phases(row: dict) -> dict:
     """One metrics.jsonl row of `os-train grpo` -> the phase names of the summary table."""
     return {"step": row["step_time"], "generation": row["generation_time"], "prefill": row.get("prefill_time"),
             "decode": row.get("decode_time"), "reward": row["reward_time"], "reference": row.get("reference_time"),
-            "policy": row["update_time"] - row.get("reference_time", 0.0)}
+            "policy": row["update_time"] - row.get("reference_time", 0.0),
+            "mean_length": row.get("completions/mean_length"), "max_length": row.get("completions/max_length")}
 
 
 class TRLPhaseTimer:
@@ -261,6 +262,26 @@ def main() -> None:
         if not args.skip_trl:
             ratio = summarize(sides["opensloth (hf engine)"])["step"] / summarize(sides["trl 1.16 GRPOTrainer"])["step"]
             print(f"\nratio opensloth / trl = {ratio:.2f}  (target <= 0.5)")
+        print_workload_floors(model_dir, data, sides["opensloth (hf engine)"])
+
+
+def print_workload_floors(model_dir: Path, data: Path, ours_rows: list[dict]) -> None:
+    """bench/floors.py for this workload: the prompts' rendered length, ours' median completion lengths."""
+    import torch
+    from floors import print_floors
+    from transformers import AutoConfig, AutoTokenizer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
+    prompt_tokens = statistics.mean(len(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                                      add_generation_prompt=True, tokenize=True))
+                                    for p in prompts)
+    kept = ours_rows[2:] or ours_rows
+    print_floors(AutoConfig.from_pretrained(model_dir), prompt_tokens=round(prompt_tokens),
+                 completion_tokens=statistics.median(r["mean_length"] for r in kept),
+                 decode_steps=round(statistics.median(r["max_length"] for r in kept)), rows=PROMPTS * G,
+                 groups=PROMPTS)
 
 
 if __name__ == "__main__":

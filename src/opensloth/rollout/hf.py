@@ -122,13 +122,23 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float = 1.
                   min_p: float = 0.0) -> torch.Tensor:
     """Next tokens (B,) int64: argmax when greedy, else one draw from softmax(filter_logits(logits)).
 
+    The draw inverts the cumulative distribution with one uniform number per row, where
+    torch.multinomial draws an exponential number for every token of the vocabulary: at Qwen's
+    151,936 tokens that was 22 ms of a 230 ms CPU decode step, against 7 ms here. Token i is picked
+    when u falls in (cdf[i-1], cdf[i]], an interval as wide as its probability (empty for a filtered
+    token); the sum runs in float64 so that rounding does not move the interval edges measurably.
+
     Args:
         logits: (B, V) float32 next-token logits.
     """
     if greedy:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature=temperature, top_p=top_p, min_p=min_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
+    scores = filter_logits(logits, temperature=temperature, top_p=top_p, min_p=min_p)  # (B, V)
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # (B, V) unnormalised probabilities, 0 if filtered
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1) >= 1: the likeliest token has weight 1
+    u = (1.0 - torch.rand(total.shape, dtype=torch.float64, device=cdf.device)) * total  # (B, 1) in (0, total]
+    return torch.searchsorted(cdf, u).squeeze(1)  # first i with cdf[i] >= u
 
 
 class PreallocatedLayer(DynamicLayer):
