@@ -274,9 +274,9 @@ def print_workload_floors(model_dir: Path, data: Path, ours_rows: list[dict]) ->
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
-    prompt_tokens = statistics.mean(len(tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                                      add_generation_prompt=True, tokenize=True))
-                                    for p in prompts)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in prompts]
+    prompt_tokens = statistics.mean(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     kept = ours_rows[2:] or ours_rows
     print_floors(AutoConfig.from_pretrained(model_dir), prompt_tokens=round(prompt_tokens),
                  completion_tokens=statistics.median(r["mean_length"] for r in kept),
