@@ -51,23 +51,25 @@ def linear_shapes(config) -> tuple[Counter, tuple[int, int]]:
     return shapes, (config.vocab_size, h)
 
 
-def decode_step_matmul_seconds(config, rows: int, repeats: int = 5) -> float:
-    """Seconds of one decode step's matmuls alone: `rows` tokens through every linear layer and the LM head
-    (best of `repeats` per shape), fp32, with the torch threads as set."""
+def decode_step_matmul_seconds(config, rows: int, repeats: int = 3) -> float:
+    """Seconds of one decode step's matmuls alone: `rows` tokens through every linear layer and the LM head,
+    fp32, with the torch threads as set; the best of `repeats` passes.
+
+    Every layer gets its own weight matrices, as in the model: a pass streams all of them from memory
+    (2 GB at the 0.5B shape), where timing one matrix over and over would time it from the cache.
+    """
     import torch
 
     shapes, head = linear_shapes(config)
-    total = 0.0
-    for (out_features, in_features), count in [*shapes.items(), (head, 1)]:
-        weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
-        torch.nn.functional.linear(x, weight)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            best = min(best, time.perf_counter() - start)
-        total += best * count
-    return total
+    weights = [torch.randn(shape) for shape, count in shapes.items() for _ in range(count)] + [torch.randn(head)]
+    inputs = {in_features: torch.randn(rows, in_features) for _, in_features in [*shapes, head]}
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms the allocator and the clock
+        start = time.perf_counter()
+        for weight in weights:
+            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def phase_floors(config, *, prompt_tokens: int, completion_tokens: int, decode_steps: int, rows: int,

@@ -266,19 +266,26 @@ def _unchunked(hidden, weight, targets, temperature):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_chunked_log_probs_match_unchunked_values_and_gradients(chunk_size):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("loss_uses", ["both", "logp", "entropy"])  # "logp": entropy only logged, as in the recipe
+def test_chunked_log_probs_match_unchunked_values_and_gradients(chunk_size, temperature, loss_uses):
     g = torch.Generator().manual_seed(1)
     B, L, H, V = 3, 5, 8, 11
     hidden = torch.randn(B, L, H, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, V, (B, L), generator=g)
     c1, c2 = torch.randn(B, L, generator=g, dtype=torch.float64), torch.randn(B, L, generator=g, dtype=torch.float64)
+    c1 = c1 * (loss_uses != "entropy")
+    c2 = c2 * (loss_uses != "logp")
 
-    logp, entropy = compute_token_log_probs(hidden, weight, targets, temperature=0.7, chunk_size=chunk_size,
+    def loss(logp, entropy):
+        return ((logp * c1).sum() if loss_uses != "entropy" else 0) + ((entropy * c2).sum() if loss_uses != "logp" else 0)
+
+    logp, entropy = compute_token_log_probs(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
                                             with_entropy=True)
-    grads = torch.autograd.grad((logp * c1 + entropy * c2).sum(), (hidden, weight))
-    ref_logp, ref_entropy = _unchunked(hidden, weight, targets, 0.7)
-    ref_grads = torch.autograd.grad((ref_logp * c1 + ref_entropy * c2).sum(), (hidden, weight))
+    grads = torch.autograd.grad(loss(logp, entropy), (hidden, weight))
+    ref_logp, ref_entropy = _unchunked(hidden, weight, targets, temperature)
+    ref_grads = torch.autograd.grad(loss(ref_logp, ref_entropy), (hidden, weight))
 
     # float64 end to end: the closed-form backward must agree with autograd to rounding.
     torch.testing.assert_close(logp, ref_logp, rtol=1e-12, atol=1e-12)
