@@ -274,3 +274,35 @@ def test_data_prep_prints_progress_lines_off_a_terminal(tiny_model_dir, tmp_path
     assert "prepare: format rows (prompt-completion) 30/30 [" in proc.stderr
     assert "prepare: tokenize 30/30 [" in proc.stderr
     assert "Reading --dataset" in proc.stdout + proc.stderr
+
+
+def test_cut_off_bin_weights_and_a_missing_shard_are_named(tiny_model_dir, tmp_path):
+    """Beyond .safetensors: a torch.save zip cut short (pytorch_model.bin) and a sharded model missing a
+    shard are refused with the file named, before anything loads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opensloth.errors import UserError
+    from opensloth.models.loading import check_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    as_bin = tmp_path / "bin"
+    shutil.copytree(tiny_model_dir, as_bin)
+    (as_bin / "model.safetensors").unlink()
+    weights = as_bin / "pytorch_model.bin"
+    torch.save(model.state_dict(), weights)  # the older format transformers still loads
+    check_weights(as_bin, "--model bin")  # whole: fine
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 100])
+    with pytest.raises(UserError, match=r"pytorch_model.bin is corrupt or incomplete \(a torch.save zip without its end"):
+        check_weights(as_bin, "--model bin")
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, sharded)
+    (sharded / "model.safetensors").unlink()
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    check_weights(sharded, "--model sharded")
+    shards[-1].unlink()
+    assert_clean_error(cli("os", "generate", "--model", sharded, "hi"), "model.safetensors.index.json lists the shard",
+                       shards[-1].name, "incomplete download or copy")

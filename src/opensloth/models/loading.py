@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,37 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def torch_zip_problem(path: Path) -> str | None:
+    """What is wrong with a torch.save zip file (pytorch_model.bin, adapter_model.bin), or None.
+
+    A zip ends with its central directory, which a cut-off file lacks (`zipfile.is_zipfile` reads only
+    the end). Files in the pre-1.6 pickle format are not zips and are left to torch.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            return None  # not a zip: the legacy format, or not torch's at all
+    return None if zipfile.is_zipfile(path) else "a torch.save zip without its end (a cut-off file)"
+
+
+def missing_shards(directory: Path) -> list[tuple[str, str]]:
+    """(index file, shard) for each shard a sharded checkpoint's *.index.json lists that is not there."""
+    missing = []
+    for index in sorted(directory.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (ValueError, AttributeError):
+            continue  # not a weights index; transformers reports it if it was meant to be one
+        for shard in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else ()):
+            if isinstance(shard, str) and not (directory / shard).is_file():
+                missing.append((index.name, shard))
+    return missing
+
+
 def check_weights(directory: str | Path, what: str) -> None:
-    """Refuse a local model or adapter directory whose .safetensors files are cut short.
+    """Refuse a local model or adapter directory whose weights are cut short or missing a shard.
+
+    Checks the framing of every .safetensors file, the end of every torch.save zip (.bin, .pt), and
+    that every shard a *.index.json lists exists. Reads headers and file ends only.
 
     Raises:
         UserError: names the file, says it is corrupt or incomplete and how to get it whole.
@@ -165,11 +195,18 @@ def check_weights(directory: str | Path, what: str) -> None:
     directory = Path(directory)
     if not directory.is_dir():
         return  # a hub name: the hub download checks its files
-    for file in sorted(directory.glob("*.safetensors")):
-        problem = safetensors_problem(file)
+    fix = "Download it again, or save the model again with save_pretrained (an interrupted copy or download leaves this)."
+    checks = [(file, safetensors_problem) for file in directory.glob("*.safetensors")]
+    checks += [(file, torch_zip_problem) for pattern in ("*.bin", "*.pt") for file in directory.glob(pattern)]
+    for file, problem_of in sorted(checks):
+        problem = problem_of(file)
         if problem:
-            raise UserError(f"{what}: {file} is corrupt or incomplete ({problem}). Download it again, or save "
-                            "the model again with save_pretrained (an interrupted copy or download leaves this).")
+            raise UserError(f"{what}: {file} is corrupt or incomplete ({problem}). {fix}")
+    missing = missing_shards(directory)
+    if missing:
+        index, shard = missing[0]
+        raise UserError(f"{what}: {directory / index} lists the shard {shard}, which is not in {directory} "
+                        f"(an incomplete download or copy). {fix}")
 
 
 # ------------------------------------------------------------------ loading
