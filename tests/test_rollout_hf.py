@@ -352,10 +352,10 @@ def test_static_cache_on_cuda_matches_dynamic_greedy(model_and_tokenizer):
         assert _valid_prefix(a, row) == _valid_prefix(b, row)
 
 
-def _peft_with_random_lora(model, **lora_kwargs):
+def _peft_with_random_lora(model, target_modules="all-linear"):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -428,3 +428,20 @@ def test_sample_tokens_never_draws_a_filtered_token_and_matches_the_probabilitie
     assert (empirical - probs).abs().max() < 0.01  # 4 sigma at n = 40000
     one_hot = torch.tensor([[0.0, float("-inf"), float("-inf")]]).expand(1000, 3)
     assert sample_tokens(one_hot, greedy=False).eq(0).all()
+
+
+def test_lora_merged_for_sampling_leaves_a_tied_lm_head_alone(model_and_tokenizer):
+    """The tiny model ties lm_head to the input embeddings: merging a LoRA on lm_head into that shared
+    weight would add the delta to the embedding lookup too, a different model."""
+    from opensloth.rollout.hf import lora_merged_for_sampling
+
+    model, tok = model_and_tokenizer
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    peft_model = _peft_with_random_lora(model, target_modules=["lm_head", "q_proj"]).eval()
+    ids = torch.tensor([tok(PROMPTS[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits.log_softmax(-1)
+        with lora_merged_for_sampling(peft_model) as merged_layers:
+            merged = peft_model(ids).logits.log_softmax(-1)
+    assert merged_layers == model.config.num_hidden_layers  # the q_proj layers; not lm_head
+    assert (merged - unmerged).abs().max() < 1e-5

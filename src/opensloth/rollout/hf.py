@@ -31,6 +31,7 @@ import contextlib
 import inspect
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -207,7 +208,9 @@ def lora_merged_for_sampling(model: Any) -> Iterator[int]:
     unmerged forward's by ~1e-6 in float32 (tests/test_rollout_hf.py bounds it).
 
     Left as they are (their own forward runs): layers with the adapter disabled or already merged,
-    DoRA and other LoRA variants, LoRA biases, and non-Linear or quantized base layers.
+    DoRA and other LoRA variants, LoRA biases, non-Linear or quantized base layers, and a weight
+    another module shares (an lm_head tied to the input embeddings: merging it would add the LoRA
+    delta to the embedding lookup too).
 
     Yields:
         The number of layers merged (0 for a model without LoRA).
@@ -218,6 +221,7 @@ def lora_merged_for_sampling(model: Any) -> Iterator[int]:
         yield 0
         return
     swapped: list[tuple[Any, torch.nn.Parameter, torch.Tensor]] = []
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # >1: a tied weight
     try:
         with torch.no_grad():
             for module in model.modules():
@@ -227,6 +231,8 @@ def lora_merged_for_sampling(model: Any) -> Iterator[int]:
                 if not adapters or any(name in module.lora_variant or module.lora_bias[name] for name in adapters):
                     continue
                 weight = module.get_base_layer().weight
+                if uses[id(weight)] > 1:
+                    continue
                 merged = weight.detach()
                 for name in adapters:  # a new tensor: the first addmm never writes into the base weight
                     if module.fan_in_fan_out:  # weight stored (in, out): PEFT's own delta, transposed to match
