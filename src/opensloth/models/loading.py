@@ -198,7 +198,7 @@ def check_weights(directory: str | Path, what: str) -> None:
     fix = "Download it again, or save the model again with save_pretrained (an interrupted copy or download leaves this)."
     checks = [(file, safetensors_problem) for file in directory.glob("*.safetensors")]
     checks += [(file, torch_zip_problem) for pattern in ("*.bin", "*.pt") for file in directory.glob(pattern)]
-    for file, problem_of in sorted(checks):
+    for file, problem_of in sorted(checks, key=lambda check: check[0]):
         problem = problem_of(file)
         if problem:
             raise UserError(f"{what}: {file} is corrupt or incomplete ({problem}). {fix}")

@@ -503,8 +503,13 @@ def _warn_unsplittable(test: str, why: str) -> None:
                        "This is reported once; os-train checks tests when the data is prepared.", test[:200], why)
 
 
+def row_number(index: int) -> str:
+    """How a message names 0-based row `index` when nothing better is known: "row index+1"."""
+    return f"row {index + 1}"
+
+
 def check_test_column(rows: Any, column: str = "tests", source: str = "the dataset",
-                      row_name: Callable[[int], str] = lambda index: f"row {index + 1}") -> int:
+                      row_name: Callable[[int], str] = row_number) -> int:
     """Check that every row's assert tests can be split (run when the data is prepared).
 
     Args:
@@ -538,7 +543,7 @@ def check_test_column(rows: Any, column: str = "tests", source: str = "the datas
 
 
 def check_dataset_tests(dataset: Any, rewards: list[str], source: str,
-                        row_name: Callable[[int], str] = lambda index: f"row {index + 1}") -> int:
+                        row_name: Callable[[int], str] = row_number) -> int:
     """When `code_correctness` is among the run's rewards, check the dataset's test column
     (`tests`, else `test_cases`, as the reward reads them) with `check_test_column`.
 
