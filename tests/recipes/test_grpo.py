@@ -289,9 +289,10 @@ def test_split_evenly():
     assert [s.stop - s.start for s in split_evenly(2, 3)] == [1, 1, 0]
 
 
-def test_a_reward_calling_sys_exit_is_contained_and_reward_timeout_applies(tiny_model_dir, prompts_file, tmp_path):
-    """sys.exit(3) inside a user's reward ended `os-train grpo` with exit 3 and no message: it
-    escaped the containment (SystemExit is not an Exception). Now it is one failure of that reward."""
+def test_a_reward_calling_sys_exit_stops_the_first_step_with_a_message(tiny_model_dir, prompts_file, tmp_path):
+    """sys.exit(3) inside a user's reward ended `os-train grpo` with exit 3 and no message: it escaped
+    the containment (SystemExit is not an Exception). It was then contained and counted; a reward that
+    fails on the first step now stops the run before any update, with one message naming it."""
     module = tmp_path / "exiting.py"
     module.write_text("import sys\n\ndef exiting_reward(completions, **kwargs):\n    sys.exit(3)\n")
     out = tmp_path / "run"
@@ -301,9 +302,8 @@ def test_a_reward_calling_sys_exit_is_contained_and_reward_timeout_applies(tiny_
                         ("--rollout-batch-size", "2"), ("--max-new-tokens", "4"), ("--per-device-train-batch-size", "4")):
         args[args.index(flag) + 1] = value  # the smallest step: this is about the reward call only
     proc = os_train(*args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    output = proc.stdout + proc.stderr
-    assert "Reward 'exiting_reward'" in output and "raised SystemExit: 3" in output, output
-    (row,) = [r for r in read_metrics(out) if "reward" in r]
-    assert row["rewards/exiting_reward/failures"] == 1.0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"Reward 'exiting_reward' ({module.resolve()}) raised SystemExit: 3 on the first step" in proc.stderr
+    assert 'exiting.py", line 4, in exiting_reward' in proc.stderr  # the reward's own traceback
     assert "reward_timeout: 30.0" in (out / "config.yaml").read_text()
+    assert not (out / "adapter_model.safetensors").exists()
