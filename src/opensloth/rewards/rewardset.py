@@ -164,6 +164,8 @@ def failure_hint(exc: BaseException, completions: Sequence[Any], columns: Sequen
 def _own_traceback(exc: BaseException) -> str:
     """The exception's traceback without RewardSet's own frames (the reward's frames, then the error)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename not in _OUR_FILES]
+    if not frames:  # it failed in the call itself (its signature): there is no frame of its own to show
+        return "".join(traceback.format_exception_only(type(exc), exc))
     lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
     return "Traceback (most recent call last):\n" + "".join(lines)
 
