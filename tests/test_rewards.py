@@ -638,8 +638,8 @@ def _load_user_rewards():
     ("reward", "prompts", "completions", "columns", "message"),
     [
         # An Unsloth-notebook reward on a plain-text dataset: completions are strings there.
-        ("match_format_exactly", ["2+2="], ["4"], {}, "completions are strings here, because the dataset's prompt "
-                                                      "is text"),
+        ("match_format_exactly", ["2+2="], ["4"], {}, "prompts and completions are strings here, because the "
+                                                      "dataset's prompt is text"),
         # A TRL text-format reward on a conversational dataset.
         ("reward_len", [[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]], {},
          None),

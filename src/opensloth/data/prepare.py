@@ -681,24 +681,27 @@ def format_grpo_prompt(fmt: str, row: dict, system_prompt: str | None = None) ->
     return GRPORow(messages, answer, extra, text if isinstance(text, str) else messages)
 
 
-def prompt_rendering(cfg: RunConfig, fmt: str, tokenizer: Any) -> tuple[bool, str]:
-    """(True when text prompts go to the model raw, the plan's line saying how prompts are rendered).
+def prompt_rendering(cfg: RunConfig, fmt: str, tokenizer: Any, rows: list[GRPORow]) -> tuple[bool, str]:
+    """(True when text prompts go to the model raw, the plan's line saying how the prompts are rendered).
 
     Raw, as TRL renders a text prompt, unless --chat-template (other than `auto`) or --system-prompt
     asks for a chat; conversations always go through the chat template.
     """
     d = cfg.data
     template = resolve_template_name(d.chat_template, fmt, cfg.grpo.task, tokenizer)
-    if fmt == "prompt-answer" and d.chat_template == "auto" and not d.system_prompt:
-        return True, (f"text prompts as they are, no chat template (as TRL renders them; --chat-template NAME "
-                      f"applies one); conversations: chat template {template}")
-    if d.chat_template != "auto":
-        why = f"--chat-template {d.chat_template}"
-    elif fmt != "prompt-answer":
-        why = f"the {fmt} format builds a conversation"
-    else:
-        why = "--system-prompt: text prompts become a user turn"
-    return False, f"chat template {template} ({why})"
+    has_text = any(isinstance(row.prompt, str) for row in rows)
+    raw = fmt == "prompt-answer" and d.chat_template == "auto" and not d.system_prompt
+    parts = []
+    if has_text and raw:
+        parts.append("text prompts as they are, no chat template (as TRL renders them; --chat-template NAME "
+                     "applies one)")
+    elif has_text:
+        why = f"--chat-template {d.chat_template}" if d.chat_template != "auto" else "--system-prompt"
+        parts.append(f"text prompts as a user turn, chat template {template} ({why})")
+    if any(not isinstance(row.prompt, str) for row in rows):
+        built = f", built by the {fmt} format" if fmt != "prompt-answer" else ""
+        parts.append(f"conversations{built}, chat template {template}")
+    return raw, "; ".join(parts)
 
 
 def nearest_rank(values: list[int], q: float) -> int:
@@ -721,7 +724,7 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
     _check_code_tests(cfg, source, eval_source)
 
-    raw, stats["prompt_rendering"] = prompt_rendering(cfg, fmt, tokenizer)
+    raw, stats["prompt_rendering"] = prompt_rendering(cfg, fmt, tokenizer, [row for _, row in rows])
     texts, ids = _render_prompts(tokenizer, template, [row for _, row in rows], raw)
     lengths = [len(x) for x in ids]
     # Keep every prompt that fits --max-prompt-length; the percentile cut is opt-in.

@@ -314,6 +314,7 @@ class GRPORecipe:
         with StopSignal() as stop, TrainingProgress(self.total_steps, self.ctx.is_main, "grpo",
                                                     show_keys=shown) as progress:
             progress.update(self.start_step - 1)
+            self.set_trainer_state(self.start_step - 1)
             if t.eval_steps > 0 and self.start_step == 1:
                 # A baseline, so the eval curve shows what GRPO changed (logged as step 0).
                 self.metrics_logger.log(0, self.evaluate())

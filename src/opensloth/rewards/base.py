@@ -18,8 +18,8 @@ An `async def` reward is awaited, concurrently with the other async ones (see Re
 
 Registry: built-ins register themselves when `opensloth.rewards` is imported; user files are
 imported with `load_reward_module(path)` (`--reward-module`), and every `RewardFunction`
-instance or TRL-style function (one with a `completions` parameter and `**kwargs`) defined at
-their top level becomes available by name.
+instance or TRL-style function (`**kwargs` and a parameter of the calling convention, usually
+`completions`) defined at their top level becomes available by name.
 """
 
 from __future__ import annotations
@@ -257,11 +257,13 @@ def list_reward_functions() -> list[RewardFunction]:
 
 
 def _looks_like_trl_reward(obj: Any) -> bool:
-    """A plain function taking `completions` and `**kwargs`: TRL's reward signature."""
+    """A plain function with TRL's reward signature: `**kwargs` and at least one of the calling
+    convention's parameters (usually `completions`; `completion_ids` or `trainer_state` will do)."""
     if not inspect.isfunction(obj):
         return False
     params = inspect.signature(obj).parameters
-    return "completions" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = set(params) & (set(CALL_ARGUMENTS) - {"reward_scores"})
+    return bool(named) and any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def load_reward_module(path: Path | str) -> list[str]:
@@ -269,7 +271,8 @@ def load_reward_module(path: Path | str) -> list[str]:
 
     Registered: every RewardFunction instance at the file's top level, every function it
     registers itself with `register_reward_function`, and every public top-level function with
-    TRL's reward signature (a `completions` parameter and `**kwargs`). Loading a file twice is a
+    TRL's reward signature (`**kwargs` and a parameter of the calling convention: prompts,
+    completions, completion_ids, trainer_state, log_extra or log_metric). Loading a file twice is a
     no-op.
 
     Returns:

@@ -151,8 +151,9 @@ def failure_hint(exc: BaseException, completions: Sequence[Any], columns: Sequen
         return f"there is no column {exc.args[0]!r} (the dataset's columns: {listed})."
     if not conversational and isinstance(exc, (TypeError, KeyError, IndexError)) and (
             "string indices" in text or "str" in text or isinstance(exc, IndexError)):
-        return ("completions are strings here, because the dataset's prompt is text (TRL passes messages "
-                "[{'role': 'assistant', 'content': ...}] only when the prompt is a conversation). Read "
+        return ("prompts and completions are strings here, because the dataset's prompt is text (as TRL, "
+                "messages are passed only when the prompt is a conversation: the prompt's messages, and each "
+                "completion as [{'role': 'assistant', 'content': ...}]). Read "
                 "`completion if isinstance(completion, str) else completion[0]['content']`, or give the dataset "
                 "conversational prompts (a `prompt` column of messages).")
     if conversational and isinstance(exc, (AttributeError, TypeError)) and "list" in text:
