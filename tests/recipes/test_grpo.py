@@ -446,3 +446,63 @@ def test_rewards_receive_what_trl_grpo_trainer_passes_them(run, request, tiny_mo
     assert all(p in dataset_prompts for p in ours["prompts"] + trl["prompts"])  # both: as the dataset holds them
     assert ours["state"]["global_step"] == trl["state"]["global_step"] == 0
     assert isinstance(ours["state"]["epoch"], float) and isinstance(trl["state"]["max_steps"], int)
+
+
+def test_a_reward_failing_three_steps_in_a_row_stops_after_a_checkpoint_and_none_everywhere_warns(
+        tiny_model_dir, prompts_file, tmp_path):
+    """Scores on the first step, then raises: steps 2 and 3 are contained and counted, step 4 saves
+    checkpoint-4 and stops. A reward that returns None everywhere is named in a warning, every step counted."""
+    module = tmp_path / "later.py"
+    module.write_text(
+        "def flaky_reward(completions, trainer_state, **kwargs):\n"
+        "    if trainer_state.global_step >= 1:\n"
+        "        raise RuntimeError('judge went away')\n"
+        "    return [0.0] * len(completions)\n\n"
+        "def absent_reward(completions, **kwargs):\n"
+        "    return [None] * len(completions)\n")
+    out = tmp_path / "run"
+    args = grpo_args(tiny_model_dir, prompts_file, out, "--max-steps", "6", "--reward-module", str(module),
+                     "--print-sample-every", "0")
+    for flag, value in (("--rewards", "math_answer,flaky_reward,absent_reward"), ("--group-size", "2"),
+                        ("--rollout-batch-size", "2"), ("--max-new-tokens", "4"), ("--per-device-train-batch-size", "4")):
+        args[args.index(flag) + 1] = value
+    proc = os_train(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Training stopped at step 4: reward 'flaky_reward'" in proc.stderr and "failed on 3 steps in a row" in proc.stderr
+    assert "raised RuntimeError: judge went away" in proc.stdout + proc.stderr  # the contained failure, reported once
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    rows = [r for r in read_metrics(out) if "reward" in r]
+    assert [r["rewards/flaky_reward/failures"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["alarms/reward_none"] for r in rows] == [1.0] * 4  # absent_reward (flaky's failures are not this alarm)
+    output = proc.stdout + proc.stderr
+    assert output.count("Reward 'absent_reward'") == 1 and "returned None for every completion of step 1" in output
+
+
+def test_alarms_warn_once_mark_the_progress_line_and_are_counted(tmp_path, caplog):
+    """check_alarms on the global metrics of successive steps: truncation and zero std need 3 steps in a
+    row (a good step resets them); each warns once and names the option to change."""
+    import logging
+
+    from opensloth.recipes.grpo import ALARM_STEPS
+    from opensloth.rewards import resolve_rewards
+    from opensloth.tracking import Alarm
+
+    recipe = make_recipe(tmp_path, max_new_tokens=16)
+    recipe.rewards = resolve_rewards(None, ["math_answer"])
+    recipe.alarms = {"truncated": Alarm("truncated", ALARM_STEPS), "zero_std": Alarm("zero_std", ALARM_STEPS)}
+    recipe.none_warned = set()
+    steps = [(0.9, 1.0), (0.9, 1.0), (0.2, 1.0), (0.9, 1.0), (0.9, 0.5), (0.9, 1.0)]  # (clipped, zero-std fraction)
+    counted, marks = [], []
+    with caplog.at_level(logging.WARNING, logger="opensloth"):
+        for step, (clipped, zero_std) in enumerate(steps, 1):
+            metrics = {"completions/clipped_ratio": clipped, "frac_reward_zero_std": zero_std,
+                       "rewards/math_answer/none_fraction": 0.0, "rewards/math_answer/failures": 0.0}
+            out = recipe.check_alarms(step, metrics)
+            counted.append((out["alarms/truncated"], out["alarms/zero_std"], out["alarms/reward_none"]))
+            marks.append(list(recipe.marks))
+    assert counted == [(0, 0, 0), (0, 0, 0), (0, 1, 0), (0, 1, 0), (0, 0, 0), (1, 0, 0)]
+    assert marks[2] == ["zero_std"] and marks[5] == ["truncated"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "zero reward std for 3 steps in a row" in warnings[0] and "--group-size" in warnings[0]
+    assert "hit --max-new-tokens 16" in warnings[1] and "Raise --max-new-tokens" in warnings[1]
