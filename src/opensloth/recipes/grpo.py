@@ -285,6 +285,12 @@ class GRPORecipe:
                                     scheduler=self.scheduler, rank=ctx.rank, world_size=ctx.world_size)
             self.start_step = saved["step"] + 1
             self.optimizer_step = saved["state"].get("optimizer_step", 0)
+            # The alarms' and reward failures' streaks carry over, so a resumed run warns and stops as the
+            # uninterrupted one would (and logs the same alarms/* values).
+            for name, (streak, warned) in saved["state"].get("alarms", {}).items():
+                self.alarms[name].streak, self.alarms[name].warned = streak, warned
+            self.none_warned = set(saved["state"].get("none_warned", []))
+            self.reward_failures_in_a_row = dict(saved["state"].get("reward_failures_in_a_row", {}))
             for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
@@ -797,7 +803,11 @@ class GRPORecipe:
     def save_checkpoint(self, step: int) -> None:
         """Weights, optimizer, scheduler, RNG and loop position (every worker calls it)."""
         save_checkpoint(self.cfg.training.output_dir, step, model=self.model, optimizer=self.optimizer,
-                        scheduler=self.scheduler, state={"optimizer_step": self.optimizer_step},
+                        scheduler=self.scheduler, state={
+                            "optimizer_step": self.optimizer_step,
+                            "alarms": {name: (a.streak, a.warned) for name, a in self.alarms.items()},
+                            "none_warned": sorted(self.none_warned),
+                            "reward_failures_in_a_row": self.reward_failures_in_a_row},
                         save_total_limit=self.cfg.training.save_total_limit, tokenizer=self.tokenizer)
 
     def save(self) -> None:
