@@ -10,6 +10,7 @@ import math
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -19,6 +20,7 @@ from opensloth.errors import UserError
 from opensloth.rewards import (
     PRESETS,
     DemoReward,
+    FunctionReward,
     MathAnswerReward,
     RewardFunction,
     RewardSet,
@@ -567,3 +569,131 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"opensloth.rewards.{module}")
     result = doctest.testmod(mod, extraglobs=vars(importlib.import_module("opensloth.rewards")))
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL 1.16's calling convention: every argument, async rewards, and loud first-step failures
+# ---------------------------------------------------------------------------------------------
+
+USER_REWARDS = Path(__file__).parent / "fixtures" / "user_rewards.py"
+
+
+def test_every_argument_trl_passes_reaches_the_reward():
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, answer, **kwargs):
+        seen.update(prompts=prompts, completions=completions, completion_ids=completion_ids, state=trainer_state,
+                    answer=answer, rest=sorted(kwargs))
+        log_metric("calls", 1.0)
+        log_metric("calls", 3.0)
+        log_extra("tag", ["a", "b"])
+        return [0.5, None]
+
+    state = object()
+    result = RewardSet([FunctionReward(spy)]).score(["p", "p"], ["x", "y"], {"answer": ["1", "1"], "level": [2, 2]},
+                                                     completion_ids=[[5, 6], [7]], trainer_state=state)
+    assert seen == {"prompts": ["p", "p"], "completions": ["x", "y"], "completion_ids": [[5, 6], [7]],
+                    "state": state, "answer": ["1", "1"], "rest": ["level", "solution"]}
+    assert result.per_reward["spy"] == [0.5, None]
+    assert result.logged == {"rewards/calls": (4.0, 2)}  # sum and count: the recipe averages (2.0)
+    assert result.extra == {"tag": ["a", "b"]}
+    assert result.metrics["rewards/spy/none_fraction"] == 0.5
+
+
+def test_async_rewards_are_awaited_concurrently_and_contained():
+    import asyncio
+
+    async def slow_a(completions, **kwargs):
+        await asyncio.sleep(0.5)
+        return [1.0] * len(completions)
+
+    async def slow_b(completions, **kwargs):
+        await asyncio.sleep(0.5)
+        return [2.0] * len(completions)
+
+    async def broken(completions, **kwargs):
+        raise ValueError("judge unreachable")
+
+    rewards = RewardSet([FunctionReward(slow_a), FunctionReward(slow_b), FunctionReward(broken), length_penalty])
+    start = time.monotonic()
+    result = rewards.score(["q"], ["x" * 30])
+    assert time.monotonic() - start < 0.9  # together, not one after the other (1.0 s)
+    assert result.per_reward == {"slow_a": [1.0], "slow_b": [2.0], "broken": [None], "length_penalty": [0.0]}
+    assert result.metrics["rewards/broken/failures"] == 1.0
+    with pytest.raises(UserError, match="raised ValueError: judge unreachable on the first step"):
+        RewardSet([FunctionReward(broken)]).score(["q"], ["x"], strict=True)
+
+
+def _load_user_rewards():
+    import importlib.util
+
+    pytest.importorskip("trl.rewards")
+    spec = importlib.util.spec_from_file_location("user_rewards_for_tests", USER_REWARDS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("reward", "prompts", "completions", "columns", "message"),
+    [
+        # An Unsloth-notebook reward on a plain-text dataset: completions are strings there.
+        ("match_format_exactly", ["2+2="], ["4"], {}, "prompts and completions are strings here, because the "
+                                                      "dataset's prompt is text"),
+        # A TRL text-format reward on a conversational dataset.
+        ("reward_len", [[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]], {},
+         None),
+        ("reward_ground_truth", [[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]],
+         {}, "needs 'ground_truth', which the dataset does not have (its columns: none)"),
+        ("check_answer", [[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]],
+         {"solution": ["4"]}, "needs 'answer', which the dataset does not have (its columns: solution)"),
+    ],
+    ids=["notebook-reward-on-text", "text-reward-on-chat", "missing-column", "missing-answer"],
+)
+def test_a_reward_failing_on_the_first_step_names_itself_with_traceback_and_hint(reward, prompts, completions,
+                                                                                  columns, message):
+    module = _load_user_rewards()
+    fn = FunctionReward(getattr(module, reward), source=str(USER_REWARDS))
+    if message is None:  # len() of a message list is 1: wrong but silent, as in TRL (no error to report)
+        assert RewardSet([fn]).score(prompts, completions, columns, strict=True).per_reward[reward] == [-19.0]
+        return
+    with pytest.raises(UserError) as err:
+        RewardSet([fn]).score(prompts, completions, columns, strict=True)
+    text = str(err.value)
+    assert f"Reward {reward!r} ({USER_REWARDS}) raised" in text and "on the first step" in text
+    if reward == "match_format_exactly":  # it failed inside: its own frames (the others failed in the call)
+        assert "Traceback (most recent call last):" in text and f'{USER_REWARDS}", line' in text
+    assert "rewardset.py" not in text  # the reward's frames, never ours
+    assert message in text
+
+
+def test_first_step_hints_for_a_missing_kwargs_and_a_wrong_count():
+    def no_kwargs(prompts, completions):
+        return [0.0] * len(completions)
+
+    def one_value(completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(UserError, match=r"end the reward's parameters with \*\*kwargs"):
+        RewardSet([FunctionReward(no_kwargs)]).score(["q"], ["x"], strict=True)
+    with pytest.raises(UserError, match="returned 1 value for 2 completions .*on the first step"):
+        RewardSet([FunctionReward(one_value)]).score(["q", "q"], ["x", "y"], strict=True)
+    # Not strict (later steps): the same failures are contained and counted.
+    assert RewardSet([FunctionReward(one_value)]).score(["q", "q"], ["x", "y"]).per_reward["one_value"] == [None] * 2
+
+
+def test_notebook_and_trl_rewards_score_conversational_completions_unchanged():
+    module = _load_user_rewards()
+    prompts = [[{"role": "system", "content": "Think."}, {"role": "user", "content": "What is 3+4?"}]] * 2
+    texts = ["<start_working_out>3 and 4<end_working_out><SOLUTION>7</SOLUTION>", "<think>hm</think>8"]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    names = ["match_format_exactly", "match_format_approximately", "check_answer", "check_numbers",
+             "format_reward_func", "accuracy_reward", "think_format_reward"]
+    rewards = RewardSet([FunctionReward(getattr(module, n)) for n in names])
+    result = rewards.score(prompts, completions, {"answer": ["7", "7"]}, completion_ids=[[1], [2]],
+                           trainer_state=None, strict=True)
+    assert result.per_reward == {
+        "match_format_exactly": [3.0, 0], "match_format_approximately": [1.5, -3.0], "check_answer": [5.0, -2.0],
+        "check_numbers": [3.5, -2.5], "format_reward_func": [0.0, 0.0], "accuracy_reward": [0.0, 0.0],
+        "think_format_reward": [0.0, 1.0],
+    }

@@ -106,3 +106,30 @@ def test_progress_without_a_terminal_prints_lines_as_it_goes():
     silent = TrainingProgress(total=10, is_main=False)
     silent.update(1, {"loss": 1.0})
     silent.close()
+
+
+def test_progress_line_marks_active_alarms_first():
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=False, width=80)
+    with TrainingProgress(total=3, console=console, description="grpo", show_keys=["loss"]) as bar:
+        bar.update(3, {"loss": 0.5}, marks=["truncated", "zero_std"])
+    assert "grpo 3/3" in buffer.getvalue() and "!truncated  !zero_std  loss=0.5" in buffer.getvalue()
+
+
+def test_grpo_curves_show_each_reward_and_kl_only_when_logged(tmp_path):
+    from opensloth.tracking import curve_panels
+
+    with MetricsLogger(tmp_path / "beta0", report_to=["none"]) as logger:
+        for step in range(1, 4):
+            logger.log(step, {"loss": 0.1, "reward": 1.0, "rewards/total/mean": 1.0, "rewards/math_answer/mean": 0.5,
+                              "rewards/my_reward/mean": 0.2, "rewards/my_reward/std": 0.1,
+                              "completions/clipped_ratio": 0.3, "frac_reward_zero_std": 0.5,
+                              "completions/mean_length": 9.0, "learning_rate": 1e-5})
+        logger.log(3, {"eval/accuracy": 0.4})
+    assert curve_panels(tmp_path / "beta0") == [
+        "loss", "reward", "rewards/math_answer/mean", "rewards/my_reward/mean", "eval/accuracy",
+        "completions/clipped_ratio", "frac_reward_zero_std", "completions/mean_length", "learning_rate"]
+    with MetricsLogger(tmp_path / "beta", report_to=["none"]) as logger:
+        logger.log(1, {"loss": 0.1, "kl": 0.01})
+    assert curve_panels(tmp_path / "beta") == ["loss", "kl"]
+    assert plot_metrics(tmp_path / "beta0").read_bytes()[:4] == b"\x89PNG"

@@ -172,7 +172,7 @@ class LoggingConfig(Section):
         default_factory=lambda: ["tensorboard"], description="Comma-separated: tensorboard, wandb, none."
     )
     run_name: Optional[str] = Field(None, description="Run name for TensorBoard and wandb.")
-    print_sample_every: int = Field(10, ge=0, description="Print one prompt with its completions every N steps.")
+    print_sample_every: int = Field(10, ge=0, description="Print one prompt with its completions, and append the step's completions (with rewards' log_extra columns) to completions.jsonl, every N steps.")
     debug: bool = Field(False, description="Show full tracebacks for user errors.")
 
     @field_validator("report_to")

@@ -231,7 +231,9 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     skip = {"prompt", "prompt_ids", "prompt_text"}
     columns = {name: [v for v in rows[name] for _ in range(num_samples)]
                for name in rows.column_names if name not in skip}
-    scores = rewards.score(prompts, flat, columns)
+    from opensloth.rewards.base import as_completions
+
+    scores = rewards.score(prompts, as_completions(prompts, flat), columns)  # as TRL passes them
     totals = [float(x) for x in torch.as_tensor(scores.total).tolist()]
 
     correct = ([(v or 0.0) > 0 for v in scores.per_reward[acc_name]] if acc_name else None)

@@ -1,4 +1,4 @@
-"""Metrics: metrics.jsonl + TensorBoard (+ wandb), a training-curves PNG, and the progress bar.
+"""Metrics: metrics.jsonl + TensorBoard (+ wandb), a training-curves PNG, alarms, and the progress bar.
 
 Every recipe logs the same way: one `MetricsLogger.log(step, metrics)` per logging step, on
 rank 0 only (other ranks get a logger that does nothing, so recipes need no rank checks).
@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -136,19 +137,39 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # Curves worth drawing, in panel order, each matched by the first key that exists in the log.
+# "rewards/*/mean" stands for one panel per reward (rewards/<name>/mean, the total left out).
 CURVE_KEYS = [
     ("loss", ["loss", "train/loss"]),
     ("reward", ["reward", "rewards/total/mean", "train/reward"]),
+    ("reward", ["rewards/*/mean"]),
+    ("eval accuracy", ["eval/accuracy", "eval_accuracy"]),
+    ("clipped ratio", ["completions/clipped_ratio"]),
+    ("zero-std fraction", ["frac_reward_zero_std"]),
     ("KL", ["kl", "train/kl"]),
     ("completion length", ["completions/mean_length", "completion_length", "train/completion_length"]),
-    ("eval accuracy", ["eval/accuracy", "eval_accuracy"]),
     ("eval loss", ["eval_loss", "eval/loss"]),
     ("learning rate", ["learning_rate", "train/learning_rate"]),
 ]
 
 
+def _expand(candidates: list[str], records: list[dict]) -> list[list[str]]:
+    """One candidate list per panel: a "prefix/*/suffix" pattern becomes one panel per matching key."""
+    if not any("*" in c for c in candidates):
+        return [candidates]
+    (pattern,) = candidates
+    head, tail = pattern.split("*")
+    keys = dict.fromkeys(k for r in records for k in r
+                         if k.startswith(head) and k.endswith(tail) and "/" not in k[len(head):-len(tail)]
+                         and k != head + "total" + tail)
+    return [[k] for k in keys]
+
+
 def plot_metrics(output_dir: str | Path, keys: list[tuple[str, list[str]]] | None = None) -> Path | None:
     """Draw training_curves.png from metrics.jsonl: one panel per curve that was logged.
+
+    GRPO runs get: loss, total reward, each reward's mean, eval accuracy (with eval data), the
+    clipped ratio, the zero-std fraction, KL (only when it was measured: beta > 0), completion
+    length and learning rate.
 
     Returns:
         The PNG path, or None when nothing plottable was logged.
@@ -158,14 +179,7 @@ def plot_metrics(output_dir: str | Path, keys: list[tuple[str, list[str]]] | Non
     matplotlib.use("Agg")  # no display in a training job
     import matplotlib.pyplot as plt
 
-    records = read_metrics(output_dir)
-    panels = []
-    for title, candidates in keys or CURVE_KEYS:
-        for key in candidates:
-            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-            if points:
-                panels.append((title, key, points))
-                break
+    panels = _panels(read_metrics(output_dir), keys or CURVE_KEYS)
     if not panels:
         return None
     cols = min(3, len(panels))
@@ -186,6 +200,54 @@ def plot_metrics(output_dir: str | Path, keys: list[tuple[str, list[str]]] | Non
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _panels(records: list[dict], keys: list[tuple[str, list[str]]]) -> list[tuple[str, str, list]]:
+    """(title, key, [(step, value), ...]) of each panel to draw: the first candidate key that was logged."""
+    panels = []
+    for title, pattern in keys:
+        for candidates in _expand(pattern, records):
+            for key in candidates:
+                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+                if points:
+                    panels.append((title, key, points))
+                    break
+    return panels
+
+
+def curve_panels(output_dir: str | Path) -> list[str]:
+    """The metric keys training_curves.png draws for this run, in panel order."""
+    return [key for _, key, _ in _panels(read_metrics(output_dir), CURVE_KEYS)]
+
+
+@dataclass
+class Alarm:
+    """A silent failure worth a warning: a condition that held `steps` steps in a row.
+
+    `update(holds)` records one step and says whether the alarm is active; the caller warns the
+    first time (`first`), marks the progress line while it is active, and logs it as a 0/1 metric.
+
+    Example:
+        >>> alarm = Alarm("truncated", steps=3)
+        >>> [alarm.update(h) for h in (True, True, True, False)]
+        [False, False, True, False]
+    """
+
+    name: str
+    steps: int = 3
+    streak: int = 0
+    warned: bool = False
+
+    def update(self, holds: bool) -> bool:
+        self.streak = self.streak + 1 if holds else 0
+        return self.streak >= self.steps
+
+    def first(self) -> bool:
+        """True once: the first time the caller asks while the alarm is active (then warn)."""
+        if self.warned:
+            return False
+        self.warned = True
+        return True
 
 
 class TrainingProgress:
@@ -235,14 +297,16 @@ class TrainingProgress:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
-        """Move to `step` and show `metrics` (the show_keys ones, or all numeric ones)."""
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None, marks: Iterable[str] = ()) -> None:
+        """Move to `step` and show `metrics` (the show_keys ones, or all numeric ones), then a `!name`
+        for each active alarm in `marks` (first, so a narrow terminal never cuts it off)."""
         if not self.is_main:
             return
-        shown = ""
+        shown = "  ".join(f"!{mark}" for mark in marks)
         if metrics:
             keys = self.show_keys if self.show_keys is not None else list(metrics)
-            shown = "  ".join(_fmt(k, metrics[k]) for k in keys if k in metrics and _is_number(metrics[k]))
+            values = "  ".join(_fmt(k, metrics[k]) for k in keys if k in metrics and _is_number(metrics[k]))
+            shown = f"{shown}  {values}" if shown else values
         if self._progress is not None:
             # One line: cut the metrics to the room left, or rich squeezes the name to "g…".
             room = self.console.width - (len(self.description) + BAR_WIDTH + 2 * len(str(self.total)) + 26)

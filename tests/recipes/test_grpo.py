@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,8 +113,10 @@ def test_micro_batches_give_the_full_batch_update(tiny_model_dir, prompts_file, 
     for name, extra in {"one": ("--per-device-train-batch-size", "16"),
                         "four": ("--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "4")}.items():
         out = tmp_path / name
+        # The prompts this test was pinned with (ChatML-wrapped; text prompts now go in raw by default): with
+        # raw ones, AdamW turns fp32 summation-order noise in one near-zero gradient entry into 2.3e-7 (FACTS).
         args = grpo_args(tiny_model_dir, prompts_file, out, "--max-steps", "1", "--print-sample-every", "0",
-                         "--max-grad-norm", "0", *extra)
+                         "--max-grad-norm", "0", "--chat-template", "model", *extra)
         proc = os_train(*args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         outs[name] = out
@@ -289,9 +292,10 @@ def test_split_evenly():
     assert [s.stop - s.start for s in split_evenly(2, 3)] == [1, 1, 0]
 
 
-def test_a_reward_calling_sys_exit_is_contained_and_reward_timeout_applies(tiny_model_dir, prompts_file, tmp_path):
-    """sys.exit(3) inside a user's reward ended `os-train grpo` with exit 3 and no message: it
-    escaped the containment (SystemExit is not an Exception). Now it is one failure of that reward."""
+def test_a_reward_calling_sys_exit_stops_the_first_step_with_a_message(tiny_model_dir, prompts_file, tmp_path):
+    """sys.exit(3) inside a user's reward ended `os-train grpo` with exit 3 and no message: it escaped
+    the containment (SystemExit is not an Exception). It was then contained and counted; a reward that
+    fails on the first step now stops the run before any update, with one message naming it."""
     module = tmp_path / "exiting.py"
     module.write_text("import sys\n\ndef exiting_reward(completions, **kwargs):\n    sys.exit(3)\n")
     out = tmp_path / "run"
@@ -301,9 +305,206 @@ def test_a_reward_calling_sys_exit_is_contained_and_reward_timeout_applies(tiny_
                         ("--rollout-batch-size", "2"), ("--max-new-tokens", "4"), ("--per-device-train-batch-size", "4")):
         args[args.index(flag) + 1] = value  # the smallest step: this is about the reward call only
     proc = os_train(*args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    output = proc.stdout + proc.stderr
-    assert "Reward 'exiting_reward'" in output and "raised SystemExit: 3" in output, output
-    (row,) = [r for r in read_metrics(out) if "reward" in r]
-    assert row["rewards/exiting_reward/failures"] == 1.0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"Reward 'exiting_reward' ({module.resolve()}) raised SystemExit: 3 on the first step" in proc.stderr
+    assert 'exiting.py", line 4, in exiting_reward' in proc.stderr  # the reward's own traceback
     assert "reward_timeout: 30.0" in (out / "config.yaml").read_text()
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards written as Unsloth notebooks and TRL docs write them, through --reward-module
+# ---------------------------------------------------------------------------------------------
+
+USER_REWARDS = Path(__file__).parents[1] / "fixtures" / "user_rewards.py"
+TRL_REFERENCE_RUN = USER_REWARDS.with_name("trl_reference_run.py")
+BENCH_PYTHON = Path("/work/venvs/bench/bin/python")
+# Either completion form: the rewards that read completion_ids, trainer_state, log_metric, log_extra, or are async.
+ANY_FORM_REWARDS = ["token_budget_reward", "progress_reward", "first_word_reward", "async_judge_reward",
+                    "record_arguments_reward"]
+CHAT_REWARDS = ["match_format_exactly", "match_format_approximately", "check_answer", "check_numbers",
+                "format_reward_func", "accuracy_reward", "think_format_reward", *ANY_FORM_REWARDS]
+TEXT_REWARDS = ["reward_len", "reward_ground_truth", *ANY_FORM_REWARDS]
+NOTEBOOK_SYSTEM = "You are given a problem. Think about it, then give your solution between <SOLUTION></SOLUTION>."
+
+
+def user_reward_run(tmp_path_factory, tiny_model_dir, name: str, rows: list[dict], rewards: list[str],
+                    *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """`os-train grpo --reward-module tests/fixtures/user_rewards.py` on `rows`; returns (output dir, process)."""
+    pytest.importorskip("trl.rewards")
+    root = tmp_path_factory.mktemp(name)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "run"
+    args = grpo_args(tiny_model_dir, data, out, "--reward-module", str(USER_REWARDS), "--print-sample-every", "1",
+                     *extra)
+    for flag, value in (("--rewards", ",".join(rewards)), ("--group-size", "2"), ("--rollout-batch-size", "2"),
+                        ("--per-device-train-batch-size", "4")):
+        args[args.index(flag) + 1] = value
+    proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", *args], cwd=root,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "REWARD_RECORD_FILE": str(root / "arguments.jsonl")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def chat_run(tiny_model_dir, tmp_path_factory):
+    """Two steps on a conversational dataset (the notebook's system + user prompt), beta 0."""
+    rows = [{"prompt": [{"role": "system", "content": NOTEBOOK_SYSTEM}, {"role": "user", "content": f"{a}+{b}"}],
+             "answer": str(a + b), "level": a} for a in range(5) for b in range(4)]
+    return user_reward_run(tmp_path_factory, tiny_model_dir, "chat_rewards", rows, CHAT_REWARDS, "--max-steps", "2",
+                           "--max-new-tokens", "8", "--beta", "0")
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_model_dir, tmp_path_factory):
+    """Three steps on plain-text prompts with a --max-new-tokens far too small (the truncation alarm),
+    beta 0.04 and an eval split (eval accuracy in the curves)."""
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "ground_truth": str(a + b)} for a in range(5)
+            for b in range(4)]
+    return user_reward_run(tmp_path_factory, tiny_model_dir, "text_rewards", rows, TEXT_REWARDS, "--max-steps", "3",
+                           "--max-new-tokens", "3", "--beta", "0.04", "--eval-split-ratio", "0.2", "--eval-steps", "3")
+
+
+def assert_every_reward_scored_every_step(out: Path, rewards: list[str], steps: int) -> list[dict]:
+    train_rows = [r for r in read_metrics(out) if "reward" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, steps + 1))
+    for row in train_rows:
+        for name in rewards:
+            assert row[f"rewards/{name}/failures"] == 0.0, (name, row["step"])
+            assert row[f"rewards/{name}/none_fraction"] == 0.0, (name, row["step"])  # a value for every completion
+            assert row[f"rewards/{name}/mean"] is not None, (name, row["step"])
+        # trainer_state is current (global_step = steps done) and completion_ids are the completions' tokens.
+        assert row["rewards/state/global_step"] == row["step"] - 1 and row["rewards/state/max_steps"] == steps
+        assert row["rewards/completion_tokens"] == pytest.approx(row["completions/mean_length"])
+    # log_extra columns are saved with the logged completions (every step: --print-sample-every 1).
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in logged}) == list(range(1, steps + 1)) and len(logged) == 4 * steps
+    assert all(isinstance(r["extra"]["first_word"], str) and set(r["rewards"]) == set(rewards) for r in logged)
+    return train_rows
+
+
+def recorded_arguments(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out.parent / "arguments.jsonl").read_text().splitlines()]
+
+
+def test_notebook_and_trl_rewards_run_unchanged_on_a_conversational_dataset(chat_run):
+    out, proc = chat_run
+    train_rows = assert_every_reward_scored_every_step(out, CHAT_REWARDS, 2)
+    assert all("kl" not in r for r in train_rows)  # beta 0: no KL measured, none logged
+    first = recorded_arguments(out)[0]
+    assert first["arguments"]["completions"] == "list[list[dict(content:str,role:str)]]"
+    assert first["prompts"][0][0] == {"role": "system", "content": NOTEBOOK_SYSTEM}  # as the dataset holds it
+    plan = " ".join(proc.stdout.replace("│", " ").split())  # the plan says how the prompts were rendered
+    assert "prompts conversations, chat template model" in plan
+
+    from opensloth.tracking import curve_panels
+
+    panels = curve_panels(out)
+    assert {f"rewards/{name}/mean" for name in CHAT_REWARDS} <= set(panels)
+    assert {"completions/clipped_ratio", "frac_reward_zero_std"} <= set(panels) and "kl" not in panels
+
+
+def test_trl_text_rewards_run_unchanged_on_plain_text_prompts_and_truncation_raises_an_alarm(text_run):
+    out, proc = text_run
+    train_rows = assert_every_reward_scored_every_step(out, TEXT_REWARDS, 3)
+    assert all("kl" in r for r in train_rows)
+    first = recorded_arguments(out)[0]
+    assert first["arguments"]["completions"] == "list[str]" and first["arguments"]["prompts"] == "list[str]"
+    assert first["prompts"][0].endswith("=")  # the text as the dataset holds it
+    assert "prompts text prompts as they are, no chat template" in " ".join(proc.stdout.replace("│", " ").split())
+    # More than half of the completions hit --max-new-tokens 3: the alarm fires on the third such step, once.
+    assert all(r["completions/clipped_ratio"] > 0.5 for r in train_rows)
+    assert [r["alarms/truncated"] for r in train_rows] == [0.0, 0.0, 1.0]
+    output = proc.stdout + proc.stderr
+    assert output.count("Alarm truncated") == 1 and "Raise --max-new-tokens" in output
+    assert "!truncated" in output  # the mark in the progress line
+
+    from opensloth.tracking import curve_panels
+
+    panels = curve_panels(out)
+    assert {f"rewards/{name}/mean" for name in TEXT_REWARDS} | {"eval/accuracy", "kl"} <= set(panels)
+    assert (out / "training_curves.png").is_file()
+
+
+@pytest.mark.skipif(not BENCH_PYTHON.is_file(), reason="TRL 1.16 (the bench venv /work/venvs/bench) is not here")
+@pytest.mark.parametrize("run", ["chat_run", "text_run"])
+def test_rewards_receive_what_trl_grpo_trainer_passes_them(run, request, tiny_model_dir, tmp_path):
+    """The same rows through TRL 1.16's GRPOTrainer (one real step, in the bench venv): every argument
+    has the same name, type and form. Ours adds only `solution`, the documented alias of `answer`."""
+    out, _ = request.getfixturevalue(run)
+    ours = recorded_arguments(out)[0]
+    record = tmp_path / "trl.jsonl"
+    proc = subprocess.run([str(BENCH_PYTHON), str(TRL_REFERENCE_RUN), str(tiny_model_dir),
+                           str(out.parent / "data.jsonl"), str(tmp_path / "trl_out")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "REWARD_RECORD_FILE": str(record), "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trl = json.loads(record.read_text().splitlines()[0])
+    expected = {**trl["arguments"], "solution": trl["arguments"]["answer"]}
+    assert ours["arguments"] == expected
+    dataset_prompts = [json.loads(line)["prompt"] for line in (out.parent / "data.jsonl").read_text().splitlines()]
+    assert all(p in dataset_prompts for p in ours["prompts"] + trl["prompts"])  # both: as the dataset holds them
+    assert ours["state"]["global_step"] == trl["state"]["global_step"] == 0
+    assert isinstance(ours["state"]["epoch"], float) and isinstance(trl["state"]["max_steps"], int)
+
+
+def test_a_reward_failing_three_steps_in_a_row_stops_after_a_checkpoint_and_none_everywhere_warns(
+        tiny_model_dir, prompts_file, tmp_path):
+    """Scores on the first step, then raises: steps 2 and 3 are contained and counted, step 4 saves
+    checkpoint-4 and stops. A reward that returns None everywhere is named in a warning, every step counted."""
+    module = tmp_path / "later.py"
+    module.write_text(
+        "def flaky_reward(completions, trainer_state, **kwargs):\n"
+        "    if trainer_state.global_step >= 1:\n"
+        "        raise RuntimeError('judge went away')\n"
+        "    return [0.0] * len(completions)\n\n"
+        "def absent_reward(completions, **kwargs):\n"
+        "    return [None] * len(completions)\n")
+    out = tmp_path / "run"
+    args = grpo_args(tiny_model_dir, prompts_file, out, "--max-steps", "6", "--reward-module", str(module),
+                     "--print-sample-every", "0")
+    for flag, value in (("--rewards", "math_answer,flaky_reward,absent_reward"), ("--group-size", "2"),
+                        ("--rollout-batch-size", "2"), ("--max-new-tokens", "4"), ("--per-device-train-batch-size", "4")):
+        args[args.index(flag) + 1] = value
+    proc = os_train(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Training stopped at step 4: reward 'flaky_reward'" in proc.stderr and "failed on 3 steps in a row" in proc.stderr
+    assert "raised RuntimeError: judge went away" in proc.stdout + proc.stderr  # the contained failure, reported once
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    rows = [r for r in read_metrics(out) if "reward" in r]
+    assert [r["rewards/flaky_reward/failures"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["alarms/reward_none"] for r in rows] == [1.0] * 4  # absent_reward (flaky's failures are not this alarm)
+    output = proc.stdout + proc.stderr
+    assert output.count("Reward 'absent_reward'") == 1 and "returned None for every completion of step 1" in output
+
+
+def test_alarms_warn_once_mark_the_progress_line_and_are_counted(tmp_path, caplog):
+    """check_alarms on the global metrics of successive steps: truncation and zero std need 3 steps in a
+    row (a good step resets them); each warns once and names the option to change."""
+    import logging
+
+    from opensloth.recipes.grpo import ALARM_STEPS
+    from opensloth.rewards import resolve_rewards
+    from opensloth.tracking import Alarm
+
+    recipe = make_recipe(tmp_path, max_new_tokens=16)
+    recipe.rewards = resolve_rewards(None, ["math_answer"])
+    recipe.alarms = {"truncated": Alarm("truncated", ALARM_STEPS), "zero_std": Alarm("zero_std", ALARM_STEPS)}
+    recipe.none_warned = set()
+    steps = [(0.9, 1.0), (0.9, 1.0), (0.2, 1.0), (0.9, 1.0), (0.9, 0.5), (0.9, 1.0)]  # (clipped, zero-std fraction)
+    counted, marks = [], []
+    with caplog.at_level(logging.WARNING, logger="opensloth"):
+        for step, (clipped, zero_std) in enumerate(steps, 1):
+            metrics = {"completions/clipped_ratio": clipped, "frac_reward_zero_std": zero_std,
+                       "rewards/math_answer/none_fraction": 0.0, "rewards/math_answer/failures": 0.0}
+            out = recipe.check_alarms(step, metrics)
+            counted.append((out["alarms/truncated"], out["alarms/zero_std"], out["alarms/reward_none"]))
+            marks.append(list(recipe.marks))
+    assert counted == [(0, 0, 0), (0, 0, 0), (0, 1, 0), (0, 1, 0), (0, 0, 0), (1, 0, 0)]
+    assert marks[2] == ["zero_std"] and marks[5] == ["truncated"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "zero reward std for 3 steps in a row" in warnings[0] and "--group-size" in warnings[0]
+    assert "hit --max-new-tokens 16" in warnings[1] and "Raise --max-new-tokens" in warnings[1]

@@ -14,8 +14,16 @@ Rows.
   each assistant turn's prompt (the turns before it and the generation prompt) ends, so it starts
   with exactly the tokens GRPO, eval and generate give the model (`generation_prompt_ends`; not
   for tokenizers that mark a word start at every input's start, see `piecewise_tokenization_is_exact`).
-  GRPO: `prompt` (messages), `prompt_text` (rendered with the generation prompt), `prompt_ids`,
-  `answer`, and every other source column (rewards get them as keyword arguments).
+  GRPO: `prompt` (in its original form: the dataset's text, or the conversation: the dataset's
+  messages, or the one a math format builds), `prompt_text` (what the model is given), `prompt_ids`,
+  `answer`, and every other source column (rewards get them as keyword arguments, and `prompt` as
+  `prompts`, as TRL passes them).
+
+Prompt rendering (GRPO). A conversation is rendered with the chat template and its generation
+prompt. A text prompt (the prompt-answer format's `prompt` column holding a string) is given to the
+model as it is, without a chat template, and tokenized with the tokenizer's special tokens, as TRL's
+GRPOTrainer does; an explicit --chat-template (not `auto`) or a --system-prompt makes it a user turn
+rendered with the template instead. The plan's `prompts` row says which (`prompt_rendering` stat).
 
 Assistant masks without template markers. For assistant turn i, the conversation up to turn i
 and up to turn i+1 are rendered; the text between them is that turn, and the turn's content is
@@ -63,7 +71,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from opensloth.config import RunConfig
 from opensloth.data.formats import (
@@ -80,7 +88,8 @@ from opensloth.tracking import TrainingProgress
 
 logger = logging.getLogger("opensloth")
 
-PIPELINE_VERSION = 3  # 2: SFT rows are tokenized in pieces at each generation prompt's end; 3: every drop counted
+PIPELINE_VERSION = 4  # 2: SFT rows are tokenized in pieces at each generation prompt's end; 3: every drop counted;
+# 4: GRPO text prompts kept as text and rendered raw (as TRL does) unless --chat-template/--system-prompt
 TOKENIZE_CHUNK = 512  # rows per batched tokenizer call
 PROGRESS_LINE_INTERVAL_S = 10.0  # off a terminal: one progress line per stage at most this often
 
@@ -655,6 +664,46 @@ def _tokenize_sft(tokenizer: Any, template: str, items: list, fmt: str, max_len:
 GRPO_OWN_COLUMNS = ("prompt", "prompt_text", "prompt_ids", "answer")
 
 
+class GRPORow(NamedTuple):
+    """One formatted GRPO row: the conversation, the reference answer, extra columns, and the prompt as
+    the dataset holds it (the text of a prompt-answer row whose prompt is a string, else `messages`)."""
+
+    messages: list
+    answer: str | None
+    extra: dict
+    prompt: Any
+
+
+def format_grpo_prompt(fmt: str, row: dict, system_prompt: str | None = None) -> GRPORow:
+    """format_grpo_row, keeping a text prompt's original form (TRL passes rewards the dataset's prompt)."""
+    messages, answer, extra = format_grpo_row(fmt, row, system_prompt)
+    text = row.get("prompt") if fmt == "prompt-answer" else None
+    return GRPORow(messages, answer, extra, text if isinstance(text, str) else messages)
+
+
+def prompt_rendering(cfg: RunConfig, fmt: str, tokenizer: Any, rows: list[GRPORow]) -> tuple[bool, str]:
+    """(True when text prompts go to the model raw, the plan's line saying how the prompts are rendered).
+
+    Raw, as TRL renders a text prompt, unless --chat-template (other than `auto`) or --system-prompt
+    asks for a chat; conversations always go through the chat template.
+    """
+    d = cfg.data
+    template = resolve_template_name(d.chat_template, fmt, cfg.grpo.task, tokenizer)
+    has_text = any(isinstance(row.prompt, str) for row in rows)
+    raw = fmt == "prompt-answer" and d.chat_template == "auto" and not d.system_prompt
+    parts = []
+    if has_text and raw:
+        parts.append("text prompts as they are, no chat template (as TRL renders them; --chat-template NAME "
+                     "applies one)")
+    elif has_text:
+        why = f"--chat-template {d.chat_template}" if d.chat_template != "auto" else "--system-prompt"
+        parts.append(f"text prompts as a user turn, chat template {template} ({why})")
+    if any(not isinstance(row.prompt, str) for row in rows):
+        built = f", built by the {fmt} format" if fmt != "prompt-answer" else ""
+        parts.append(f"conversations{built}, chat template {template}")
+    return raw, "; ".join(parts)
+
+
 def nearest_rank(values: list[int], q: float) -> int:
     """The nearest-rank q-quantile of `values` (q in (0, 1]; q = 1 gives the maximum)."""
     ordered = sorted(values)
@@ -665,17 +714,18 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
     d, g = cfg.data, cfg.grpo
     stats: dict[str, Any] = {"rows_in": len(source)}
     order = _training_order(cfg, source, stats)
-    rows = _format_rows(source, order, fmt, format_grpo_row, d.system_prompt, d.skip_bad_rows, f"--dataset {d.dataset}",
-                        stats, d.dataset)
+    rows = _format_rows(source, order, fmt, format_grpo_prompt, d.system_prompt, d.skip_bad_rows,
+                        f"--dataset {d.dataset}", stats, d.dataset)
     eval_rows = None
     if eval_source is not None:
-        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_row, d.system_prompt,
+        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_prompt, d.system_prompt,
                                  d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
     if not rows:
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
     _check_code_tests(cfg, source, eval_source)
 
-    texts, ids = _render_prompts(tokenizer, template, [messages for _, (messages, _, _) in rows])
+    raw, stats["prompt_rendering"] = prompt_rendering(cfg, fmt, tokenizer, [row for _, row in rows])
+    texts, ids = _render_prompts(tokenizer, template, [row for _, row in rows], raw)
     lengths = [len(x) for x in ids]
     # Keep every prompt that fits --max-prompt-length; the percentile cut is opt-in.
     percentile_tokens = (nearest_rank(lengths, g.prompt_length_percentile)
@@ -700,7 +750,7 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
 
     held_out = None
     if eval_rows:
-        e_texts, e_ids = _render_prompts(tokenizer, template, [m for _, (m, _, _) in eval_rows], "eval prompts")
+        e_texts, e_ids = _render_prompts(tokenizer, template, [row for _, row in eval_rows], raw, "eval prompts")
         fits = [i for i, x in enumerate(e_ids) if threshold is None or len(x) <= threshold]
         stats["dropped_long_eval_prompts"] = len(e_ids) - len(fits)
         held_out = _grpo_dataset(eval_source, [eval_rows[i] for i in fits], [e_texts[i] for i in fits],
@@ -728,15 +778,28 @@ def _check_code_tests(cfg: RunConfig, source, eval_source) -> None:
                             lambda index: row_name(cfg.data.eval_dataset, index))
 
 
-def _render_prompts(tokenizer: Any, template: str, prompts: list, stage: str = "prompts") -> tuple[list, list]:
-    """(rendered texts with the generation prompt, their token ids), chunk by chunk with progress."""
+def _render_prompts(tokenizer: Any, template: str, rows: list[GRPORow], raw: bool,
+                    stage: str = "prompts") -> tuple[list, list]:
+    """(what the model is given, its token ids) for each row, chunk by chunk with progress: a text prompt
+    as it is with the tokenizer's special tokens when `raw` (as TRL), else the conversation rendered with
+    the template and its generation prompt (the template's own tokens, no extra special tokens)."""
     texts: list[str] = []
     ids: list[list[int]] = []
-    with data_progress(f"render and tokenize {stage}", len(prompts)) as progress:
-        for start in range(0, len(prompts), TOKENIZE_CHUNK):
-            chunk = [render(tokenizer, messages, True, template) for messages in prompts[start:start + TOKENIZE_CHUNK]]
-            texts += chunk
-            ids += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    with data_progress(f"render and tokenize {stage}", len(rows)) as progress:
+        for start in range(0, len(rows), TOKENIZE_CHUNK):
+            chunk = rows[start:start + TOKENIZE_CHUNK]
+            is_raw = [raw and isinstance(row.prompt, str) for row in chunk]
+            chunk_texts = [row.prompt if r else render(tokenizer, row.messages, True, template)
+                           for row, r in zip(chunk, is_raw)]
+            chunk_ids: list = [None] * len(chunk)
+            for flag in (True, False):
+                where = [i for i, r in enumerate(is_raw) if r == flag]
+                if where:
+                    encoded = tokenizer([chunk_texts[i] for i in where], add_special_tokens=flag)["input_ids"]
+                    for i, e in zip(where, encoded):
+                        chunk_ids[i] = e
+            texts += chunk_texts
+            ids += chunk_ids
             progress.update(len(texts))
     return texts, ids
 
@@ -746,15 +809,15 @@ def _grpo_dataset(source, rows: list, texts: list[str], ids: list[list[int]]):
     import datasets
 
     indices = [index for index, _ in rows]
-    extra_keys = sorted({k for _, (_, _, extra) in rows for k in extra})
+    extra_keys = sorted({k for _, row in rows for k in row.extra})
     own = set(GRPO_OWN_COLUMNS) | set(extra_keys)
     passthrough = source.select(indices).remove_columns([c for c in source.column_names if c in own])
     columns = {
-        "prompt": [messages for _, (messages, _, _) in rows],
+        "prompt": [row.prompt for _, row in rows],
         "prompt_text": texts,
         "prompt_ids": [list(x) for x in ids],
-        "answer": [answer for _, (_, answer, _) in rows],
-        **{k: [extra.get(k) for _, (_, _, extra) in rows] for k in extra_keys},
+        "answer": [row.answer for _, row in rows],
+        **{k: [row.extra.get(k) for _, row in rows] for k in extra_keys},
     }
     new = datasets.Dataset.from_dict(columns)
     if not passthrough.column_names:

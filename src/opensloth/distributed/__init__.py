@@ -207,6 +207,15 @@ def reduce_metrics(metrics: dict[str, float], op: ReduceOp = "mean") -> dict[str
     return dict(zip(keys, all_reduce_scalars(values, op)))
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every worker's picklable `obj`, in rank order (one element without a process group)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object from rank `src` to every worker; returns it on all ranks."""
     if not is_distributed():

@@ -193,6 +193,8 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
         table.add_row("data", f"{plural(prepared.num_rows, 'row')}{read}, {plural(prepared.num_shards, 'shard')}, "
                       f"{hit}: {prepared.path}")
         table.add_row("dropped", "; ".join(describe_drops(stats)) or "nothing (every row used whole)")
+        if stats.get("prompt_rendering"):  # GRPO: how the prompts reach the model
+            table.add_row("prompts", stats["prompt_rendering"])
     table.add_row("output dir", str(cfg.training.output_dir))
     table.add_row("global batch", global_batch(cfg, world))
     if cfg.recipe == "grpo":

@@ -8,13 +8,26 @@ One training step (what `--max-steps` counts and what is logged once):
     1. sample   `rollout_batch_size` prompts in all (each worker takes rollout_batch_size / world
                 from its own shard of the prepared dataset);
     2. generate `group_size` completions per prompt with the rollout engine (LoRA active);
-    3. score    with the reward set (weighted sum; a failing reward counts as 0 and is reported);
+    3. score    with the reward set, in TRL's calling convention (weighted sum; a failing reward counts
+                as 0 and is reported; on the first step it stops the run, see "Rewards" below);
     4. advantages per group: A = (r - mean) / (std + eps), or r - mean with --no-std-normalization;
     5. filter   (--filter-zero-std) drop groups whose rewards are all equal: their advantage is 0;
     6. old and reference log-probs, once per rollout batch, without gradients;
     7. update   --epochs-per-rollout-batch passes over the batch; each pass is cut into optimizer
                 mini-batches and each mini-batch into micro-batches (see below);
     8. log      metrics reduced across workers; a sample now and then; evaluation every --eval-steps.
+
+Rewards. Each reward gets what TRL 1.16's GRPOTrainer passes (opensloth.rewards.base): prompts as the
+dataset holds them, completions as messages when the prompt is a conversation and as strings when it
+is text, completion_ids, a transformers TrainerState (global_step = steps done, max_steps = --max-steps
+or the steps the epochs make, epoch), log_metric, log_extra and every other column. A reward that fails
+on the first step (raises, or returns the wrong number of values) stops the run before any update with
+its traceback and a hint; later failures are contained and counted, and MAX_REWARD_FAILURES_IN_A_ROW
+failed steps in a row stop the run after a checkpoint. Alarms (a warning once, then a `!name` mark in
+the progress line, and `alarms/<name>` in metrics.jsonl): more than half of the completions hit
+--max-new-tokens for ALARM_STEPS steps in a row (`truncated`); every group had zero reward std for
+ALARM_STEPS steps (`zero_std`); a reward was None for every completion of a step (`reward_none`, the
+number of such rewards).
 
 Micro-batches and optimizer steps. A micro-batch is `--per-device-train-batch-size` sequences
 (one forward/backward). An optimizer mini-batch is `--gradient-accumulation-steps` micro-batches
@@ -76,6 +89,11 @@ logger = logging.getLogger("opensloth")
 
 # Updates in a row with a NaN/inf gradient norm (each skipped) before the run stops.
 MAX_NONFINITE_UPDATES_IN_A_ROW = 3
+# Steps in a row on which one reward failed (scored None for the batch) before the run stops.
+MAX_REWARD_FAILURES_IN_A_ROW = 3
+# Steps in a row a silent failure (truncation, zero reward std) must last to raise its alarm.
+ALARM_STEPS = 3
+COMPLETIONS_FILE = "completions.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +200,8 @@ class GRPORecipe:
         self.global_step = 0
         self.optimizer_step = 0
         self.nonfinite_updates_in_a_row = 0
+        self.reward_failures_in_a_row: dict[str, int] = {}
+        self.rewards_checked = False  # until a first step has scored without failure, a failing reward stops the run
         self.ref_model, self.ref_adapter = None, None  # the KL reference, chosen in setup()
         self.share_prompts = False  # set in setup() from the backend
         self.stopped = False
@@ -242,6 +262,21 @@ class GRPORecipe:
 
         self.engine = get_rollout_engine(g.rollout_engine, self.model, self.tokenizer, ctx.device, cfg)
 
+        # What TRL passes rewards as `trainer_state`, kept current by train_step.
+        from transformers import TrainerState
+
+        from opensloth.tracking import Alarm
+
+        self.trainer_state = TrainerState(max_steps=self.total_steps, logging_steps=t.logging_steps,
+                                          eval_steps=t.eval_steps, save_steps=t.save_steps,
+                                          train_batch_size=t.per_device_train_batch_size,
+                                          num_train_epochs=math.ceil(self.total_steps * g.rollout_batch_size
+                                                                     / max(1, self.data.num_rows)),
+                                          is_local_process_zero=ctx.local_rank == 0, is_world_process_zero=ctx.is_main)
+        self.alarms = {"truncated": Alarm("truncated", ALARM_STEPS), "zero_std": Alarm("zero_std", ALARM_STEPS)}
+        self.none_warned: set[str] = set()
+        self.marks: list[str] = []
+
         # Resume last: loading a checkpoint restores the RNG streams, which nothing above may consume.
         self.start_step = 1
         resume_from = resolve_resume(t.output_dir, t.resume, t.resume_from)
@@ -250,6 +285,12 @@ class GRPORecipe:
                                     scheduler=self.scheduler, rank=ctx.rank, world_size=ctx.world_size)
             self.start_step = saved["step"] + 1
             self.optimizer_step = saved["state"].get("optimizer_step", 0)
+            # The alarms' and reward failures' streaks carry over, so a resumed run warns and stops as the
+            # uninterrupted one would (and logs the same alarms/* values).
+            for name, (streak, warned) in saved["state"].get("alarms", {}).items():
+                self.alarms[name].streak, self.alarms[name].warned = streak, warned
+            self.none_warned = set(saved["state"].get("none_warned", []))
+            self.reward_failures_in_a_row = dict(saved["state"].get("reward_failures_in_a_row", {}))
             for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
@@ -279,12 +320,15 @@ class GRPORecipe:
         with StopSignal() as stop, TrainingProgress(self.total_steps, self.ctx.is_main, "grpo",
                                                     show_keys=shown) as progress:
             progress.update(self.start_step - 1)
+            self.set_trainer_state(self.start_step - 1)
             if t.eval_steps > 0 and self.start_step == 1:
                 # A baseline, so the eval curve shows what GRPO changed (logged as step 0).
                 self.metrics_logger.log(0, self.evaluate())
             for step in range(self.start_step, self.total_steps + 1):
                 self.global_step = step
-                progress.update(step, self.train_step(step))
+                metrics = self.train_step(step)
+                progress.update(step, metrics, self.marks)
+                self.stop_on_failing_rewards(step, metrics)
                 # Checkpoint every --save-steps, and at once when Ctrl-C/SIGTERM reached any worker.
                 stopping = stop_requested(stop)
                 if (t.save_steps and step % t.save_steps == 0 and step < self.total_steps) or stopping:
@@ -299,6 +343,7 @@ class GRPORecipe:
 
         cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
         step_start = time.perf_counter()
+        self.set_trainer_state(step - 1)  # what rewards see: the steps done so far, as TRL's global_step
 
         # 1. Sample this worker's prompts for the step.
         rows = self.train_rows.select(next(self.sampler))
@@ -318,8 +363,10 @@ class GRPORecipe:
         gen_time = time.perf_counter() - step_start
 
         # 3. Score every completion; columns repeat G times so row i of a column matches completion i.
+        #    Until one step has scored cleanly, a failing reward stops the run here, before any update.
         reward_start = time.perf_counter()
-        scores = self.score(rows, rollout.completions_text, g.group_size)
+        scores = self.score(rows, rollout, g.group_size, strict=not self.rewards_checked)
+        self.rewards_checked = True
         rewards = torch.as_tensor(scores.total, dtype=torch.float32)  # (B,)
         reward_time = time.perf_counter() - reward_start
 
@@ -378,8 +425,12 @@ class GRPORecipe:
             **update_metrics,
         }
         metrics = reduce_metrics(metrics)
+        metrics.update(self.reduce_logged(scores.logged))  # what rewards passed to log_metric
+        metrics.update(self.check_alarms(step, metrics))
+        self.set_trainer_state(step)
         if cfg.logging.print_sample_every and step % cfg.logging.print_sample_every == 0 and self.ctx.is_main:
             self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
+            self.log_completions(step, rows, rollout, scores, advantages)
         last = step == self.total_steps
         evaluate = t.eval_steps > 0 and (step % t.eval_steps == 0 or last)
         if evaluate:
@@ -388,25 +439,121 @@ class GRPORecipe:
             self.metrics_logger.log(step, metrics)
         return metrics
 
-    def score(self, rows: Any, completions: list[str], group_size: int) -> Any:
-        """Reward every completion; prompt i's columns are repeated for its G completions."""
+    def score(self, rows: Any, rollout: Any, group_size: int, strict: bool = False) -> Any:
+        """Reward every completion as TRL 1.16 calls rewards; prompt i's columns are repeated for its G completions.
+
+        Prompts go as the dataset holds them (text or messages), completions as messages when the prompt
+        is a conversation, else as strings; completion_ids up to and including EOS (as TRL's).
+        """
+        from opensloth.rewards.base import as_completions
+
         prompts = [p for p in rows["prompt"] for _ in range(group_size)]
         skip = {"prompt", "prompt_ids", "prompt_text"}
         columns = {name: [v for v in rows[name] for _ in range(group_size)]
                    for name in rows.column_names if name not in skip}
-        return self.rewards.score(prompts, completions, columns)
+        completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids,
+                                                                          rollout.completion_mask)]
+        return self.rewards.score(prompts, as_completions(prompts, rollout.completions_text), columns,
+                                  completion_ids=completion_ids, trainer_state=self.trainer_state, strict=strict)
+
+    def set_trainer_state(self, steps_done: int) -> None:
+        """Keep the TrainerState rewards get current: global_step (GRPO steps done) and epoch (passes over the data)."""
+        self.trainer_state.global_step = steps_done
+        self.trainer_state.epoch = steps_done * self.cfg.grpo.rollout_batch_size / max(1, self.data.num_rows)
 
     def reward_metrics(self, scores: Any) -> dict[str, float]:
         """The reward set's metrics with the same keys on every worker (NaN where a reward had no value)."""
-        keys = [f"rewards/{name}/{stat}" for name in self.rewards.names for stat in ("mean", "std", "failures")]
+        keys = [f"rewards/{name}/{stat}" for name in self.rewards.names
+                for stat in ("mean", "std", "none_fraction", "failures")]
         return {key: scores.metrics.get(key, float("nan")) for key in keys}
+
+    def reduce_logged(self, logged: dict[str, tuple[float, int]]) -> dict[str, float]:
+        """log_metric values averaged over every call on every worker (as TRL does), by name."""
+        from opensloth.distributed import all_gather_objects
+
+        names = sorted({name for names in all_gather_objects(sorted(logged)) for name in names})
+        sums = all_reduce_scalars([float(x) for name in names for x in logged.get(name, (0.0, 0))], op="sum")
+        return {name: sums[2 * i] / max(sums[2 * i + 1], 1.0) for i, name in enumerate(names)}
+
+    def check_alarms(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The silent failures of a run, from the step's global metrics: warn once, mark the progress line.
+
+        Returns:
+            `alarms/truncated`, `alarms/zero_std` (1 while active) and `alarms/reward_none` (how many
+            rewards were None for every completion of this step without failing).
+        """
+        g = self.cfg.grpo
+        clipped, zero_std = metrics["completions/clipped_ratio"], metrics["frac_reward_zero_std"]
+        active = {"truncated": self.alarms["truncated"].update(clipped > 0.5),
+                  "zero_std": self.alarms["zero_std"].update(zero_std >= 1.0)}
+        warnings = {
+            "truncated": f"more than half of the completions ({clipped:.0%} on step {step}) hit --max-new-tokens "
+                         f"{g.max_new_tokens} for {ALARM_STEPS} steps in a row: their answers are cut off, so their "
+                         "rewards mean little. Raise --max-new-tokens (or ask for shorter answers).",
+            "zero_std": f"every group had zero reward std for {ALARM_STEPS} steps in a row (step {step}): all "
+                        f"{g.group_size} completions of each prompt scored the same, so every advantage is 0 and "
+                        "nothing is learned. Use a reward that separates them (partial credit), prompts the model "
+                        "sometimes solves, or a larger --group-size / --temperature.",
+        }
+        for name, on in active.items():
+            if on and self.alarms[name].first() and self.ctx.is_main:
+                logger.warning("Alarm %s: %s", name, warnings[name])
+        none_everywhere = [r for r in self.rewards.rewards if metrics.get(f"rewards/{r.name}/none_fraction") == 1.0
+                           and not metrics.get(f"rewards/{r.name}/failures")]
+        for reward in none_everywhere:
+            if reward.name not in self.none_warned and self.ctx.is_main:
+                logger.warning("Reward %r (%s) returned None for every completion of step %d: it gives no signal "
+                               "(None means \"does not apply\"). Check the columns it reads against the dataset's "
+                               "(docs/rewards.md, \"What a reward receives\").", reward.name, reward.source, step)
+            self.none_warned.add(reward.name)
+        self.marks = [name for name, on in active.items() if on] + (["reward_none"] if none_everywhere else [])
+        return {"alarms/truncated": float(active["truncated"]), "alarms/zero_std": float(active["zero_std"]),
+                "alarms/reward_none": float(len(none_everywhere))}
+
+    def stop_on_failing_rewards(self, step: int, metrics: dict[str, float]) -> None:
+        """Count each reward's failed steps in a row (global: every worker agrees); at
+        MAX_REWARD_FAILURES_IN_A_ROW, save a checkpoint and stop.
+
+        Raises:
+            UserError: a reward failed on that many steps in a row.
+        """
+        for name in self.rewards.names:
+            failed = (metrics.get(f"rewards/{name}/failures") or 0.0) > 0
+            self.reward_failures_in_a_row[name] = self.reward_failures_in_a_row.get(name, 0) + 1 if failed else 0
+        stuck = [n for n, count in self.reward_failures_in_a_row.items() if count >= MAX_REWARD_FAILURES_IN_A_ROW]
+        if not stuck:
+            return
+        self.save_checkpoint(step)
+        reward = self.rewards.rewards[self.rewards.names.index(stuck[0])]
+        raise UserError(
+            f"Training stopped at step {step}: reward {reward.name!r} ({reward.source}) failed on "
+            f"{MAX_REWARD_FAILURES_IN_A_ROW} steps in a row, so those steps trained without it (the warning above "
+            f"shows its first failure and traceback). A checkpoint of step {step} is saved: fix the reward, then "
+            "run the same command with --resume."
+        )
+
+    def log_completions(self, step: int, rows: Any, rollout: Any, scores: Any, advantages: torch.Tensor) -> None:
+        """Append this worker's completions of the step to completions.jsonl (rank 0): prompt, completion,
+        each reward, the total, the advantage and the columns rewards added with log_extra."""
+        import json
+
+        g = self.cfg.grpo
+        path = self.cfg.training.output_dir / COMPLETIONS_FILE
+        with open(path, "a") as fh:
+            for i, text in enumerate(rollout.completions_text):
+                record = {"step": step, "prompt": rows[i // g.group_size]["prompt"], "completion": text,
+                          "rewards": {name: values[i] for name, values in scores.per_reward.items()},
+                          "reward": scores.total[i], "advantage": float(advantages[i])}
+                if scores.extra:
+                    record["extra"] = {c: (v[i] if i < len(v) else None) for c, v in scores.extra.items()}
+                fh.write(json.dumps(record, default=str) + "\n")
 
     def update(self, batch: Batch) -> dict[str, float]:
         """Old/ref log-probs, then epochs x mini-batches of clipped policy-gradient updates.
 
         Returns:
-            Means over the optimizer steps of loss, grad_norm, kl, entropy and clip ratios (this
-            worker's values; the caller reduces them across workers).
+            Means over the optimizer steps of loss, grad_norm, kl (only when beta > 0), entropy and clip
+            ratios (this worker's values; the caller reduces them across workers).
         """
         from opensloth.grpo.core import (
             aggregate_loss,
@@ -419,8 +566,8 @@ class GRPORecipe:
         # Every worker must run the same number of optimizer steps (each one ends in an all-reduce),
         # even when --filter-zero-std left them different numbers of sequences.
         n_max = int(all_reduce_scalars([float(len(batch))], op="max")[0])
-        if n_max == 0:
-            return {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
+        if n_max == 0:  # every group filtered: no update, and no KL measured (so none logged)
+            return {"loss": 0.0, "grad_norm": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
                     "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "skipped_update": 1.0,
                     "nonfinite_grad_updates": 0.0, "reference_time": 0.0}
         num_minibatches = math.ceil(n_max / self.minibatch_size)
@@ -511,8 +658,11 @@ class GRPORecipe:
         out["nonfinite_grad_updates"] = sums["nonfinite_grad_updates"]  # a count, not a mean
         # Per-worker shares of global sums: the caller's mean-reduce would divide them by the
         # world size, so scale up here (grad_norm is already global on every worker).
+        if g.beta == 0:
+            del out["kl"]  # no reference, no KL measured: log none rather than a flat 0
         for key in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean"):
-            out[key] *= self.ctx.world_size
+            if key in out:
+                out[key] *= self.ctx.world_size
         out["skipped_update"] = 0.0
         out["reference_time"] = reference_time
         out.update(mismatch)  # already global: the caller's mean-reduce keeps them
@@ -607,7 +757,7 @@ class GRPORecipe:
             chunk = rows.select(range(start, min(start + bs, len(rows))))
             rollout = self.engine.generate([list(ids) for ids in chunk["prompt_ids"]], group_size=1,
                                            max_new_tokens=self.cfg.grpo.max_new_tokens, greedy=True)
-            scores = self.score(chunk, rollout.completions_text, 1)
+            scores = self.score(chunk, rollout, 1, strict=not self.rewards_checked)
             for name, values in scores.per_reward.items():
                 totals[f"eval/rewards/{name}/mean"] += sum(v for v in values if v is not None)
             totals["eval/reward"] += float(torch.as_tensor(scores.total).sum())
@@ -653,7 +803,11 @@ class GRPORecipe:
     def save_checkpoint(self, step: int) -> None:
         """Weights, optimizer, scheduler, RNG and loop position (every worker calls it)."""
         save_checkpoint(self.cfg.training.output_dir, step, model=self.model, optimizer=self.optimizer,
-                        scheduler=self.scheduler, state={"optimizer_step": self.optimizer_step},
+                        scheduler=self.scheduler, state={
+                            "optimizer_step": self.optimizer_step,
+                            "alarms": {name: (a.streak, a.warned) for name, a in self.alarms.items()},
+                            "none_warned": sorted(self.none_warned),
+                            "reward_failures_in_a_row": self.reward_failures_in_a_row},
                         save_total_limit=self.cfg.training.save_total_limit, tokenizer=self.tokenizer)
 
     def save(self) -> None:

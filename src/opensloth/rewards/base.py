@@ -1,23 +1,30 @@
 """RewardFunction, the reward registry, presets and custom reward modules.
 
-A reward follows TRL's calling convention, so a TRL reward function works unchanged:
+A reward follows TRL's calling convention, as TRL 1.16's GRPOTrainer calls it, so a TRL or
+Unsloth-notebook reward function works unchanged:
 
-    fn(prompts, completions, **columns) -> list[float | None]
+    fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., log_extra=...,
+       log_metric=..., **columns) -> list[float | None]
 
 `prompts[i]` and `completions[i]` belong together (a prompt is repeated once per completion of
-its group); every other dataset column arrives as a keyword argument holding one value per
-completion (`answer=[...]`). A prompt is a string or a list of chat messages; a completion is a
-string or a list of messages (`[{"role": "assistant", "content": "..."}]`). `None` means "not
-applicable to this sample": it is left out of that reward's mean and counts as 0 in the total.
+its group). A prompt is as the dataset holds it: a string, or a list of chat messages. A
+completion is `[{"role": "assistant", "content": "..."}]` when the prompt is a conversation and
+a string when it is text (`as_completions`). `completion_ids[i]` are its token ids;
+`trainer_state` is a transformers `TrainerState`; `log_metric(name, value)` logs a scalar and
+`log_extra(column, values)` a column beside the logged completions. Every other dataset column
+arrives as a keyword argument holding one value per completion (`answer=[...]`). `None` means
+"not applicable to this sample": it is left out of that reward's mean and counts as 0 in the total.
+An `async def` reward is awaited, concurrently with the other async ones (see RewardSet).
 
 Registry: built-ins register themselves when `opensloth.rewards` is imported; user files are
 imported with `load_reward_module(path)` (`--reward-module`), and every `RewardFunction`
-instance or TRL-style function (one with a `completions` parameter and `**kwargs`) defined at
-their top level becomes available by name.
+instance or TRL-style function (`**kwargs` and a parameter of the calling convention, usually
+`completions`) defined at their top level becomes available by name.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import sys
@@ -29,6 +36,10 @@ from typing import Any
 from opensloth.errors import UserError
 
 BUILTIN = "built-in"
+
+# Keyword arguments of the calling convention itself: a dataset column cannot also have one of these names.
+CALL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+                  "reward_scores")
 
 # Task presets: --task NAME expands to these rewards (in this order).
 PRESETS: dict[str, list[str]] = {
@@ -65,6 +76,11 @@ class RewardFunction:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list:
         return self.score(prompts, completions, **columns)
 
+    @property
+    def is_async(self) -> bool:
+        """True when calling it returns a coroutine (`async def score`): RewardSet awaits it."""
+        return is_async_callable(self.score)
+
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list:
         raise NotImplementedError
 
@@ -85,6 +101,17 @@ class FunctionReward(RewardFunction):
 
     def score(self, prompts, completions, **columns):
         return self.fn(prompts=prompts, completions=completions, **columns)
+
+    @property
+    def is_async(self) -> bool:
+        return is_async_callable(self.fn)
+
+
+def is_async_callable(fn: Any) -> bool:
+    """An `async def` function, a partial of one, or an object whose `__call__` is one (as TRL checks)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 def _source_of(obj: Any) -> str:
@@ -127,6 +154,25 @@ def completion_text(completion: Any) -> str:
         assistant = [m for m in messages if m.get("role", "assistant") == "assistant"] or messages
         return "".join(_content_text(m.get("content")) for m in assistant)
     return "" if completion is None else str(completion)
+
+
+def is_conversational(prompt: Any) -> bool:
+    """True for a list of chat messages (`[{"role": ..., "content": ...}, ...]`), False for text."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(
+        isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def as_completions(prompts: Sequence[Any], texts: Sequence[str]) -> list:
+    """Completions in the form TRL passes them: messages when the prompts are conversations, else strings.
+
+    >>> as_completions([[{"role": "user", "content": "2+2?"}]], ["4"])
+    [[{'role': 'assistant', 'content': '4'}]]
+    >>> as_completions(["2+2="], ["4"])
+    ['4']
+    """
+    if prompts and is_conversational(prompts[0]):
+        return [[{"role": "assistant", "content": text}] for text in texts]
+    return list(texts)
 
 
 def prompt_text(prompt: Any) -> str:
@@ -211,11 +257,13 @@ def list_reward_functions() -> list[RewardFunction]:
 
 
 def _looks_like_trl_reward(obj: Any) -> bool:
-    """A plain function taking `completions` and `**kwargs`: TRL's reward signature."""
+    """A plain function with TRL's reward signature: `**kwargs` and at least one of the calling
+    convention's parameters (usually `completions`; `completion_ids` or `trainer_state` will do)."""
     if not inspect.isfunction(obj):
         return False
     params = inspect.signature(obj).parameters
-    return "completions" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = set(params) & (set(CALL_ARGUMENTS) - {"reward_scores"})
+    return bool(named) and any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def load_reward_module(path: Path | str) -> list[str]:
@@ -223,7 +271,8 @@ def load_reward_module(path: Path | str) -> list[str]:
 
     Registered: every RewardFunction instance at the file's top level, every function it
     registers itself with `register_reward_function`, and every public top-level function with
-    TRL's reward signature (a `completions` parameter and `**kwargs`). Loading a file twice is a
+    TRL's reward signature (`**kwargs` and a parameter of the calling convention: prompts,
+    completions, completion_ids, trainer_state, log_extra or log_metric). Loading a file twice is a
     no-op.
 
     Returns:
