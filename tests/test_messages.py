@@ -160,12 +160,12 @@ def test_grpo_run_plan_counts_drops_clamps_and_speaks_singular(tiny_model_dir, t
     proc = cli("os-train", "grpo", "--model", tiny_model_dir, "--dataset", data, "--task", "math", "--devices", "cpu",
                "--output-dir", tmp_path / "run", "--cache-dir", tmp_path / "cache", "--report-to", "none",
                "--max-steps", "1", "--group-size", "2", "--rollout-batch-size", "2", "--max-new-tokens", "4",
-               "--print-sample-every", "0", "--max-prompt-length", "130", "--num-samples", "50")
+               "--print-sample-every", "0", "--max-prompt-length", "15", "--num-samples", "50")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "--num-samples 50 is more than the 20 rows of --dataset: all 20 used" in proc.stdout  # the plan
     assert "--num-samples 50 is more than the 20 rows of --dataset" in out.replace("\n", " ")  # the log
-    assert "prompts longer than --max-prompt-length 130 dropped" in proc.stdout
+    assert "prompts longer than --max-prompt-length 15 dropped" in proc.stdout
     assert "of 20 read, 1 shard," in proc.stdout
     assert "(1 worker," in proc.stdout and "1 optimizer step per rollout" in proc.stdout
     assert "GRPO: 1 step, 2 prompts x 2 completions per step, 1 optimizer update per step" in " ".join(out.split())
