@@ -53,3 +53,18 @@ def test_os_info_shows_the_code_sandbox_level():
     level = json.loads(degraded.stdout)["sandbox"]
     assert level["namespaces"] is False
     assert level["level"].endswith("audit hook only (no namespaces: turned off by OPENSLOTH_SANDBOX_NAMESPACES=0)")
+    # As root without namespaces, `nobody` cannot run an interpreter under /root: the system one runs model
+    # code, and os info says so and what it lacks.
+    if os.geteuid() == 0 and sys.executable.startswith("/root/"):
+        assert level["same_interpreter"] is False
+        assert "not the trainer's" in level["interpreter"], level
+
+
+def test_os_info_names_the_interpreter_that_runs_model_code():
+    from opensloth.rewards.sandbox import sandbox_isolated
+
+    info = json.loads(_os("info", "--json").stdout)["sandbox"]
+    if sandbox_isolated():  # namespaces: the trainer's own interpreter, even as root under /root
+        assert info["same_interpreter"] is True, info
+        assert info["interpreter"].startswith(f"the trainer's own: {sys.executable} (Python {sys.version.split()[0]}")
+    assert "interpreter" in _os("info").stdout

@@ -697,3 +697,19 @@ def test_notebook_and_trl_rewards_score_conversational_completions_unchanged():
         "check_numbers": [3.5, -2.5], "format_reward_func": [0.0, 0.0], "accuracy_reward": [0.0, 0.0],
         "think_format_reward": [0.0, 1.0],
     }
+
+
+def test_code_test_timeout_option_sets_the_per_test_limit():
+    from opensloth.config import GRPORunConfig
+    from opensloth.rewards import set_code_test_timeout
+
+    assert GRPORunConfig.model_validate({"model": {"model": "m"}}).grpo.code_test_timeout == 2.0
+    cfg = GRPORunConfig.model_validate({"model": {"model": "m"}, "grpo": {"code_test_timeout": 0.3}})
+    slow = "```python\nimport time\ndef f():\n    time.sleep(0.8)\n    return 1\n```"
+    try:
+        set_code_test_timeout(cfg.grpo.code_test_timeout)
+        assert code_correctness(["q"], [slow], tests=[["assert f() == 1"]]) == [0.2]
+        set_code_test_timeout(2.0)
+        assert code_correctness(["q"], [slow], tests=[["assert f() == 1"]]) == [1.0]
+    finally:
+        set_code_test_timeout(2.0)

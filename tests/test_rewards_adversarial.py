@@ -424,13 +424,18 @@ def test_unprivileged_caller_gets_user_namespaces_or_a_plain_warning():
     the network and the file system stay contained; without, the one-time warning says so."""
     listener = Listener()
     marker = f"opensloth-escape-{uuid.uuid4().hex}"
-    script = Path(tempfile.mkdtemp(prefix="opensloth-unprivileged-")) / "unprivileged.py"  # readable by nobody
+    # nobody gets its own readable copies: the checkout may lie where only its owner can read (/root, mode 700).
+    script = Path(tempfile.mkdtemp(prefix="opensloth-unprivileged-", dir="/tmp")) / "unprivileged.py"
     script.parent.chmod(0o755)
     script.write_text(UNPRIVILEGED)
+    module = script.parent / "sandbox.py"  # self-contained: it imports only the standard library
+    shutil.copyfile(sandbox_module.__file__, module)
+    for path in (script, module):
+        path.chmod(0o644)
     try:
         proc = subprocess.run(
             ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-I",
-             str(script), sandbox_module.__file__, str(listener.port), marker],
+             str(script), str(module), str(listener.port), marker],
             capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"}, cwd="/")
         time.sleep(0.3)
         assert listener.received == []

@@ -358,3 +358,122 @@ def test_unsplittable_test_reaching_the_reward_fails_that_test_only(caplog):
     good = "```python\ndef f(x):\n    return 2 * x\n```"
     out = code_correctness(["q"], [good], tests=[["assert f(1) == 2", "assert f(1) == g(1)"]])
     assert out == [pytest.approx(0.2 + 0.8 / 2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Correct code keeps full credit: the standard library, values that compare equal, judge-like time.
+# ---------------------------------------------------------------------------------------------
+
+STDLIB = ["re", "typing", "functools", "dataclasses", "json", "fractions", "decimal", "statistics", "enum", "string",
+          "collections"]
+# Each module used as a solution would: namedtuple, dataclass and Enum call sys._getframe as they are defined.
+STDLIB_USE = ("import re, typing, functools, dataclasses, json, fractions, decimal, statistics, enum, string, collections\n"
+              "from typing import List\nPoint = collections.namedtuple('Point', 'x y')\n"
+              "@dataclasses.dataclass\nclass Box:\n    v: int\nclass Color(enum.Enum):\n    RED = 1\n"
+              "@functools.lru_cache(maxsize=None)\ndef twice(v: int) -> int:\n    return Box(Point(v, v).x).v * 2\n"
+              "assert re.fullmatch(r'\\d+', '12') and json.loads('[1]') == [1] and statistics.mean([1, 3]) == 2\n"
+              "assert fractions.Fraction(1, 2) + decimal.Decimal(0).__int__() == 0.5 and string.digits[2] == '2'\n")
+
+
+def test_the_standard_library_works_on_the_assert_and_the_stdin_path():
+    solution = f"```python\n{STDLIB_USE}def double(xs: List[int]) -> List[int]:\n    return [twice(x) for x in xs]\n```"
+    program = f"```python\n{STDLIB_USE}print(twice(int(input())))\n```"
+    tests = [["assert double([1, 2]) == [2, 4]", "assert double([]) == []"],
+             [{"input": "3\n", "output": "6"}, {"input": "5\n", "output": "10"}]]
+    assert code_correctness(["q", "q"], [solution, program], tests=tests) == [1.0, 1.0]
+    for module in STDLIB:  # and each alone, as a solution's only import
+        assert run_python(f"import {module}\nprint('ok')", limits=FAST).stdout == "ok\n", module
+
+
+NUMPY_IN_SANDBOX = run_python("import numpy").ok
+
+
+@pytest.mark.parametrize(
+    ("code", "test", "passes"),
+    [
+        ("import collections\ndef f():\n    return collections.Counter('aab')", "assert f() == {'a': 2, 'b': 1}", True),
+        ("import collections\ndef f():\n    return collections.Counter('aab')", "assert f() == {'a': 2}", False),
+        ("import collections\ndef f():\n    return collections.OrderedDict(b=1, a=2)", "assert f() == {'a': 2, 'b': 1}", True),
+        ("import collections\ndef f():\n    d = collections.defaultdict(list)\n    d[1].append(2)\n    return d",
+         "assert f() == {1: [2]}", True),
+        ("def f():\n    return (i * i for i in range(3))", "assert list(f()) == [0, 1, 4]", True),
+        ("def f():\n    return map(str, [2, 1])", "assert sorted(f()) == ['1', '2']", True),
+        ("def f():\n    return iter([1, 1, 2])", "assert set(f()) == {1, 2}", True),
+        ("def f():\n    return (i for i in range(3))", "assert f() == [0, 1, 2]", False),  # unwrapped: as in Python
+        ("from fractions import Fraction\ndef f():\n    return Fraction(1, 3)", "assert f() != 0.3333333333333333", True),
+        ("from decimal import Decimal\ndef f():\n    return Decimal('0.5')", "assert f() == 0.5", True),
+        ("from decimal import Decimal\ndef f():\n    return Decimal('0.1')", "assert f() == 0.1", False),  # exact, as in Python
+        ("import collections\nclass C(collections.Counter):\n    def __eq__(self, other):\n        return True\n"
+         "def f():\n    return C()", "assert f() == {'a': 1}", False),  # a subclass is not plain data
+    ],
+)
+def test_results_that_compare_equal_count(code, test, passes):
+    completion = f"```python\n{code}\n```"
+    assert CodeCorrectnessReward(limits=FAST)(["q"], [completion], tests=[[test]]) == [1.0 if passes else 0.2]
+
+
+@pytest.mark.skipif(not NUMPY_IN_SANDBOX, reason="numpy is not importable by the sandbox's interpreter here")
+def test_numpy_scalars_and_0d_arrays_compare_as_numbers():
+    code = ("import numpy as np\ndef total(xs):\n    return np.sum(np.array(xs))\ndef mean(xs):\n    return np.mean(xs)\n"
+            "def zero_d(x):\n    return np.array(x)\ndef flag(x):\n    return np.bool_(x > 0)\ndef vec(xs):\n"
+            "    return np.array(xs)")
+    tests = ["assert total([1, 2]) == 3", "assert abs(mean([1, 2]) - 1.5) < 1e-9", "assert zero_d(2.5) == 2.5",
+             "assert flag(3) is True", "assert list(vec([1, 2])) == [1, 2]"]
+    assert code_correctness(["q"], [f"```python\n{code}\n```"], tests=[tests]) == [1.0]
+    # A 1-d array against a list is ambiguous in numpy (assert raises): not a pass.
+    assert code_correctness(["q"], [f"```python\n{code}\n```"], tests=[["assert vec([1, 2]) == [1, 2]"]]) == [0.2]
+
+
+def test_both_sides_calling_the_solution_and_literal_only_asserts():
+    tests = ["assert s([2, 1]) == s([1, 2])", "assert tuple(s([2, 1])) == tuple(s([1, 2]))", "assert s([3, 1]) == [1, 3]",
+             "assert True, 'debug'"]
+    good = "```python\ndef s(x):\n    return sorted(x)\n```"
+    none = "```python\ndef s(x):\n    return None\n```"
+    # `assert True` is no test (3 tests count). As in Python, None passes `s(a) == s(b)` (None == None),
+    # and tuple(None) fails.
+    assert code_correctness(["q", "q"], [good, none], tests=[tests, tests]) == [1.0, pytest.approx(0.2 + 0.8 / 3)]
+    assert code_correctness(["q"], [good], tests=[["assert s([1]) == [1]", "assert False"]]) == [pytest.approx(0.6)]
+
+
+def test_module_code_runs_once_and_pays_its_set_up_once():
+    # The module code leaves one file per run in the working directory; 16 tests see one.
+    code = ("```python\nimport os, time\ntime.sleep(0.4)\nopen('ran-%d' % len(os.listdir('.')), 'w').close()\n"
+            "def runs(x):\n    return len(os.listdir('.')) + x\n```")
+    start = time.monotonic()
+    assert code_correctness(["q"], [code], tests=[[f"assert runs({i}) == {i + 1}" for i in range(16)]]) == [1.0]
+    assert time.monotonic() - start < 5
+    slow_import = "```python\nimport time\ntime.sleep(2)\ndef add(a, b):\n    return a + b\n```"
+    assert code_correctness(["q"], [slow_import], tests=[ASSERTS]) == [1.0]  # the module gets wall_time_s (5 s)
+
+
+@pytest.mark.parametrize("hang", ["while True:\n            pass", "sum(range(10 ** 12))"],
+                         ids=["python-loop", "one-long-C-call"])
+def test_a_test_that_times_out_fails_alone(hang):
+    """Each test has its own limit: an alarm in the child stops a Python loop; a C call that no
+    alarm interrupts is killed by the parent, and a new process runs the tests after it."""
+    code = f"```python\ndef add(a, b):\n    if a == 2:\n        {hang}\n    return a + b\n```"
+    tests = [f"assert add({i}, 1) == {i + 1}" for i in range(6)]
+    reward = CodeCorrectnessReward(limits=FAST, test_timeout_s=0.5)
+    start = time.monotonic()
+    assert reward(["q"], [code], tests=[tests]) == [pytest.approx(0.2 + 0.8 * 5 / 6)]
+    assert time.monotonic() - start < 4
+
+
+def test_total_time_is_bounded_when_every_test_hangs():
+    from opensloth.rewards.sandbox import harness_budget_s
+
+    code = "```python\nimport os\ndef add(a, b):\n    sum(range(10 ** 12))\n```"
+    reward = CodeCorrectnessReward(limits=SandboxLimits(wall_time_s=1.0, cpu_time_s=2), test_timeout_s=0.3)
+    start = time.monotonic()
+    assert reward(["q"], [code], tests=[ASSERTS]) == [0.2]
+    assert time.monotonic() - start < harness_budget_s(3, reward.limits, 0.3) + 1.0  # 1 + 3 x 0.8 s, + reaping
+    crash = "```python\nimport os\ndef add(a, b):\n    if a == 1:\n        os._exit(0)\n    return a + b\n```"
+    assert reward(["q"], [crash], tests=[ASSERTS]) == [pytest.approx(0.2 + 0.8 * 2 / 3)]  # it fails alone
+
+
+@pytest.mark.skipif(not sandbox_isolated(), reason="without namespaces a root trainer under /root gets the system python")
+def test_model_code_runs_on_the_trainers_interpreter():
+    import sys
+
+    result = run_python("import sys\nprint(sys.version)\nprint(sys.prefix)", limits=FAST)
+    assert result.stdout.splitlines() == [sys.version, sys.prefix], result

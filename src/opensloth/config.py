@@ -209,6 +209,10 @@ class GRPOConfig(Section):
         120.0, gt=0,
         description="Seconds one reward may take on one batch; past it the reward scores None for that batch.",
     )
+    code_test_timeout: float = Field(
+        2.0, gt=0,
+        description="code_correctness: seconds each test may run (the solution's module code runs once, first).",
+    )
     group_size: int = Field(8, description="Completions per prompt (G).", json_schema_extra=_flags("--num-generations"))
     rollout_batch_size: int = Field(8, gt=0, description="Prompts per step, across all workers.")
     epochs_per_rollout_batch: int = Field(1, gt=0, description="Passes of updates over each rollout batch.")

@@ -198,7 +198,7 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
         EvalResult with summary keys `pass@1`, `pass@k` (k > 1), `reward/mean`,
         `rewards/<name>/mean`, `mean_completion_chars`.
     """
-    from opensloth.rewards import resolve_rewards
+    from opensloth.rewards import resolve_rewards, set_code_test_timeout
 
     g = cfg.grpo
     if temperature is None:
@@ -208,6 +208,7 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
                         "set --temperature above 0 (e.g. 1.0) for pass@k.")
     # Rewards first: a bad --rewards / --reward-module fails before any model or data is loaded.
     rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
+    set_code_test_timeout(g.code_test_timeout)
     from opensloth.data import prepare_grpo_dataset
     model, tokenizer = load_for_inference(cfg.model.model, device, cfg.model.dtype, cfg.model.backend)
     rows = prepare_grpo_dataset(cfg, tokenizer, 1).load_shard(0)

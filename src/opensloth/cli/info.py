@@ -79,13 +79,19 @@ def collect_info() -> dict[str, Any]:
 
 
 def _sandbox_info() -> dict[str, Any]:
-    """The code sandbox's isolation level here (probes it once: one sandboxed run, about 0.1 s)."""
-    from opensloth.rewards.sandbox import sandbox_isolated, sandbox_level
+    """The code sandbox's isolation level and interpreter here (probes them once: two sandboxed runs)."""
+    from opensloth.rewards.sandbox import sandbox_interpreter, sandbox_isolated, sandbox_level
 
     try:
-        return {"namespaces": sandbox_isolated(), "level": sandbox_level()}
+        python = sandbox_interpreter()
+        interpreter = (f"the trainer's own: {python['python']} (Python {python['version']}, same packages)"
+                       if python["same_as_trainer"] else
+                       f"{python['python']} (Python {python['version']}), not the trainer's: {python['lacks']}")
+        return {"namespaces": sandbox_isolated(), "level": sandbox_level(),
+                "same_interpreter": python["same_as_trainer"], "interpreter": interpreter}
     except RuntimeError as exc:  # no interpreter the sandbox user can run
-        return {"namespaces": False, "level": f"unusable: {exc}"}
+        return {"namespaces": False, "level": f"unusable: {exc}", "same_interpreter": False,
+                "interpreter": "none"}
 
 
 def _ram_gib() -> float | None:
@@ -126,4 +132,6 @@ def print_info(info: dict[str, Any], console: Console | None = None) -> None:
     box = info["sandbox"]
     usable.add_row("code sandbox", "namespaces", "[green]yes[/]" if box["namespaces"] else "[red]no[/]",
                    escape(box["level"]))
+    usable.add_row("code sandbox", "interpreter", "[green]yes[/]" if box["same_interpreter"] else "[yellow]other[/]",
+                   escape(box["interpreter"]))
     console.print(versions, devices, usable)

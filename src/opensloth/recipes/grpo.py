@@ -213,7 +213,7 @@ class GRPORecipe:
         from opensloth.data import load_prepared
         from opensloth.models import load_model_and_tokenizer
         from opensloth.models.loading import add_reference_adapter, read_adapter_config, resolve_backend
-        from opensloth.rewards import resolve_rewards
+        from opensloth.rewards import resolve_rewards, set_code_test_timeout
         from opensloth.rollout import get_rollout_engine
         from opensloth.tracking import MetricsLogger
 
@@ -232,6 +232,7 @@ class GRPORecipe:
 
         # Rewards before the model: a bad --rewards or --reward-module fails fast.
         self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
+        set_code_test_timeout(g.code_test_timeout)
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
         if self.data.chat_template:

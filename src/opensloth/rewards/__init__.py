@@ -19,7 +19,7 @@ from opensloth.rewards.base import (
     prompt_text,
     register_reward_function,
 )
-from opensloth.rewards.code import CodeCorrectnessReward, code_correctness
+from opensloth.rewards.code import CodeCorrectnessReward, code_correctness, set_code_test_timeout
 from opensloth.rewards.general import (
     DemoReward,
     LengthPenalty,
@@ -67,4 +67,5 @@ __all__ = [
     "register_reward_function",
     "resolve_rewards",
     "run_python",
+    "set_code_test_timeout",
 ]

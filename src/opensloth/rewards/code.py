@@ -5,20 +5,24 @@ process. Each assert test is split by parsing (`split_test`): the parts that run
 (calls of names that are not plain builtins, e.g. `add(1, 2)`, `Solution().f(x)`) are shipped to
 the sandbox, which reports their values as plain data (None, bool, int, float, str, bytes and
 lists, tuples, dicts, sets of those, checked by exact type: a subclass or an object with its own
-`__eq__` is not plain data and fails); everything else (`==`, `<`, `in`, `abs(... - x) < tol`,
+`__eq__` is not plain data and fails; Counter/OrderedDict/defaultdict, numpy scalars, Fraction and
+Decimal are projected, see opensloth/rewards/_harness.py); everything else (`==`, `<`, `in`, `abs(... - x) < tol`,
 `math.isclose`, `sorted`, `len`, the expected literal) is evaluated here, by a small evaluator
 that knows only literals, arithmetic and a few pure builtins (`safe_eval`). For stdin/stdout
 tests the sandbox reports the program's stdout and the comparison happens here.
 
 The sandbox writes one record per test as soon as that test has run; a test with no record, more
 than one, or a malformed one fails. A test that cannot be split safely (`assert f(x) == Node(1)`,
-where the expected side would run model code; a loop; a `def check(candidate)` block) is
+where the expected side would run other model code; a loop; a `def check(candidate)` block) is
 reported when the data is prepared (`check_test_column`) and fails if it reaches scoring anyway.
+Both sides calling the same function (`f(x) == f(y)`) are both reported and compared here; an
+assert of literals only (`assert True`) is evaluated here and, when true, is not a test.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import logging
 import math
@@ -27,13 +31,18 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from opensloth.errors import UserError
 from opensloth.rewards.base import RewardFunction, completion_text, register_reward_function
-from opensloth.rewards.sandbox import DEFAULT_LIMITS, SandboxLimits, run_harness
+from opensloth.rewards.sandbox import DEFAULT_LIMITS, SandboxLimits, run_harness, sandbox_interpreter
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_TEST_TIMEOUT_S = 2.0  # --code-test-timeout
 
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -112,13 +121,27 @@ class _Slot(ast.expr):
 @dataclass(frozen=True)
 class SplitTest:
     """An assert test split in two: `calls` (source, run in the sandbox) and `check` (the assert's
-    expression with each call replaced by a slot, evaluated here by `safe_eval`)."""
+    expression with each call replaced by a slot, evaluated here by `safe_eval`).
+
+    `consume[i]`: call i is the argument of list/tuple/set/frozenset/sorted/sum/min/max/any/all/dict,
+    so the sandbox iterates a generator (or any other iterable that is not plain data) it returns.
+    No calls: a test of literals only (`assert True`), evaluated here alone.
+    """
 
     calls: tuple[str, ...]
     check: ast.expr
+    consume: tuple[bool, ...] = ()
 
     def passed(self, values: tuple) -> bool:
         return bool(safe_eval(self.check, values))
+
+    @property
+    def constant(self) -> bool:
+        return not self.calls
+
+
+# The builtins that iterate their first argument: the sandbox consumes an iterator passed to them.
+_CONSUMERS = {"list", "tuple", "set", "frozenset", "sorted", "sum", "min", "max", "any", "all", "dict"}
 
 
 def _is_safe_callee(func: ast.expr) -> bool:
@@ -128,28 +151,32 @@ def _is_safe_callee(func: ast.expr) -> bool:
             and func.attr in _SAFE_MATH and callable(_SAFE_MATH[func.attr]))
 
 
-def _carve(node: ast.expr, calls: list[str]) -> ast.expr:
-    """`node` with every sub-expression that needs the solution replaced by a _Slot."""
+def _carve(node: ast.expr, calls: list[str], consume: list[bool]) -> ast.expr:
+    """`node` with every sub-expression that needs the solution replaced by a _Slot; fills `calls`
+    (their source) and `consume` (whether a consuming builtin wraps each)."""
 
-    def slot(expr: ast.expr) -> _Slot:
+    def slot(expr: ast.expr, eat: bool) -> _Slot:
         calls.append(ast.unparse(expr))
+        consume.append(eat)
         return _Slot(len(calls) - 1)
 
-    def walk(n: ast.expr) -> ast.expr:
+    def walk(n: ast.expr, eat: bool = False) -> ast.expr:
         if isinstance(n, ast.Constant):
             return n
         if isinstance(n, ast.Name):
-            return n if n.id in _SAFE_TYPES or n.id in _SAFE_FUNCS else slot(n)
+            return n if n.id in _SAFE_TYPES or n.id in _SAFE_FUNCS else slot(n, eat)
         if isinstance(n, ast.Attribute):
             if isinstance(n.value, ast.Name) and n.value.id == "math" and n.attr in _SAFE_MATH:
                 return n
-            return slot(n)
+            return slot(n, eat)
         if isinstance(n, ast.Call):
             if not _is_safe_callee(n.func):
-                return slot(n)
+                return slot(n, eat)
             if any(isinstance(a, ast.Starred) for a in n.args) or any(k.arg is None for k in n.keywords):
                 raise UnsplittableTest("*args/**kwargs in a builtin call")
-            return ast.Call(n.func, [walk(a) for a in n.args], [ast.keyword(k.arg, walk(k.value)) for k in n.keywords])
+            eats = isinstance(n.func, ast.Name) and n.func.id in _CONSUMERS
+            return ast.Call(n.func, [walk(a, eats and i == 0) for i, a in enumerate(n.args)],
+                            [ast.keyword(k.arg, walk(k.value)) for k in n.keywords])
         if isinstance(n, (ast.Tuple, ast.List, ast.Set)):
             if any(isinstance(e, ast.Starred) for e in n.elts):
                 raise UnsplittableTest("a starred element")
@@ -166,11 +193,13 @@ def _carve(node: ast.expr, calls: list[str]) -> ast.expr:
         if isinstance(n, ast.BoolOp):
             return ast.BoolOp(n.op, [walk(v) for v in n.values])
         if isinstance(n, ast.Compare):
+            first = len(calls)
             operands = [walk(n.left), *(walk(c) for c in n.comparators)]
-            if all(_has_slot(o) for o in operands):
+            if all(_has_slot(o) for o in operands) and not _one_function(calls[first:]):
                 raise UnsplittableTest(
                     f"both sides of `{ast.unparse(n)}` run model code; one side must be a plain value "
-                    "(literals, arithmetic, sorted/len/set/..., math.*)")
+                    "(literals, arithmetic, sorted/len/set/..., math.*), or both sides call the same "
+                    "function of the solution (`f(x) == f(y)`)")
             return ast.Compare(operands[0], n.ops, operands[1:])
         if isinstance(n, ast.Subscript):
             return ast.Subscript(walk(n.value), walk(n.slice), ast.Load())
@@ -181,6 +210,23 @@ def _carve(node: ast.expr, calls: list[str]) -> ast.expr:
         raise UnsplittableTest(f"`{type(n).__name__}` ({ast.unparse(n)!r}) cannot be evaluated outside the sandbox")
 
     return walk(node)
+
+
+def _one_function(calls: list[str]) -> bool:
+    """Are these sandboxed expressions all calls of one plain function name (`f(1)`, `f(2)`)?
+
+    Such a comparison (`assert tuple(f(x)) == tuple(f(y))`, a property of f) is graded on both
+    values, serialised by the sandbox and compared here, as Python would. Mixed names
+    (`f(1) == Node(1)`) stay refused: the solution defines Node, so Node(1) could be made to
+    return whatever f(1) returns.
+    """
+    names = set()
+    for call in calls:
+        expr = ast.parse(call, mode="eval").body
+        if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
+            return False
+        names.add(expr.func.id)
+    return len(names) == 1
 
 
 def _has_slot(node: ast.AST) -> bool:
@@ -215,10 +261,13 @@ def split_test(test: str) -> SplitTest:
         raise UnsplittableTest("not a single `assert` statement (setup code, loops and def check() blocks "
                                "cannot be split into the call and its expected value)")
     calls: list[str] = []
-    check = _carve(tree.body[0].test, calls)
+    consume: list[bool] = []
+    check = _carve(tree.body[0].test, calls, consume)
     if not calls:
-        raise UnsplittableTest("it does not call the solution (only literals and builtins)")
-    return SplitTest(tuple(calls), check)
+        if any(isinstance(n, (ast.Call, ast.Name)) for n in ast.walk(check)):
+            raise UnsplittableTest("it does not call the solution (only literals and builtins)")
+        return SplitTest((), check)  # `assert True`: literals only, evaluated here (see score_one)
+    return SplitTest(tuple(calls), check, tuple(consume))
 
 
 def _check_size(value: Any) -> Any:
@@ -301,11 +350,44 @@ def safe_eval(node: ast.AST, values: tuple = ()) -> Any:
 _PLAIN_CALLS = {("float", "nan"), ("float", "inf"), ("float", "-inf"), ("set",), ("frozenset",)}
 
 
-def decode_value(text: str) -> Any:
-    """A value the sandbox serialised (`_HARNESS`'s encoder: Python literal syntax, plus float('nan'),
-    float('inf'), set() and frozenset({...})) back to plain data. Raises ValueError when malformed."""
+def _int_literal(node: ast.AST) -> int | None:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _int_literal(node.operand)
+        return None if value is None else -value
+    return node.value if isinstance(node, ast.Constant) and type(node.value) is int else None
+
+
+def _exact_number(node: ast.Call) -> ast.Constant | None:
+    """`Fraction(n, d)` / `Decimal('text')` as the harness writes them, rebuilt here (exact, as the
+    solution's value compares), or None when the call is anything else."""
+    if not isinstance(node.func, ast.Name) or node.keywords:
+        return None
+    args = node.args
     try:
-        tree = ast.parse(text, mode="eval")
+        if node.func.id == "Fraction" and len(args) == 2:
+            n, d = _int_literal(args[0]), _int_literal(args[1])
+            if n is None or d is None or d <= 0 or max(abs(n), d).bit_length() > 65_536:  # gcd cost on huge ints
+                return None
+            return ast.Constant(Fraction(n, d))
+        if node.func.id == "Decimal" and len(args) == 1 and isinstance(args[0], ast.Constant) \
+                and type(args[0].value) is str and len(args[0].value) <= 1000:
+            return ast.Constant(Decimal(args[0].value))
+    except (ArithmeticError, ValueError):
+        return None
+    return None
+
+
+class _Exact(ast.NodeTransformer):
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        return _exact_number(node) or self.generic_visit(node)
+
+
+def decode_value(text: str) -> Any:
+    """A value the sandbox serialised (opensloth/rewards/_harness.py's encoder: Python literal
+    syntax, plus float('nan'), float('inf'), set(), frozenset({...}), Fraction(n, d) and
+    Decimal('text')) back to plain data. Raises ValueError when malformed."""
+    try:
+        tree = _Exact().visit(ast.parse(text, mode="eval"))
     except (SyntaxError, RecursionError, MemoryError) as exc:
         raise ValueError("malformed value") from exc
     for node in ast.walk(tree):
@@ -323,149 +405,6 @@ def decode_value(text: str) -> Any:
         return safe_eval(tree)
     except (TypeError, ValueError, RecursionError, MemoryError) as exc:
         raise ValueError("malformed value") from exc
-
-
-# ---------------------------------------------------------------------------------------------
-# The sandbox side: runs before the model's code and keeps what it needs in closures and
-# defaults, so a solution that patches builtins, json or io cannot change how values are
-# reported. Each record is "index<TAB>status<TAB>value\n": status v (value), x (the test raised),
-# u (the value is not plain data). Records are written as each test ends.
-# ---------------------------------------------------------------------------------------------
-
-_HARNESS = r'''
-import builtins, io, os, sys
-
-def _make_encoder(_type=type, _len=len, _int_repr=int.__repr__, _float_repr=float.__repr__, _str_repr=str.__repr__,
-                  _bytes_repr=bytes.__repr__, _items=dict.items, _sorted=sorted, _join=str.join,
-                  _append=list.append, _ValueError=ValueError, _bit_length=int.bit_length, _format=int.__format__):
-    plain_scalars = (_type(None), bool)
-
-    def encode(x, out, depth):
-        t = _type(x)
-        if depth > 64:
-            raise _ValueError("too deep")
-        if t in plain_scalars:
-            _append(out, "None" if x is None else ("True" if x else "False"))
-        elif t is int:  # hex past 64 bits: no int/str digit limit on either side
-            _append(out, _int_repr(x) if _bit_length(x) <= 64 else ("-" if x < 0 else "") + "0x" + _format(x if x > 0 else -x, "x"))
-        elif t is float:
-            r = _float_repr(x)
-            _append(out, "float('" + r + "')" if r in ("nan", "inf", "-inf") else r)
-        elif t is str:
-            _append(out, _str_repr(x))
-        elif t is bytes:
-            _append(out, _bytes_repr(x))
-        elif t is list or t is tuple:
-            _append(out, "[" if t is list else "(")
-            for item in x:
-                encode(item, out, depth + 1)
-                _append(out, ",")
-            _append(out, "]" if t is list else ")")
-        elif t is dict:
-            _append(out, "{")
-            for k, v in _items(x):
-                encode(k, out, depth + 1)
-                _append(out, ":")
-                encode(v, out, depth + 1)
-                _append(out, ",")
-            _append(out, "}")
-        elif t is set or t is frozenset:
-            if not x:
-                _append(out, "set()" if t is set else "frozenset()")
-                return
-            _append(out, "{" if t is set else "frozenset({")
-            for item in x:
-                encode(item, out, depth + 1)
-                _append(out, ",")
-            _append(out, "}" if t is set else "})")
-        else:
-            raise _ValueError("not plain data")
-        if _len(out) > 1_000_000:
-            raise _ValueError("too large")
-
-    def dumps(x):
-        out = []
-        encode(x, out, 0)
-        text = _join("", out)
-        if _len(text) > 1_000_000:
-            raise _ValueError("too large")
-        return text
-
-    return dumps
-
-
-def _make_stdin_file(_memfd=getattr(os, "memfd_create", None), _write=os.write, _lseek=os.lseek, _dup2=os.dup2,
-                     _close=os.close, _BufferedReader=io.BufferedReader, _FileIO=io.FileIO, _BytesIO=io.BytesIO,
-                     _len=len):
-    def stdin_file(data):
-        """The test's input as the process's real stdin (fd 0), so open(0) and os.read(0) see it too."""
-        if _memfd is None:
-            return _BytesIO(data)
-        f = _memfd("stdin")
-        done = 0
-        while done < _len(data):
-            done += _write(f, data[done:])
-        _lseek(f, 0, 0)
-        if f != 0:  # 0 itself when a previous test's open(0) closed it
-            _dup2(f, 0)
-            _close(f)
-        return _BufferedReader(_FileIO(0, "r", closefd=False))
-
-    return stdin_file
-
-
-def run(solution, jobs, fd, _dumps=_make_encoder(), _stdin_file=_make_stdin_file(), _write=os.write, _compile=compile, _exec=exec, _eval=eval,
-        _str=str, _enc=str.encode, _sys=sys, _builtins=builtins, _TextIOWrapper=io.TextIOWrapper,
-        _BytesIO=io.BytesIO, _getvalue=io.BytesIO.getvalue, _flush=io.TextIOWrapper.flush, _StringIO=io.StringIO,
-        _BaseException=BaseException, _SystemExit=SystemExit, _tuple=tuple, _type=type, _range=range, _len=len):
-    def record(i, status, text):
-        _write(fd, _enc(_str(i) + "\t" + status + "\t" + text + "\n", "utf-8", "backslashreplace"))
-
-    try:
-        code = _compile(solution, "solution.py", "exec")
-    except _BaseException:
-        return
-    real_out, real_in = _sys.stdout, _sys.stdin
-    n = _len(jobs)
-    i = 0
-    while i < n:
-        kind, payload = jobs[i]
-        scope = {"__name__": "__main__", "__builtins__": _builtins}
-        if kind == "stdin":
-            out = _BytesIO()
-            _sys.stdin = _TextIOWrapper(_stdin_file(_enc(payload, "utf-8")), encoding="utf-8")
-            _sys.stdout = _TextIOWrapper(out, encoding="utf-8", write_through=True)
-            status = "v"
-            try:
-                _exec(code, scope)
-            except _SystemExit:
-                pass
-            except _BaseException:
-                status = "x"
-            text = "None"
-            if status == "v":
-                try:
-                    text = _dumps(_getvalue(out).decode("utf-8", "replace"))
-                except _BaseException:  # e.g. the program closed its stdout
-                    status = "x"
-            record(i, status, text)
-        else:
-            _sys.stdout, _sys.stdin = _StringIO(), _StringIO()
-            try:
-                _exec(code, scope)
-                values = _tuple(_eval(_compile(call, "test", "eval"), scope) for call in payload)
-            except _BaseException:
-                record(i, "x", "None")
-            else:
-                try:
-                    text = _dumps(values)
-                except _BaseException:
-                    record(i, "u", "None")
-                else:
-                    record(i, "v", text)
-        _sys.stdout, _sys.stdin = real_out, real_in
-        i += 1
-'''
 
 
 _MAX_RECORD_CHARS = 1_000_100  # the harness's 1 MB value limit plus the index and status
@@ -565,9 +504,16 @@ class CodeCorrectnessReward(RewardFunction):
     - without tests for the row: 1.0 for valid syntax (all that can be checked);
     - with tests (a `tests` column: assert statements, or stdin/stdout pairs): 0.2 for valid
       syntax + 0.8 x the fraction of tests passed. All tests of one completion run in one
-      sandboxed subprocess (see opensloth.rewards.sandbox); the sandbox reports the values the
+      sandboxed subprocess (see opensloth.rewards.sandbox): the solution's module code once, then
+      each test under its own time limit (`test_timeout_s`); the sandbox reports the values the
       solution produced and they are compared with the expected values here (see the module
-      docstring). Completions run in parallel, `workers` at a time.
+      docstring). A test of literals only (`assert True`) is evaluated here: true, it is not a
+      test and is left out of the count; false, it fails. Completions run in parallel, `workers`
+      at a time.
+
+    Time: at most `limits.wall_time_s` for the module code plus `test_timeout_s` + 0.5 s per test
+    (at most `max_tests` of each kind): 5 + 16 x 2.5 = 45 s per completion with the defaults, in
+    the worst case of a solution that hangs in every test.
 
     Example:
         >>> code_correctness([""], ["```python\\ndef f(x):\\n    return x + 1\\n```"], tests=[["assert f(1) == 2"]])
@@ -576,13 +522,15 @@ class CodeCorrectnessReward(RewardFunction):
 
     name = "code_correctness"
     description = "Last ```python block: 0 if missing/invalid; valid syntax 0.2 + 0.8 x tests passed (sandboxed)."
-    self_limited = True  # the sandbox kills what overruns its wall-time limit
+    self_limited = True  # the sandbox kills what overruns its time limits
 
-    def __init__(self, limits: SandboxLimits = DEFAULT_LIMITS, max_tests: int = 16, workers: int = 4):
-        self.limits, self.max_tests, self.workers = limits, max_tests, workers
+    def __init__(self, limits: SandboxLimits = DEFAULT_LIMITS, max_tests: int = 16, workers: int = 4,
+                 test_timeout_s: float = DEFAULT_TEST_TIMEOUT_S):
+        self.limits, self.max_tests, self.workers, self.test_timeout_s = limits, max_tests, workers, test_timeout_s
 
     def score(self, prompts, completions, **columns):
         tests = columns.get("tests") or columns.get("test_cases") or [None] * len(completions)
+        _report_interpreter_once()
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(self.score_one, [completion_text(c) for c in completions], tests))
 
@@ -595,29 +543,64 @@ class CodeCorrectnessReward(RewardFunction):
         except (SyntaxError, ValueError):
             return 0.0
         asserts, pairs = normalize_tests(tests)
-        asserts, pairs = asserts[: self.max_tests], pairs[: self.max_tests]
-        total = len(asserts) + len(pairs)
-        if total == 0:
-            return 1.0
         jobs: list[tuple[str, Any]] = []
         checks: list[Any] = []  # per job: a SplitTest or an expected stdout
+        total = failed_here = 0
         for test in asserts:
+            if total == self.max_tests:
+                break
             try:
                 split = split_test(test)
             except UnsplittableTest as exc:
                 _warn_unsplittable(test, str(exc))
+                total += 1
+                failed_here += 1
                 continue
-            jobs.append(("eval", list(split.calls)))
+            if split.constant:  # `assert True` is no test; `assert False` fails every solution
+                if not _passes(split, ()):
+                    total += 1
+                    failed_here += 1
+                continue
+            total += 1
+            jobs.append(("eval", [list(pair) for pair in zip(split.calls, split.consume)]))
             checks.append(split)
-        for given, expected in pairs:
+        for given, expected in pairs[: self.max_tests]:
+            total += 1
             jobs.append(("stdin", given))
             checks.append(expected)
+        if total == 0:
+            return 1.0
         passed = 0
         if jobs:
-            result = run_harness(_HARNESS, code, jobs, limits=self.limits)
+            result = run_harness(_harness_source(), code, jobs, limits=self.limits, test_timeout_s=self.test_timeout_s)
             for slot, check in zip(parse_records(result.records, len(jobs)), checks):
                 passed += slot is not None and _passes(check, slot[0])
         return round(0.2 + 0.8 * passed / total, 6)
+
+
+@functools.lru_cache(maxsize=1)
+def _harness_source() -> str:
+    """The grading harness's source (opensloth/rewards/_harness.py), shipped to the sandbox: the
+    sandbox user may not be able to read this checkout (e.g. under /root)."""
+    return (Path(__file__).parent / "_harness.py").read_text(encoding="utf-8")
+
+
+_reported_interpreter = False
+
+
+def _report_interpreter_once() -> None:
+    """Say once per process which interpreter runs model code, and what it lacks against ours."""
+    global _reported_interpreter
+    if _reported_interpreter:
+        return
+    _reported_interpreter = True
+    info = sandbox_interpreter()
+    if info["same_as_trainer"]:
+        logger.info("code_correctness: model code runs on the trainer's interpreter (%s, Python %s).",
+                    info["python"], info["version"])
+    else:
+        logger.warning("code_correctness: model code runs on %s (Python %s), not the trainer's interpreter (%s): %s.",
+                       info["python"], info["version"], info["trainer_python"], info["lacks"])
 
 
 def _passes(check: Any, value: Any) -> bool:
@@ -627,8 +610,14 @@ def _passes(check: Any, value: Any) -> bool:
             return check.passed(value)
         except Exception:  # noqa: BLE001 - TypeError, IndexError, OverflowError...: the test fails, as assert would
             return False
-    return isinstance(value, str) and value.split() == check.split()
+    # A stdin test's value is (stdout,).
+    return type(value) is tuple and len(value) == 1 and isinstance(value[0], str) and value[0].split() == check.split()
 
 
 code_correctness = CodeCorrectnessReward()
 register_reward_function(code_correctness)
+
+
+def set_code_test_timeout(seconds: float) -> None:
+    """Set the built-in code_correctness's per-test time limit (`--code-test-timeout`, a run's option)."""
+    code_correctness.test_timeout_s = float(seconds)
