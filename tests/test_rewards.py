@@ -37,7 +37,7 @@ from opensloth.rewards import (
     resolve_rewards,
 )
 from opensloth.rewards import base as reward_base
-from opensloth.rewards.math import extract_solution, parse_number
+from opensloth.rewards.math import extract_final_answer, parse_number
 
 
 @pytest.fixture
@@ -111,7 +111,8 @@ MATH_ANSWER_CASES = [
     ("<SOLUTION>−7</SOLUTION>", "-7", 1.0),  # unicode minus
     ("<SOLUTION>41</SOLUTION>", "42", 0.0),
     (r"<SOLUTION>\frac{1}{3}</SOLUTION>", "0.5", 0.0),
-    ("The answer is 42 but I give no tags.", "42", 0.0),
+    ("The answer is 42 but I give no tags.", "42", 1.0),  # no tags: the completion is the answer
+    ("The answer is 41 but I give no tags.", "42", 0.0),
     ("", "42", 0.0),
     ("<SOLUTION></SOLUTION>", "42", 0.0),
 ]
@@ -129,11 +130,13 @@ def test_math_answer_reads_trl_solution_column_and_skips_unparseable_reference()
     assert math_answer(["q"], ["<SOLUTION>4</SOLUTION>"]) == [None]  # no reference column at all
 
 
-def test_math_answer_gold_that_does_not_parse_is_not_scored():
-    # math-verify returns only the raw string for these (no math found): the sample is not scored.
+def test_math_answer_gold_without_math_is_compared_as_a_string():
+    # math-verify falls back to the string for these (no math found): compared as strings, as its
+    # tests compare them; None only where it finds nothing at all (tests/test_rewards_math.py).
     golds = ["???", "\\frac{", "()"]
     assert math_answer(["q"] * 3, ["<SOLUTION>???</SOLUTION>", "<SOLUTION>\\frac{</SOLUTION>", "<SOLUTION>()</SOLUTION>"],
-                       answer=golds) == [None, None, None]
+                       answer=golds) == [1.0, 1.0, 1.0]
+    assert math_answer(["q"] * 3, ["<SOLUTION>!!!</SOLUTION>"] * 3, answer=golds) == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -144,12 +147,15 @@ def test_math_answer_gold_that_does_not_parse_is_not_scored():
         ("answer: 7<|im_end|>", "7"),
         ("Answer: 1\n\\boxed{2}", "2"),  # \boxed{} before Answer:
         ("Answer: 1\n<SOLUTION>3</SOLUTION>", "3"),  # <SOLUTION> first
-        ("The answer: is unclear", None),  # not a line of its own
-        ("Answer:", None),
+        ("Final Answer: 34", "34"),
+        ("so the answer is $5$. Done", "$5$"),
+        ("\\boxed{1}\nAnswer: 2", "2"),  # the later of the two
+        ("The answer: is unclear", "The answer: is unclear"),  # not an answer line: the completion itself
+        ("Answer:", "Answer:"),
     ],
 )
-def test_answer_line_is_the_last_fallback(completion, expected):
-    assert extract_solution(completion) == expected
+def test_answer_line_and_box_the_later_wins(completion, expected):
+    assert extract_final_answer(completion) == expected
 
 
 def test_math_answer_accepts_dapo_answer_line():
@@ -198,9 +204,10 @@ def test_math_answer_time_limit_per_check_in_and_off_the_main_thread():
         ("<SOLUTION>答案是 42 个</SOLUTION>", "42", 1.0),
         (r"The result: \boxed{18}", "18", 1.0),
         ("<SOLUTION>-3</SOLUTION>", "3", 0.0),
-        ("<SOLUTION>12 then 13</SOLUTION>", "13", 0.0),  # the first number counts
+        ("<SOLUTION>12 then 13</SOLUTION>", "13", 1.0),  # the number math-verify reads: the last one
+        ("<SOLUTION>12 then 13</SOLUTION>", "12", 0.0),
         ("<SOLUTION>no idea</SOLUTION>", "13", 0.0),
-        ("13", "13", 0.0),  # no answer part
+        ("13", "13", 1.0),  # no tags: the completion is the answer
         ("", "13", 0.0),
         ("<SOLUTION>13</SOLUTION>", "thirteen", None),  # reference is not a number: not scored
         # A reference that is more than a number is not scored (its first number is not the answer).
@@ -220,9 +227,11 @@ def test_math_number(completion, answer, expected):
 
 
 def test_extraction_helpers():
-    assert extract_solution("a<SOLUTION>1</SOLUTION>b<SOLUTION>2</SOLUTION>") == "2"
-    assert extract_solution(r"\boxed{\frac{a}{b}} and \boxed{\left(1, 2\right)}") == r"\left(1, 2\right)"
-    assert extract_solution("no answer") is None
+    assert extract_final_answer("a<SOLUTION>1</SOLUTION>b<SOLUTION>2</SOLUTION>") == "2"
+    assert extract_final_answer(r"\boxed{\frac{a}{b}}, then \boxed{\left(1, 2\right)}") == r"\left(1, 2\right)"
+    assert extract_final_answer(r"\boxed{\frac{a}{b}} and \boxed{\left(1, 2\right)}") == r"\frac{a}{b}, \left(1, 2\right)"
+    assert extract_final_answer("no answer") == "no answer"
+    assert extract_final_answer(" <|im_end|>") is None
     assert parse_number("-$5") == -5.0
     assert parse_number("1 234 567") == 1234567.0
     assert parse_number(".5") == 0.5
@@ -238,11 +247,17 @@ def test_extraction_helpers():
         "```python\n" * 20000,
         "\\boxed{" * 20000,
         "1," * 20000 + "<SOLUTION>" + "1,000 " * 20000 + "</SOLUTION>",
+        "{" * 20000 + "\\boxed{1}" + "}" * 20000,
+        "the answer is " * 5000,
+        "<answer></answer>" * 10000,
     ],
-    ids=["long-junk-after", "unclosed-tags", "closing-tags", "fences", "boxed", "separators"],
+    ids=["long-junk-after", "unclosed-tags", "closing-tags", "fences", "boxed", "separators", "nested-braces",
+         "answer-is", "empty-answer-tags"],
 )
 def test_text_rewards_stay_linear_on_long_adversarial_completions(completion):
     """Backtracking regexes once took minutes here; a rollout can be this long."""
+    for reward in (math_answer, math_number):  # import math-verify and compile its patterns first
+        reward(["q"], ["<SOLUTION>1</SOLUTION>"], answer=["1"])
     start = time.monotonic()
     for reward in (math_format, math_answer, math_number, length_penalty, code_correctness):
         assert len(reward(["q"], [completion], answer=["1"])) == 1

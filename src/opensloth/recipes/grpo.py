@@ -739,7 +739,7 @@ class GRPORecipe:
 
         Reports eval/rewards/<name>/mean, eval/reward, eval/accuracy (math_answer against the `answer`
         column, whether or not it is one of the run's rewards), eval/format_rate (the share of completions
-        in exactly the reasoning format, math_format = 1) and eval/mean_length (tokens).
+        in exactly a reasoning format, math_format = 1) and eval/mean_length (tokens).
         """
         from opensloth.rewards import math_answer, math_format
 
