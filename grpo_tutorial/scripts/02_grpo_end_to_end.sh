@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Stage 2: improve answer correctness with GRPO on DAPO-Math-17k, starting from the SFT adapter.
 # Data preparation and training in one command. Output: $OUTPUT_ROOT/grpo_final_model
-[ -f scripts/_common.sh ] || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
-source scripts/_common.sh
+# OUTPUT_ROOT (default: outputs) is relative to the directory you run the script from; any directory works.
+SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$SCRIPTS_DIR/_common.sh"
 
 if [ ! -f "$SFT_OUTPUT/adapter_config.json" ] && [ ! -f "$SFT_OUTPUT/config.json" ]; then
-    echo "Error: no SFT model in $SFT_OUTPUT. Run stage 1 first: bash scripts/01_sft_end_to_end.sh" >&2
+    echo "Error: no SFT model in $SFT_OUTPUT. Run stage 1 first: bash $SCRIPTS_DIR/01_sft_end_to_end.sh" >&2
     exit 2
 fi
 
 # shellcheck disable=SC2086
-os-train grpo \
+run os-train grpo \
     --model "$SFT_OUTPUT" \
     --dataset "$GRPO_DATASET" $GRPO_CONFIG_ARGS \
     --format dapo-math \

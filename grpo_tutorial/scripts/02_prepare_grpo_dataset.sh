@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Step 2: prepare the GRPO prompt dataset once (math task: DAPO-Math-17k), sharded for the GPU count.
 # Output: $OUTPUT_ROOT/data/grpo_prepared, used by scripts/03_train_grpo.sh
-[ -f scripts/_common.sh ] || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
-source scripts/_common.sh
+# OUTPUT_ROOT (default: outputs) is relative to the directory you run the script from; any directory works.
+SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$SCRIPTS_DIR/_common.sh"
 
+need_prepare_script prepare_grpo_dataset.py
 # shellcheck disable=SC2086
-python prepare_dataset/prepare_grpo_dataset.py \
+run "$PYTHON" "$PREPARE_DIR/prepare_grpo_dataset.py" \
     --task-type math \
     --model "$MODEL" \
     --dataset "$GRPO_DATASET" $GRPO_CONFIG_ARGS \

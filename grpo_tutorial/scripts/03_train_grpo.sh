@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Step 3: GRPO from the SFT adapter (step 1) on the prompts prepared by step 2.
 # Output: $OUTPUT_ROOT/grpo_final_model
-[ -f scripts/_common.sh ] || { echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2; exit 2; }
-source scripts/_common.sh
+# OUTPUT_ROOT (default: outputs) is relative to the directory you run the script from; any directory works.
+SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$SCRIPTS_DIR/_common.sh"
 
 if [ ! -f "$SFT_OUTPUT/adapter_config.json" ] && [ ! -f "$SFT_OUTPUT/config.json" ]; then
-    echo "Error: no SFT model in $SFT_OUTPUT. Run step 1 first: bash scripts/01_train_sft.sh" >&2
+    echo "Error: no SFT model in $SFT_OUTPUT. Run step 1 first: bash $SCRIPTS_DIR/01_train_sft.sh" >&2
     exit 2
 fi
 if [ ! -d "$GRPO_PREPARED" ]; then
-    echo "Error: no prepared GRPO dataset in $GRPO_PREPARED. Run step 2 first: bash scripts/02_prepare_grpo_dataset.sh" >&2
+    echo "Error: no prepared GRPO dataset in $GRPO_PREPARED. Run step 2 first: bash $SCRIPTS_DIR/02_prepare_grpo_dataset.sh" >&2
     exit 2
 fi
 
 # shellcheck disable=SC2086
-os-train grpo \
+run os-train grpo \
     --model "$SFT_OUTPUT" \
     --dataset "$GRPO_PREPARED" \
     --task math \

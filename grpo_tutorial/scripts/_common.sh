@@ -1,12 +1,19 @@
-# Shared pre-flight for the tutorial scripts: sourced, not run. Every setting is an environment
-# variable with a default. EXTRA_ARGS goes to both training commands unchanged (options both stages
-# take); SFT_EXTRA_ARGS only to `os-train sft`, GRPO_EXTRA_ARGS only to `os-train grpo`.
+# Shared pre-flight for the tutorial scripts: sourced, not run. Each script sets SCRIPTS_DIR (its own
+# folder, found from "${BASH_SOURCE[0]}") first, so the scripts run from the repository root, from
+# grpo_tutorial/ or from any other directory. Relative paths (OUTPUT_ROOT, a local MODEL or dataset)
+# are relative to the directory you run the script from.
+#
+# Every setting is an environment variable with a default. EXTRA_ARGS goes to both training commands
+# unchanged (options both stages take); SFT_EXTRA_ARGS only to `os-train sft`, GRPO_EXTRA_ARGS only to
+# `os-train grpo`. PRINT_COMMANDS=1 prints the command a script would run instead of running it (the
+# checks still run).
 set -euo pipefail
 
-if [ ! -f "scripts/_common.sh" ] || [ ! -d "prepare_dataset" ]; then
-    echo "Error: run this script from the grpo_tutorial/ directory, e.g.: cd grpo_tutorial && bash scripts/$(basename "$0")" >&2
-    exit 2
-fi
+TUTORIAL_DIR="$(cd "$SCRIPTS_DIR/.." && pwd)"
+REPO_ROOT="$(cd "$TUTORIAL_DIR/.." && pwd)"
+PREPARE_DIR="$REPO_ROOT/prepare_dataset"
+PYTHON="${PYTHON:-python}"
+
 if ! command -v os-train >/dev/null 2>&1; then
     echo "Error: os-train is not on PATH. Install OpenSloth first, from the repository root: pip install torch==2.13.0 -e \".[dev]\"" >&2
     exit 2
@@ -27,7 +34,11 @@ GRPO_EXTRA_ARGS="${GRPO_EXTRA_ARGS:-}"
 if [ "$SFT_DATASET" = "unsloth/OpenMathReasoning-mini" ]; then SFT_SPLIT_ARGS="--dataset-split cot"; else SFT_SPLIT_ARGS=""; fi
 if [ "$GRPO_DATASET" = "open-r1/DAPO-Math-17k-Processed" ]; then GRPO_CONFIG_ARGS="--dataset-config en"; else GRPO_CONFIG_ARGS=""; fi
 
-GPUS_PRESENT="$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+if [ "${GPU_COUNT:-}" = "0" ]; then
+    GPUS_PRESENT=0  # the CPU was asked for: no need to ask torch
+else
+    GPUS_PRESENT="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+fi
 GPU_COUNT="${GPU_COUNT:-$GPUS_PRESENT}"
 if ! [[ "$GPU_COUNT" =~ ^[0-9]+$ ]]; then
     echo "Error: GPU_COUNT must be a whole number, got '$GPU_COUNT'." >&2
@@ -50,4 +61,26 @@ GRPO_OUTPUT="$OUTPUT_ROOT/grpo_final_model"
 SFT_PREPARED="$OUTPUT_ROOT/data/sft_prepared"
 GRPO_PREPARED="$OUTPUT_ROOT/data/grpo_prepared"
 
-echo "model=$MODEL devices=$DEVICES output_root=$OUTPUT_ROOT max_steps=$MAX_STEPS"
+# The step-by-step scripts run the repository's prepare_dataset/ scripts.
+need_prepare_script() {
+    if [ ! -f "$PREPARE_DIR/$1" ]; then
+        echo "Error: $PREPARE_DIR/$1 is missing. Keep grpo_tutorial/ inside the OpenSloth repository, beside prepare_dataset/." >&2
+        exit 2
+    fi
+}
+
+# Run the stage's command, or print it with PRINT_COMMANDS=1 (and stop there).
+run() {
+    if [ "${PRINT_COMMANDS:-0}" = "1" ]; then
+        printf '%q ' "$@"
+        printf '\n'
+        exit 0
+    fi
+    "$@"
+}
+
+case "$OUTPUT_ROOT" in
+    /*) where="$OUTPUT_ROOT" ;;
+    *) where="$OUTPUT_ROOT (in $PWD)" ;;
+esac
+echo "model=$MODEL devices=$DEVICES output_root=$where max_steps=$MAX_STEPS"

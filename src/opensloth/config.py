@@ -25,7 +25,7 @@ from opensloth.errors import UserError, plural
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SFT_FORMATS = ("chat", "prompt-completion", "text", "openmath-reasoning")
-GRPO_FORMATS = ("dapo-math", "gsm8k", "prompt-answer")
+GRPO_FORMATS = ("dapo-math", "gsm8k", "question-answer", "prompt-answer")
 
 
 def _flags(*flags: str) -> dict:
@@ -79,12 +79,14 @@ class DataConfig(Section):
     format: Optional[str] = Field(
         None,
         description="Row format. sft: chat, prompt-completion, text, openmath-reasoning; "
-        "grpo: dapo-math, gsm8k, prompt-answer. Default: detected from the columns.",
+        "grpo: dapo-math, gsm8k, question-answer, prompt-answer. Default: detected from the columns "
+        "(question + answer: gsm8k when an answer holds '####', else question-answer).",
     )
     num_samples: Optional[int] = Field(None, gt=0, description="Use this many rows, selected with --seed.")
     chat_template: str = Field(
         "auto",
-        description="auto, model (the tokenizer's own), chatml, reasoning, or a path to a Jinja file. "
+        description="auto, model (the tokenizer's own), chatml, reasoning, r1-zero (CS336's r1_zero prompt: "
+        "<think> ... </think> <answer> ... </answer>), or a path to a Jinja file. "
         "auto: reasoning for math formats and --task math, else the model's own (chatml if it has none).",
     )
     system_prompt: Optional[str] = Field(None, description="System prompt (default: the template's own).")
@@ -214,7 +216,9 @@ class GRPOConfig(Section):
         description="code_correctness: seconds each test may run (the solution's module code runs once, first).",
     )
     group_size: int = Field(8, description="Completions per prompt (G).", json_schema_extra=_flags("--num-generations"))
-    rollout_batch_size: int = Field(8, gt=0, description="Prompts per step, across all workers.")
+    rollout_batch_size: int = Field(8, gt=0, description="Prompts per step, across all workers; each makes "
+                                    "--group-size completions (CS336's rollout_batch_size and TRL's "
+                                    "generation_batch_size count completions: divide them by the group size).")
     epochs_per_rollout_batch: int = Field(1, gt=0, description="Passes of updates over each rollout batch.")
     loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"] = Field(
         "grpo_clip", description="Policy-gradient loss: no_baseline, reinforce_with_baseline, grpo_clip."

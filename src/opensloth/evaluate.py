@@ -61,7 +61,8 @@ class TrainedWith:
 
     Attributes:
         source: the config.yaml they come from.
-        system_prompt: the run's --system-prompt (None: the template's own).
+        system_prompt: the run's --system-prompt, or the instruction of its --chat-template r1-zero (the
+            system turn its rows had); None: the template's own.
         data_format: the run's --format when it is a GRPO (prompt) format, else None.
         max_new_tokens: the run's --max-new-tokens (GRPO runs), else None.
     """
@@ -99,7 +100,10 @@ def trained_with(model: str) -> TrainedWith | None:
         raise UserError(f"{source} (the config of the run that wrote --model) is not valid YAML: {err}") from None
     data, grpo = saved.get("data") or {}, saved.get("grpo") or {}
     fmt = data.get("format")
-    return TrainedWith(source=source, system_prompt=data.get("system_prompt"),
+    from opensloth.data.templates import effective_system_prompt
+
+    system_prompt = effective_system_prompt(data.get("chat_template"), data.get("system_prompt"))
+    return TrainedWith(source=source, system_prompt=system_prompt,
                        data_format=fmt if fmt in GRPO_FORMATS else None,
                        max_new_tokens=grpo.get("max_new_tokens"))
 

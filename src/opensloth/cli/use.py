@@ -77,7 +77,7 @@ def eval_command(
                                               "least 1 (default: the training run's, else 256)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only this many prompts."),
     dataset_split: str = typer.Option("train", "--dataset-split", help="Split of a hub or saved dataset."),
-    format: str | None = typer.Option(None, "--format", help="dapo-math, gsm8k, prompt-answer (default: the "
+    format: str | None = typer.Option(None, "--format", help="dapo-math, gsm8k, question-answer, prompt-answer (default: the "
                                          "training run's, else detected from the columns)."),
     chat_template: str | None = typer.Option(None, "--chat-template", help="As in training (default: the "
                                                 "template saved with a model OpenSloth trained, else auto)."),

@@ -17,9 +17,13 @@ GRPO formats (each gives the prompt messages and the reference answer):
     open-r1/DAPO-Math-17k-Processed (config "en");
   - `gsm8k`: `question` and `answer` whose last line is `#### n` -> answer n (commas dropped);
     the full original answer is kept as `reference_solution`;
+  - `question-answer`: `question` (or `problem`) and a plain `answer`, taken as it is (the math
+    prompt sets of Stanford CS336, MATH). Detection: `question` + `answer` columns are gsm8k when
+    some answer holds `####` (the caller checks, see `prepare`), else question-answer;
   - `prompt-answer`: `prompt` (text or messages) and `answer`; a dataset without an `answer`
     column (e.g. code tasks, whose rewards read a `tests` column) gets answer None.
-The math formats start the conversation with the reasoning system prompt (or --system-prompt).
+The math formats start the conversation with the reasoning system prompt (or --system-prompt; with
+--chat-template r1-zero, CS336's instruction: see `templates.effective_system_prompt`).
 
 A row that does not fit (missing value, wrong type, empty text) raises `BadRow` with what is
 wrong; the caller adds the row index and stops, or drops it under --skip-bad-rows.
@@ -48,6 +52,7 @@ SFT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 GRPO_COLUMNS: dict[str, tuple[str, ...]] = {
     "gsm8k": ("question", "answer"),
+    "question-answer": ("question", "answer"),  # or problem + answer
     "dapo-math": ("prompt", "solution"),
     "prompt-answer": ("prompt",),  # `answer` too when there is one (code tasks have `tests` instead)
 }
@@ -71,6 +76,8 @@ def _format_table(recipe: str) -> dict[str, tuple[str, ...]]:
 def _has(fmt: str, columns: set[str], recipe: str) -> bool:
     if fmt == "chat":
         return "messages" in columns or "conversations" in columns
+    if fmt == "question-answer":
+        return "answer" in columns and ("question" in columns or "problem" in columns)
     return set(_format_table(recipe)[fmt]) <= columns
 
 
@@ -93,13 +100,15 @@ def check_columns(fmt: str, columns: list[str], recipe: str, option: str = "--da
     if fmt not in table:
         raise UserError(f"--format {fmt!r} is not a {recipe} format; choose one of {', '.join(table)}.")
     if not _has(fmt, set(columns), recipe):
-        need = "messages (or conversations)" if fmt == "chat" else ", ".join(table[fmt])
+        need = {"chat": "messages (or conversations)", "question-answer": "question (or problem), answer"}.get(
+            fmt, ", ".join(table[fmt]))
         raise UserError(f"--format {fmt} needs the columns {need}, but {option} has: {', '.join(columns)}. "
                         f"{_needs(recipe)}")
 
 
 def _needs(recipe: str) -> str:
-    parts = [f"{fmt} needs {' + '.join(cols)}" for fmt, cols in _format_table(recipe).items()]
+    parts = [f"{fmt} needs {'question (or problem) + answer' if fmt == 'question-answer' else ' + '.join(cols)}"
+             for fmt, cols in _format_table(recipe).items()]
     if recipe == "grpo":
         parts[-1] += " + answer (answer may be absent, e.g. for code tasks)"
     return f"{recipe} formats: " + "; ".join(parts) + "."
@@ -217,8 +226,12 @@ def format_sft_row(fmt: str, row: dict, system_prompt: str | None = None) -> Mes
     return messages
 
 
-def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None) -> tuple[Messages, str | None, dict]:
+def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None,
+                    default_system: bool = True) -> tuple[Messages, str | None, dict]:
     """One source row -> (prompt messages, reference answer, extra columns).
+
+    `default_system=False` leaves out the math formats' reasoning system prompt (a prompt set written
+    before any chat template is chosen: the template's own default then applies).
 
     Raises:
         BadRow: the row does not fit `fmt`.
@@ -229,11 +242,15 @@ def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None) -> tu
     elif fmt == "gsm8k":
         prompt, full = _text(row, "question"), _text(row, "answer")
         if "####" not in full:
-            raise BadRow("column 'answer' has no final '#### n' line (gsm8k format)")
+            raise BadRow("column 'answer' has no final '#### n' line (gsm8k format; for plain answers in every "
+                         "row pass --format question-answer)")
         answer = full.rsplit("####", 1)[1].strip().replace(",", "")
         if not answer:
             raise BadRow("column 'answer' has nothing after '####'")
         extra["reference_solution"] = full
+    elif fmt == "question-answer":
+        prompt = _text(row, "question" if "question" in row else "problem")
+        answer = _answer(row, "answer")
     elif fmt == "prompt-answer":
         value = row.get("prompt")
         prompt = _messages(value, "prompt") if isinstance(value, list) else _text(row, "prompt")
@@ -243,5 +260,5 @@ def format_grpo_row(fmt: str, row: dict, system_prompt: str | None = None) -> tu
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     if messages[-1]["role"] == "assistant":
         raise BadRow("the prompt ends with an assistant message; GRPO generates that turn")
-    default_system = REASONING_SYSTEM_PROMPT if fmt in ("dapo-math", "gsm8k") else None
-    return _with_system(messages, system_prompt or default_system), answer, extra
+    fallback = REASONING_SYSTEM_PROMPT if default_system and fmt in ("dapo-math", "gsm8k", "question-answer") else None
+    return _with_system(messages, system_prompt or fallback), answer, extra

@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from opensloth.config import RunConfig
+from opensloth.config import DataConfig, RunConfig
 from opensloth.data.formats import (
     BadRow,
     check_columns,
@@ -82,7 +82,7 @@ from opensloth.data.formats import (
     format_sft_row,
 )
 from opensloth.data.sources import PREPARED_META, is_prepared_dir, load_source, row_name, source_identity
-from opensloth.data.templates import render, resolve_template, resolve_template_name
+from opensloth.data.templates import effective_system_prompt, render, resolve_template, resolve_template_name
 from opensloth.errors import UserError, plural
 from opensloth.tracking import TrainingProgress
 
@@ -272,9 +272,16 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
     started = time.perf_counter()
     hf_cache = root / "hf-datasets"
     source = load_source(d.dataset, d.dataset_split, d.dataset_config, hf_cache)
-    fmt = d.format or detect_format(source.column_names, recipe, f"--dataset {d.dataset}")
+    fmt = d.format or detect_source_format(source, recipe, f"--dataset {d.dataset}")
     check_columns(fmt, source.column_names, recipe, f"--dataset {d.dataset}")
     template = resolve_template(tokenizer, d.chat_template, d.system_prompt, data_format=fmt, task=task)
+    template_name = resolve_template_name(d.chat_template, fmt, task, tokenizer)
+    if template_name == "r1-zero" and fmt == "openmath-reasoning":
+        raise UserError("--format openmath-reasoning writes the <start_working_out> ... <SOLUTION> format, but "
+                        "--chat-template r1-zero prompts for <think> ... </think> <answer> ... </answer>. Use "
+                        "--chat-template reasoning with it, or give prompt-completion rows whose completion is "
+                        "'<think> reasoning </think> <answer> answer </answer>'.")
+    system = effective_system_prompt(template_name, d.system_prompt)
     _warn_foreign_template(tokenizer, template, fmt)
     eval_source = None
     if d.eval_dataset:
@@ -282,9 +289,9 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
         check_columns(fmt, eval_source.column_names, recipe, f"--eval-dataset {d.eval_dataset}")
 
     build = _build_sft if recipe == "sft" else _build_grpo
-    train, held_out, stats = build(cfg, tokenizer, template, fmt, source, eval_source)
+    train, held_out, stats = build(cfg, tokenizer, template, fmt, source, eval_source, system)
     stats["format"] = fmt
-    stats["chat_template"] = resolve_template_name(d.chat_template, fmt, task, tokenizer)
+    stats["chat_template"] = template_name
     stats["seconds"] = round(time.perf_counter() - started, 2)
     meta = {
         "version": PIPELINE_VERSION, "recipe": recipe, "format": fmt, "fingerprint": key,
@@ -400,6 +407,26 @@ def _training_order(cfg: RunConfig, source, stats: dict) -> list[int]:
         logger.warning("--num-samples %d is more than the %d rows of --dataset %s (in os eval: --limit): using all %d",
                        d.num_samples, len(source), d.dataset, len(source))
     return _seeded_order(len(source), cfg.training.seed, d.num_samples)
+
+
+def detect_source_format(source, recipe: str, option: str = "--dataset") -> str:
+    """`detect_format` on the columns; `question` + `answer` is gsm8k only when some answer holds its
+    `####` line, else question-answer (plain answers, as in CS336's MATH prompts)."""
+    fmt = detect_format(source.column_names, recipe, option)
+    if fmt == "gsm8k" and not answers_hold_gsm8k_marks(source):
+        return "question-answer"
+    return fmt
+
+
+def answers_hold_gsm8k_marks(source) -> bool:
+    """Does any row's `answer` (text) contain `####`? One Arrow scan of the column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = source.data.column("answer")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return False
+    return bool(pc.any(pc.match_substring(column, "####")).as_py())
 
 
 def describe_drops(stats: dict) -> list[str]:
@@ -578,17 +605,17 @@ def spans_to_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) 
     return mask
 
 
-def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, eval_source):
+def _build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, eval_source, system: str | None):
     import datasets
 
     d = cfg.data
     stats: dict[str, Any] = {"rows_in": len(source), "max_seq_length": d.max_seq_length}
     order = _training_order(cfg, source, stats)
-    rows = _format_rows(source, order, fmt, format_sft_row, d.system_prompt, d.skip_bad_rows,
+    rows = _format_rows(source, order, fmt, format_sft_row, system, d.skip_bad_rows,
                         f"--dataset {d.dataset}", stats, d.dataset)
     eval_rows = None
     if eval_source is not None:
-        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_sft_row, d.system_prompt,
+        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_sft_row, system,
                                  d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
     # --no-assistant-only-loss trains on every token: no masks to locate (mask all 1).
     only_assistant = cfg.sft.assistant_only_loss
@@ -674,9 +701,9 @@ class GRPORow(NamedTuple):
     prompt: Any
 
 
-def format_grpo_prompt(fmt: str, row: dict, system_prompt: str | None = None) -> GRPORow:
+def format_grpo_prompt(fmt: str, row: dict, system_prompt: str | None = None, default_system: bool = True) -> GRPORow:
     """format_grpo_row, keeping a text prompt's original form (TRL passes rewards the dataset's prompt)."""
-    messages, answer, extra = format_grpo_row(fmt, row, system_prompt)
+    messages, answer, extra = format_grpo_row(fmt, row, system_prompt, default_system)
     text = row.get("prompt") if fmt == "prompt-answer" else None
     return GRPORow(messages, answer, extra, text if isinstance(text, str) else messages)
 
@@ -710,15 +737,15 @@ def nearest_rank(values: list[int], q: float) -> int:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, eval_source):
+def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, eval_source, system: str | None):
     d, g = cfg.data, cfg.grpo
     stats: dict[str, Any] = {"rows_in": len(source)}
     order = _training_order(cfg, source, stats)
-    rows = _format_rows(source, order, fmt, format_grpo_prompt, d.system_prompt, d.skip_bad_rows,
+    rows = _format_rows(source, order, fmt, format_grpo_prompt, system, d.skip_bad_rows,
                         f"--dataset {d.dataset}", stats, d.dataset)
     eval_rows = None
     if eval_source is not None:
-        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_prompt, d.system_prompt,
+        eval_rows = _format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_prompt, system,
                                  d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
     if not rows:
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
@@ -763,6 +790,73 @@ def _build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source,
     stats["num_rows"] = len(train)
     stats["eval_rows"] = len(held_out) if held_out is not None else 0
     return train, held_out, stats
+
+
+# The source columns each GRPO format reads; a prompt set replaces them with `prompt` and `answer`.
+FORMAT_SOURCE_COLUMNS = {"dapo-math": ("prompt", "solution"), "gsm8k": ("question", "answer"),
+                         "question-answer": ("question", "problem", "answer"), "prompt-answer": ("prompt", "answer")}
+
+
+def prompt_set(d: DataConfig, seed: int, rewards: list[str] | tuple = ()):
+    """The GRPO prompt set of `d.dataset` without a tokenizer: what `os-train grpo --dataset DIR` then
+    renders with its chat template and tokenizes (a `datasets.Dataset` and its stats).
+
+    Rows are taken in the seeded order (the first --num-samples of it) as training takes them. Each
+    row's `prompt` is the conversation (the dataset's messages, or the one its format builds, with
+    --system-prompt as the system turn when given; the math formats' default reasoning system prompt is
+    left to the chat template chosen at training time), `answer` the reference answer, then the
+    format's extra columns (gsm8k: `reference_solution`) and every other source column. The source
+    columns the format reads (FORMAT_SOURCE_COLUMNS) are replaced, so the set reads as the
+    prompt-answer format.
+
+    Raises:
+        UserError: bad source, format or rows; a kept column that would make the set read as another format.
+    """
+    import datasets
+
+    from opensloth.rewards.code import check_dataset_tests
+
+    if not d.dataset:
+        raise UserError("Missing --dataset: a hub dataset name, a local .json/.jsonl/.csv/.parquet file, or a "
+                        "saved dataset directory.")
+    if is_prepared_dir(d.dataset):
+        raise UserError(f"--dataset {d.dataset} is already prepared (tokenized) by `os-train data`; pass it to "
+                        "`os-train grpo --dataset` as it is.")
+    source = load_source(d.dataset, d.dataset_split, d.dataset_config)
+    fmt = d.format or detect_source_format(source, "grpo", f"--dataset {d.dataset}")
+    check_columns(fmt, source.column_names, "grpo", f"--dataset {d.dataset}")
+    stats: dict[str, Any] = {"rows_in": len(source), "format": fmt}
+    if d.num_samples and d.num_samples > len(source):
+        stats["num_samples_requested"] = d.num_samples
+    order = _seeded_order(len(source), seed, d.num_samples)
+
+    def without_default_system(fmt: str, row: dict, system_prompt: str | None) -> GRPORow:
+        return format_grpo_prompt(fmt, row, system_prompt, default_system=False)
+
+    rows = _format_rows(source, order, fmt, without_default_system, d.system_prompt, d.skip_bad_rows,
+                        f"--dataset {d.dataset}", stats, d.dataset)
+    if not rows:
+        raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
+    check_dataset_tests(source, list(rewards), f"--dataset {d.dataset}", lambda index: row_name(d.dataset, index))
+    consumed = set(FORMAT_SOURCE_COLUMNS[fmt]) | set(GRPO_OWN_COLUMNS)
+    extra_keys = sorted({k for _, row in rows for k in row.extra})
+    kept = [c for c in source.column_names if c not in consumed and c not in extra_keys]
+    new = datasets.Dataset.from_dict({
+        "prompt": [row.messages for _, row in rows],
+        "answer": [row.answer for _, row in rows],
+        **{k: [row.extra.get(k) for _, row in rows] for k in extra_keys},
+    })
+    out = new
+    if kept:
+        passthrough = source.select_columns(kept).select([index for index, _ in rows]).flatten_indices()
+        out = datasets.concatenate_datasets([passthrough, new], axis=1)
+    reads_as = detect_source_format(out, "grpo")
+    if reads_as != "prompt-answer":
+        clash = [c for c in kept if c in {c for cols in FORMAT_SOURCE_COLUMNS.values() for c in cols}]
+        raise UserError(f"--dataset {d.dataset}: its column(s) {', '.join(clash)} would make `os-train grpo` read "
+                        f"the prompt set as the {reads_as} format, not prompt-answer. Drop or rename them.")
+    stats["num_rows"] = len(out)
+    return out, stats
 
 
 def _check_code_tests(cfg: RunConfig, source, eval_source) -> None:

@@ -16,7 +16,8 @@ import random
 from pathlib import Path
 from typing import Literal
 
-Schema = Literal["openmath", "dapo", "gsm8k", "prompt-answer"]
+Schema = Literal["openmath", "dapo", "gsm8k", "question-answer", "prompt-answer"]
+SCHEMAS = ("openmath", "dapo", "gsm8k", "question-answer", "prompt-answer")
 
 
 def make_arithmetic_rows(n: int, seed: int = 0, schema: Schema = "openmath") -> list[dict[str, str]]:
@@ -27,13 +28,14 @@ def make_arithmetic_rows(n: int, seed: int = 0, schema: Schema = "openmath") -> 
         seed: same seed, same rows.
         schema: "openmath" (`problem`, `generated_solution`, `expected_answer`: the schema of
             unsloth/OpenMathReasoning-mini), "dapo" (`prompt`, `solution`: open-r1/DAPO-Math-17k-Processed),
-            "gsm8k" (`question`, `answer` ending in "#### n") or "prompt-answer" (`prompt`, `answer`).
+            "gsm8k" (`question`, `answer` ending in "#### n"), "question-answer" (`question` and the plain
+            `answer`, as CS336's MATH prompts) or "prompt-answer" (`prompt`, `answer`).
 
     Returns:
         A list of row dicts (all values are strings).
     """
-    if schema not in ("openmath", "dapo", "gsm8k", "prompt-answer"):
-        raise ValueError(f"unknown schema {schema!r}; choose openmath, dapo, gsm8k or prompt-answer")
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; choose {', '.join(SCHEMAS)}")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -49,6 +51,8 @@ def make_arithmetic_rows(n: int, seed: int = 0, schema: Schema = "openmath") -> 
             rows.append({"prompt": question, "solution": answer})
         elif schema == "gsm8k":
             rows.append({"question": question, "answer": f"{working}\n#### {answer}"})
+        elif schema == "question-answer":
+            rows.append({"question": question, "answer": answer})
         else:
             rows.append({"prompt": question, "answer": answer})
     return rows

@@ -1,4 +1,4 @@
-"""Chat templates: the model's own, ChatML, the reasoning template, or a Jinja file.
+"""Chat templates: the model's own, ChatML, the reasoning template, CS336's r1-zero prompt, or a Jinja file.
 
 `apply_chat_template(tokenizer, name, system_prompt)` sets `tokenizer.chat_template` and returns
 its text. The data pipeline uses `resolve_template` (the same text, tokenizer untouched), renders
@@ -12,6 +12,13 @@ Names:
   - `reasoning`: ChatML whose first turn is always a system turn (the reasoning system prompt
     unless the conversation or --system-prompt gives another), and whose generation prompt opens
     the assistant turn with `<start_working_out>`, so the model goes straight into its working;
+  - `r1-zero`: the r1_zero prompt of Stanford CS336 (assignment 5), no ChatML:
+    `{instruction}\nUser: {question}\nAssistant: <think>` with R1_ZERO_INSTRUCTION (or the system
+    turn, or --system-prompt) as the instruction; an assistant turn renders as
+    `Assistant: <think>{content}{eos}` (`<think>` is not repeated when the content starts with it).
+    The model answers `... </think> <answer> ... </answer>`. Chosen only by name, never by `auto`;
+    rows then get R1_ZERO_INSTRUCTION as their system turn (`effective_system_prompt`), not the
+    reasoning system prompt the math formats give by default;
   - a path to a Jinja file;
   - `auto`: `reasoning` for the math formats (openmath-reasoning, dapo-math, gsm8k) and --task
     math, else the model's own, else `chatml`.
@@ -30,8 +37,8 @@ from typing import Any
 
 from opensloth.errors import UserError
 
-TEMPLATE_NAMES = ("auto", "model", "chatml", "reasoning")
-MATH_FORMATS = ("openmath-reasoning", "dapo-math", "gsm8k")
+TEMPLATE_NAMES = ("auto", "model", "chatml", "reasoning", "r1-zero")
+MATH_FORMATS = ("openmath-reasoning", "dapo-math", "gsm8k", "question-answer")
 
 WORK_START, WORK_END = "<start_working_out>", "<end_working_out>"
 SOLUTION_START, SOLUTION_END = "<SOLUTION>", "</SOLUTION>"
@@ -39,6 +46,18 @@ SOLUTION_START, SOLUTION_END = "<SOLUTION>", "</SOLUTION>"
 REASONING_SYSTEM_PROMPT = (
     f"Reason step by step between {WORK_START} and {WORK_END}, "
     f"then give only the final answer between {SOLUTION_START} and {SOLUTION_END}."
+)
+
+# CS336 assignment 5's cs336_alignment/prompts/r1_zero.prompt is
+#   R1_ZERO_INSTRUCTION + "\nUser: {question}\nAssistant: <think>"
+THINK_START, THINK_END = "<think>", "</think>"
+ANSWER_START, ANSWER_END = "<answer>", "</answer>"
+R1_ZERO_INSTRUCTION = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with the "
+    "answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>."
 )
 
 _TURNS = (
@@ -87,6 +106,43 @@ def reasoning_template(system_prompt: str | None = None) -> str:
     return head + _TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n" + WORK_START + "' }}{%- endif %}"
 
 
+def r1_zero_template(system_prompt: str | None = None) -> str:
+    """CS336's r1_zero prompt as a chat template: the instruction (a leading system turn, else
+    `system_prompt`, else R1_ZERO_INSTRUCTION), then `\nUser: ...` and `\nAssistant: <think>...` turns;
+    the generation prompt is `\nAssistant: <think>`. Only system (first), user and assistant turns."""
+    instruction = _jinja_string(system_prompt or R1_ZERO_INSTRUCTION)
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' %}"
+        "{{- messages[0]['content'] }}"
+        "{%- set loop_messages = messages[1:] %}"
+        "{%- else %}"
+        "{{- " + instruction + " }}"
+        "{%- set loop_messages = messages %}"
+        "{%- endif %}"
+        "{%- for message in loop_messages %}"
+        "{%- if message['role'] == 'user' %}"
+        "{{- '\\nUser: ' + message['content'] }}"
+        "{%- elif message['role'] == 'assistant' %}"
+        "{{- '\\nAssistant: ' }}"
+        "{%- if not message['content'].startswith('" + THINK_START + "') %}{{- '" + THINK_START + "' }}{%- endif %}"
+        "{%- generation %}{{- message['content'] }}{%- if eos_token %}{{- eos_token }}{%- endif %}{%- endgeneration %}"
+        "{%- else %}"
+        "{{- raise_exception('the r1-zero template renders a first system turn, then user and assistant turns; got a '"
+        " + message['role'] + ' turn') }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '\\nAssistant: " + THINK_START + "' }}{%- endif %}"
+    )
+
+
+def effective_system_prompt(template: str | None, system_prompt: str | None) -> str | None:
+    """The system turn rows get: --system-prompt when given, else r1-zero's instruction for that template
+    (so the math formats do not add the reasoning system prompt to it), else None (the format's default)."""
+    if system_prompt is not None:
+        return system_prompt
+    return R1_ZERO_INSTRUCTION if template == "r1-zero" else None
+
+
 def resolve_template_name(name: str, data_format: str | None = None, task: str | None = None,
                           tokenizer: Any = None) -> str:
     """`auto` -> reasoning (math formats, --task math), model (it has a template) or chatml."""
@@ -110,6 +166,8 @@ def template_text(tokenizer: Any, name: str, system_prompt: str | None = None) -
         return chatml_template(system_prompt)
     if name == "reasoning":
         return reasoning_template(system_prompt)
+    if name == "r1-zero":
+        return r1_zero_template(system_prompt)
     if name == "model":
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, dict):  # several named templates: the default one
@@ -117,7 +175,7 @@ def template_text(tokenizer: Any, name: str, system_prompt: str | None = None) -
         if not own:
             raise UserError(
                 f"--chat-template model: the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} has no "
-                "chat template. Use --chat-template chatml, reasoning, or a path to a Jinja file."
+                "chat template. Use --chat-template chatml, reasoning, r1-zero, or a path to a Jinja file."
             )
         return own
     path = Path(name).expanduser()
@@ -139,7 +197,7 @@ def apply_chat_template(tokenizer: Any, name: str = "auto", system_prompt: str |
 
     Args:
         tokenizer: a Hugging Face tokenizer (modified in place).
-        name: auto, model, chatml, reasoning, or a path to a Jinja file.
+        name: auto, model, chatml, reasoning, r1-zero, or a path to a Jinja file.
         system_prompt: default system turn for chatml/reasoning (a model's own or a file's
             template is used as is; the pipeline then adds the system turn to each row).
         data_format, task: steer `auto` (see resolve_template_name).

@@ -108,11 +108,28 @@ def global_batch(cfg: RunConfig, world_size: int) -> str:
     if cfg.recipe == "grpo":
         g = cfg.grpo
         return (f"{plural(g.rollout_batch_size, 'prompt')} x {plural(g.group_size, 'completion')} = "
-                f"{g.rollout_batch_size * g.group_size} per step "
+                f"{plural(g.rollout_batch_size * g.group_size, 'completion')} per step "
                 f"({plural(g.rollout_batch_size // world_size, 'prompt')} per worker)")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     return (f"{plural(per_step, 'sequence')} per step ({t.per_device_train_batch_size} per micro-batch x "
             f"{t.gradient_accumulation_steps} accumulation x {plural(world_size, 'worker')})")
+
+
+# --rollout-batch-size counts prompts (as verl's train_batch_size); CS336's rollout_batch_size and TRL's
+# generation_batch_size count completions. A value that is a multiple of --group-size and makes at least
+# this many completions per step reads like such a count: the plan says so.
+RESPONSE_COUNT_NOTE_MIN = 1024
+
+
+def rollout_batch_note(cfg: RunConfig) -> str | None:
+    """A note when --rollout-batch-size reads like a count of completions (see RESPONSE_COUNT_NOTE_MIN)."""
+    g = cfg.grpo
+    n, group = g.rollout_batch_size, g.group_size
+    if n % group or n * group < RESPONSE_COUNT_NOTE_MIN:
+        return None
+    return (f"--rollout-batch-size counts prompts: {n} prompts x {group} = {n * group} completions per step. "
+            f"If {n} was meant as completions per step (CS336's rollout_batch_size, TRL's generation_batch_size), "
+            f"pass --rollout-batch-size {n // group}.")
 
 
 def grpo_updates_per_step(cfg: RunConfig, world_size: int) -> str:
@@ -198,6 +215,9 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
     table.add_row("output dir", str(cfg.training.output_dir))
     table.add_row("global batch", global_batch(cfg, world))
     if cfg.recipe == "grpo":
+        note = rollout_batch_note(cfg)
+        if note:
+            table.add_row("note", note, style="yellow")
         table.add_row("updates", grpo_updates_per_step(cfg, world))
     console.print(table)
 
