@@ -98,7 +98,7 @@ def test_openmath_reasoning_with_r1_zero_is_refused(tiny_model_dir, tokenizer, t
 
 def test_math_rewards_grade_r1_zero_completions():
     """CS336's r1_zero reward: format 1 for `... </think> <answer> ... </answer>`, answer 1 only when the
-    answer inside <answer> is right. Needs math_format/math_answer to read <think>/<answer> (issue 26)."""
+    answer inside <answer> is right; math_format and math_answer read <think>/<answer> too."""
     from opensloth.rewards import resolve_rewards
 
     prompt = [{"role": "system", "content": R1_ZERO_INSTRUCTION}, {"role": "user", "content": "What is 3 + 4?"}]
@@ -107,10 +107,13 @@ def test_math_rewards_grade_r1_zero_completions():
              " 3 + 4 = 7 </think> <answer> \\boxed{7} </answer>",  # right, boxed inside the answer
              " 3 + 4 = 7, so 7."]                                 # no tags
     completions = [[{"role": "assistant", "content": text}] for text in texts]  # the prompt is a conversation
-    result = resolve_rewards("math").score([prompt] * len(texts), completions, {"answer": ["7"] * len(texts)})
-    assert result.per_reward["math_answer"] == [1.0, 0.0, 1.0, 0.0]
-    assert result.per_reward["math_format"][:3] == [1.0, 1.0, 1.0]
-    assert result.per_reward["math_format"][3] == 0.0
+    rewards = resolve_rewards("math", ["math_format", "math_answer", "r1_zero"])
+    result = rewards.score([prompt] * len(texts), completions, {"answer": ["7"] * len(texts)})
+    assert result.per_reward["math_format"] == [1.0, 1.0, 1.0, 0.0]
+    # math_answer grades the answer wherever it is (issue 26: math-verify reads the untagged 7);
+    # r1_zero is CS336's own reward: the answer counts only in the format.
+    assert result.per_reward["math_answer"] == [1.0, 0.0, 1.0, 1.0]
+    assert result.per_reward["r1_zero"] == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_plan_counts_completions_and_notes_a_response_count(capsys):

@@ -31,9 +31,11 @@ from opensloth.rewards.math import (
     MathAnswerReward,
     MathFormatReward,
     MathNumberReward,
+    R1ZeroReward,
     math_answer,
     math_format,
     math_number,
+    r1_zero,
 )
 from opensloth.rewards.rewardset import RewardResult, RewardSet, resolve_rewards
 from opensloth.rewards.sandbox import SandboxLimits, SandboxResult, run_python
@@ -47,6 +49,7 @@ __all__ = [
     "MathAnswerReward",
     "MathFormatReward",
     "MathNumberReward",
+    "R1ZeroReward",
     "RewardFunction",
     "RewardResult",
     "RewardSet",
@@ -64,6 +67,7 @@ __all__ = [
     "math_format",
     "math_number",
     "prompt_text",
+    "r1_zero",
     "register_reward_function",
     "resolve_rewards",
     "run_python",

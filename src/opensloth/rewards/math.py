@@ -690,8 +690,35 @@ class MathNumberReward(MathAnswerReward):
         return out
 
 
+class R1ZeroReward(MathAnswerReward):
+    r"""CS336's r1_zero_reward_fn reward: 1.0 when the completion is in the r1-zero format (it
+    contains `</think> <answer>` and `</answer>`) and its last `<answer>...</answer>` equals the
+    reference as math_answer grades it; else 0.0. Unlike math_answer, a right answer outside the
+    format earns nothing, as in CS336. Options as math_answer's.
+
+    Example:
+        >>> r1_zero([""] * 3, ["7 </think> <answer> 7 </answer>", "7 </think> <answer> 8 </answer>", "so 7."],
+        ...         answer=["7"] * 3)
+        [1.0, 0.0, 0.0]
+    """
+
+    name = "r1_zero"
+    description = ("CS336's r1_zero reward: '</think> <answer>' and '</answer>' present and the <answer> right per "
+                   "math-verify: 1, else 0.")
+
+    def score(self, prompts, completions, **columns):
+        answers = []
+        for completion in completions:
+            text = strip_end_markers(completion_text(completion))
+            formatted = all(marker in text for marker in R1_ZERO_MARKERS)
+            span = _last_tagged(text, ANSWER_START, ANSWER_END) if formatted else None
+            answers.append(f"{ANSWER_START}{span}{ANSWER_END}" if span else "")
+        return super().score(prompts, answers, **columns)
+
+
 math_format = MathFormatReward()
 math_answer = MathAnswerReward()
 math_number = MathNumberReward()
-for _reward in (math_format, math_answer, math_number):
+r1_zero = R1ZeroReward()
+for _reward in (math_format, math_answer, math_number, r1_zero):
     register_reward_function(_reward)
