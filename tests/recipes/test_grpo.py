@@ -214,24 +214,32 @@ def test_grpo_on_an_opensloth_model_keeps_the_system_prompt_it_was_trained_with(
     assert "the one --model was trained with" not in proc.stdout
 
 
+def set_up_recipe(tmp_path: Path, model_dir: Path, data: Path, **overrides):
+    """A GRPORecipe on one CPU worker with its data prepared as the launcher prepares it (not set up)."""
+    from opensloth.data import prepare_grpo_dataset
+    from opensloth.models.loading import load_tokenizer
+    from opensloth.recipes.grpo import GRPORecipe
+
+    cfg = resolve_config("grpo", None, {
+        "model": str(model_dir), "dataset": str(data), "format": "prompt-answer",
+        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "devices": "cpu",
+        "rewards": ["math_answer"], "group_size": 2, "rollout_batch_size": 2, "max_new_tokens": 4,
+        "per_device_train_batch_size": 4, "report_to": ["none"], "max_steps": 1, "print_sample_every": 0,
+        **overrides,
+    })
+    prepared = prepare_grpo_dataset(cfg, load_tokenizer(str(model_dir)), 1)
+    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                        prepared_data_path=Path(prepared.path))
+    return GRPORecipe(cfg, ctx)
+
+
 def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run(tiny_model_dir, prompts_file,
                                                                                  tmp_path):
     """A NaN gradient (here from NaN advantages) must not reach the weights or the optimizer state;
     the run stops with one clear error after three such updates in a row."""
-    from opensloth.data import prepare_grpo_dataset
-    from opensloth.models.loading import load_tokenizer
-    from opensloth.recipes.grpo import MAX_NONFINITE_UPDATES_IN_A_ROW, Batch, GRPORecipe
+    from opensloth.recipes.grpo import MAX_NONFINITE_UPDATES_IN_A_ROW, Batch
 
-    cfg = resolve_config("grpo", None, {
-        "model": str(tiny_model_dir), "dataset": str(prompts_file), "format": "prompt-answer",
-        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "devices": "cpu",
-        "rewards": ["math_answer"], "group_size": 2, "rollout_batch_size": 2, "max_new_tokens": 4,
-        "per_device_train_batch_size": 4, "beta": 0.0, "report_to": ["none"], "max_steps": 5,
-    })
-    prepared = prepare_grpo_dataset(cfg, load_tokenizer(str(tiny_model_dir)), 1)
-    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                        prepared_data_path=Path(prepared.path))
-    recipe = GRPORecipe(cfg, ctx)
+    recipe = set_up_recipe(tmp_path, tiny_model_dir, prompts_file, beta=0.0, max_steps=5)
     recipe.setup()
     try:
         rollout = recipe.engine.generate([[5, 6, 7], [8, 9]], group_size=2, max_new_tokens=4)
@@ -255,25 +263,6 @@ def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run
             recipe.update(batch(float("nan")))
     finally:
         recipe.cleanup()
-
-
-def set_up_recipe(tmp_path: Path, model_dir: Path, data: Path, **overrides):
-    """A GRPORecipe on one CPU worker with its data prepared as the launcher prepares it (not set up)."""
-    from opensloth.data import prepare_grpo_dataset
-    from opensloth.models.loading import load_tokenizer
-    from opensloth.recipes.grpo import GRPORecipe
-
-    cfg = resolve_config("grpo", None, {
-        "model": str(model_dir), "dataset": str(data), "format": "prompt-answer",
-        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "devices": "cpu",
-        "rewards": ["math_answer"], "group_size": 2, "rollout_batch_size": 2, "max_new_tokens": 4,
-        "per_device_train_batch_size": 4, "report_to": ["none"], "max_steps": 1, "print_sample_every": 0,
-        **overrides,
-    })
-    prepared = prepare_grpo_dataset(cfg, load_tokenizer(str(model_dir)), 1)
-    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                        prepared_data_path=Path(prepared.path))
-    return GRPORecipe(cfg, ctx)
 
 
 def test_filter_zero_std_drops_equal_rewards_whose_float_std_is_not_zero(tiny_model_dir, prompts_file, tmp_path):
