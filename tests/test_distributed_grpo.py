@@ -39,7 +39,7 @@ def fixed_rollouts(vocab_size: int):
     rewards = torch.rand(SEQUENCES, generator=g)
     advantages = (rewards.view(PROMPTS, GROUP) - rewards.view(PROMPTS, GROUP).mean(1, keepdim=True)).view(-1)
     return Batch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                 advantages=advantages, rewards=rewards)
+                 advantages=advantages)
 
 
 def run_update(rank: int, world_size: int, port: int, model_dir: str, loss_agg: str, out_dir: str) -> None:

@@ -162,6 +162,39 @@ def test_policy_loss_registry_lists_choices_and_restores():
         core.POLICY_LOSS_REGISTRY.update(saved)
 
 
+def test_each_loss_says_what_it_needs():
+    """The recipe asks these specs instead of comparing --loss-type names."""
+    specs = {name: (loss.signal, loss.uses_old_log_probs) for name, loss in core.POLICY_LOSS_REGISTRY.items()}
+    assert specs == {"no_baseline": ("rewards", False), "reinforce_with_baseline": ("advantages", False),
+                     "grpo_clip": ("advantages", True)}
+    # The two REINFORCE losses are one function: they differ only in the signal the recipe passes.
+    assert get_policy_loss_fn("no_baseline") is get_policy_loss_fn("reinforce_with_baseline")
+    with pytest.raises(ValueError, match="signal must be 'advantages' or 'rewards'"):
+        register_policy_loss("typo", signal="reward")
+
+
+def test_the_config_accepts_exactly_the_registered_losses():
+    """A loss is added in grpo/core.py and named in GRPOConfig.loss_type: the two lists must agree, and the
+    option's help must name every choice."""
+    from typing import get_args
+
+    from opensloth.config import GRPOConfig
+
+    field = GRPOConfig.model_fields["loss_type"]
+    assert set(get_args(field.annotation)) == set(core.POLICY_LOSS_REGISTRY)
+    assert field.default in core.POLICY_LOSS_REGISTRY
+    assert all(name in field.description for name in core.POLICY_LOSS_REGISTRY)
+
+
+def test_zero_std_groups_are_the_groups_of_equal_rewards():
+    # Eight rewards of 0.01: equal, yet their float32 std is about 9e-10 (the filter's old test, std > 0).
+    rewards = torch.cat([torch.full((8,), 0.01), torch.tensor([0.0] * 7 + [1.0])])
+    assert float(rewards[:8].std()) > 0
+    assert core.compute_zero_std_groups(rewards, 8).tolist() == [True, False]
+    _, _, meta = compute_group_advantages(rewards, 8)
+    assert float(meta["frac_zero_std"]) == 0.5
+
+
 # -- KL ----------------------------------------------------------------------------------------
 
 

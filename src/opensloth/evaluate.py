@@ -3,7 +3,8 @@
 Thin over the other layers: models/ loads the adapter (or a full model) with its saved chat
 template, data/ prepares the eval prompts exactly as GRPO training does, rewards/ scores the
 completions, models/ merges for export. What lives here is the part that is eval-specific:
-batched generation of k samples per prompt, pass@k, the per-completion JSONL and the summary.
+batched generation of k samples per prompt, pass@k, the per-completion JSONL and the summary; and
+`score_completions`, the one way completions are scored, which GRPO training uses too.
 
 pass@k uses the unbiased estimator of Chen et al. (2021), per prompt with n samples of which c
 are correct: pass@k = 1 - C(n - c, k) / C(n, k), averaged over prompts. pass@1 is then the
@@ -32,6 +33,8 @@ logger = logging.getLogger("opensloth")
 ACCURACY_REWARDS = {"math": "math_answer"}
 # Built-in rewards that compare with the reference answer (None without one).
 ANSWER_REWARDS = ("math_answer", "math_number")
+# Columns of a prepared GRPO dataset that are the prompt itself; every other column goes to the rewards.
+PROMPT_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -172,6 +175,37 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
 
 
 # ------------------------------------------------------------------------------------------------
+# Scoring (training and evaluation alike)
+# ------------------------------------------------------------------------------------------------
+
+
+def score_completions(rewards: Any, rows: Any, completions: list[str], group_size: int, **kwargs: Any) -> Any:
+    """Score `group_size` completions per row as TRL 1.16's GRPOTrainer calls rewards.
+
+    Row i's prompt and every other column are repeated for its completions, so entry j of a column
+    matches completion j. Prompts go as the dataset holds them (text or messages), completions as
+    messages when the prompt is a conversation, else as strings. The GRPO recipe scores its rollouts
+    and its in-training eval with this, and `os eval` its completions.
+
+    Args:
+        rewards: the run's RewardSet (opensloth.rewards.resolve_rewards).
+        rows: prepared GRPO rows (a datasets.Dataset with the PROMPT_COLUMNS and the reward columns).
+        completions: (len(rows) x group_size,) decoded completions, prompt-major like a GRPO group.
+        group_size: completions per row.
+        **kwargs: passed on to `RewardSet.score` (completion_ids, trainer_state, strict).
+
+    Returns:
+        The RewardSet's scores of the completions, in their order.
+    """
+    from opensloth.rewards.base import as_completions
+
+    prompts = [p for p in rows["prompt"] for _ in range(group_size)]
+    columns = {name: [v for v in rows[name] for _ in range(group_size)]
+               for name in rows.column_names if name not in PROMPT_COLUMNS}
+    return rewards.score(prompts, as_completions(prompts, completions), columns, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------
 
@@ -232,13 +266,7 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     finally:
         engine.close()
     flat = [c for group in completions for c in group]  # (N * k,), prompt-major like a GRPO group
-    prompts = [p for p in rows["prompt"] for _ in range(num_samples)]
-    skip = {"prompt", "prompt_ids", "prompt_text"}
-    columns = {name: [v for v in rows[name] for _ in range(num_samples)]
-               for name in rows.column_names if name not in skip}
-    from opensloth.rewards.base import as_completions
-
-    scores = rewards.score(prompts, as_completions(prompts, flat), columns)  # as TRL passes them
+    scores = score_completions(rewards, rows, flat, num_samples)
     totals = [float(x) for x in torch.as_tensor(scores.total).tolist()]
 
     correct = ([(v or 0.0) > 0 for v in scores.per_reward[acc_name]] if acc_name else None)
@@ -258,11 +286,12 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     if output_file is not None:
         output_file = Path(output_file)
         output_file.parent.mkdir(parents=True, exist_ok=True)
+        answers = rows["answer"] if "answer" in rows.column_names else [None] * len(rows)
         with open(output_file, "w") as fh:
             for i, text in enumerate(flat):
                 record = {"index": i // num_samples, "sample": i % num_samples,
                           "prompt": rows[i // num_samples]["prompt_text"], "completion": text,
-                          "answer": columns.get("answer", [None] * len(flat))[i], "reward": totals[i],
+                          "answer": answers[i // num_samples], "reward": totals[i],
                           "rewards": {n: v[i] for n, v in scores.per_reward.items()}}
                 if correct is not None:
                     record["correct"] = correct[i]

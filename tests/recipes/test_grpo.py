@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -213,32 +214,39 @@ def test_grpo_on_an_opensloth_model_keeps_the_system_prompt_it_was_trained_with(
     assert "the one --model was trained with" not in proc.stdout
 
 
+def set_up_recipe(tmp_path: Path, model_dir: Path, data: Path, **overrides):
+    """A GRPORecipe on one CPU worker with its data prepared as the launcher prepares it (not set up)."""
+    from opensloth.data import prepare_grpo_dataset
+    from opensloth.models.loading import load_tokenizer
+    from opensloth.recipes.grpo import GRPORecipe
+
+    cfg = resolve_config("grpo", None, {
+        "model": str(model_dir), "dataset": str(data), "format": "prompt-answer",
+        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "devices": "cpu",
+        "rewards": ["math_answer"], "group_size": 2, "rollout_batch_size": 2, "max_new_tokens": 4,
+        "per_device_train_batch_size": 4, "report_to": ["none"], "max_steps": 1, "print_sample_every": 0,
+        **overrides,
+    })
+    prepared = prepare_grpo_dataset(cfg, load_tokenizer(str(model_dir)), 1)
+    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                        prepared_data_path=Path(prepared.path))
+    return GRPORecipe(cfg, ctx)
+
+
 def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run(tiny_model_dir, prompts_file,
                                                                                  tmp_path):
     """A NaN gradient (here from NaN advantages) must not reach the weights or the optimizer state;
     the run stops with one clear error after three such updates in a row."""
-    from opensloth.data import prepare_grpo_dataset
-    from opensloth.models.loading import load_tokenizer
-    from opensloth.recipes.grpo import MAX_NONFINITE_UPDATES_IN_A_ROW, Batch, GRPORecipe
+    from opensloth.recipes.grpo import MAX_NONFINITE_UPDATES_IN_A_ROW, Batch
 
-    cfg = resolve_config("grpo", None, {
-        "model": str(tiny_model_dir), "dataset": str(prompts_file), "format": "prompt-answer",
-        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "devices": "cpu",
-        "rewards": ["math_answer"], "group_size": 2, "rollout_batch_size": 2, "max_new_tokens": 4,
-        "per_device_train_batch_size": 4, "beta": 0.0, "report_to": ["none"], "max_steps": 5,
-    })
-    prepared = prepare_grpo_dataset(cfg, load_tokenizer(str(tiny_model_dir)), 1)
-    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                        prepared_data_path=Path(prepared.path))
-    recipe = GRPORecipe(cfg, ctx)
+    recipe = set_up_recipe(tmp_path, tiny_model_dir, prompts_file, beta=0.0, max_steps=5)
     recipe.setup()
     try:
         rollout = recipe.engine.generate([[5, 6, 7], [8, 9]], group_size=2, max_new_tokens=4)
 
         def batch(advantage: float) -> Batch:
             return Batch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                         completion_mask=rollout.completion_mask, advantages=torch.full((4,), advantage),
-                         rewards=torch.zeros(4))
+                         completion_mask=rollout.completion_mask, advantages=torch.full((4,), advantage))
 
         before = [p.detach().clone() for p in recipe.params]
         for attempt in range(1, MAX_NONFINITE_UPDATES_IN_A_ROW):
@@ -255,6 +263,39 @@ def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run
             recipe.update(batch(float("nan")))
     finally:
         recipe.cleanup()
+
+
+def test_filter_zero_std_drops_equal_rewards_whose_float_std_is_not_zero(tiny_model_dir, prompts_file, tmp_path):
+    """Eight rewards of 0.01 are equal, but their float32 std is 9e-10, not 0: --filter-zero-std tested std > 0
+    and kept the group (num_filtered_sequences 0 while frac_reward_zero_std said 1). One test decides both."""
+    module = tmp_path / "constant.py"
+    module.write_text("def hundredth_reward(completions, **kwargs):\n    return [0.01] * len(completions)\n")
+    assert float(torch.full((1, 8), 0.01).std(dim=1)) > 0  # the premise: equal values, a float std above 0
+    recipe = set_up_recipe(tmp_path, tiny_model_dir, prompts_file, rewards=["hundredth_reward"],
+                           reward_modules=[str(module)], group_size=8, rollout_batch_size=1, filter_zero_std=True)
+    recipe.setup()
+    try:
+        metrics = recipe.train_step(1)
+    finally:
+        recipe.cleanup()
+    assert metrics["frac_reward_zero_std"] == 1.0
+    assert metrics["num_filtered_sequences"] == 8.0 and metrics["skipped_update"] == 1.0
+
+
+def test_a_failing_setup_still_closes_the_rollout_engine(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    """setup() ran outside run()'s try: a failure after the engine was built (here a --resume-from that does
+    not exist, checked once the model is loaded) left a vLLM engine running. The hf engine is the one here;
+    its close() is recorded, then runs as it is."""
+    from opensloth.recipes.grpo import run
+    from opensloth.rollout.hf import HFRolloutEngine
+
+    closed = []
+    real_close = HFRolloutEngine.close
+    monkeypatch.setattr(HFRolloutEngine, "close", lambda self: (closed.append(self), real_close(self)))
+    recipe = set_up_recipe(tmp_path, tiny_model_dir, prompts_file, resume_from=str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="--resume-from .*missing: no such directory"):
+        run(recipe.cfg, recipe.ctx)
+    assert len(closed) == 1
 
 
 @pytest.mark.parametrize(
@@ -448,6 +489,14 @@ def test_rewards_receive_what_trl_grpo_trainer_passes_them(run, request, tiny_mo
     assert all(p in dataset_prompts for p in ours["prompts"] + trl["prompts"])  # both: as the dataset holds them
     assert ours["state"]["global_step"] == trl["state"]["global_step"] == 0
     assert isinstance(ours["state"]["epoch"], float) and isinstance(trl["state"]["max_steps"], int)
+
+
+def test_the_progress_line_shows_the_runs_own_rewards(text_run):
+    """It showed rewards/math_answer/mean, which a run without math_answer never has."""
+    out, proc = text_run
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if re.search(r"grpo \d+/\d+ \[", line)]
+    assert lines, proc.stdout[-2000:]
+    assert all(f"rewards/{name}/mean=" in lines[-1] for name in TEXT_REWARDS), lines[-1]
 
 
 def test_a_reward_failing_three_steps_in_a_row_stops_after_a_checkpoint_and_none_everywhere_warns(

@@ -3,12 +3,16 @@
 Pure torch functions. They take tensors and plain scalars, return tensors, never log, never
 call `.item()` (so nothing forces a device sync) and never see a config object; the recipe
 (`opensloth.recipes.grpo`) wires them together. Policy losses sit in a registry
-(`register_policy_loss` / `get_policy_loss_fn`) so `--loss-type` is a lookup, not a branch chain.
+(`register_policy_loss` / `get_policy_loss`) so `--loss-type` is a lookup, not a branch chain: each
+entry says what the loss needs (advantages or raw rewards; old log-probs or not), and the recipe
+asks it instead of comparing names.
 
 Formulas (per prompt q with G sampled completions o_1..o_G, rewards r_1..r_G):
 
     advantage      A_i = (r_i - mean(r)) / (std(r) + eps)      std unbiased (n - 1); GRPO
                    A_i =  r_i - mean(r)                         --no-std-normalization; Dr. GRPO
+    zero std       a group whose rewards are all equal (max == min, not std == 0: see below)
+    reinforce      l_t = -s log pi(o_t)    s = A (reinforce_with_baseline) or s = r (no_baseline)
     ratio          rho_t = exp(log pi(o_t) - log pi_old(o_t))
     grpo_clip      l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)
     KL (k3)        kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (>= 0, unbiased for KL)
@@ -30,17 +34,22 @@ Glossary:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 __all__ = [
     "AGGREGATION_MODES",
+    "PolicyLoss",
     "aggregate_loss",
     "compute_group_advantages",
     "compute_kl_k3",
     "compute_policy_loss",
     "compute_token_log_probs",
     "compute_truncated_is_weights",
+    "compute_zero_std_groups",
+    "get_policy_loss",
     "get_policy_loss_fn",
     "masked_mean",
     "masked_normalize",
@@ -112,7 +121,7 @@ def compute_group_advantages(
         raw_rewards: (B,) float32, the input rewards.
         metadata: 0-dim tensors `mean` (mean reward), `std` (mean over groups of the group
             std, TRL's `reward_std`), `max`, `min` (over the batch) and `frac_zero_std`
-            (fraction of groups whose rewards are all equal).
+            (fraction of groups whose rewards are all equal, per `compute_zero_std_groups`).
 
     Raises:
         ValueError: group_size < 2, or B not a multiple of group_size.
@@ -133,8 +142,7 @@ def compute_group_advantages(
     std = grouped.std(dim=1, keepdim=True, unbiased=True)  # (B / G, 1)
     centered = grouped - mean
     advantages = centered / (std + eps) if normalize_by_std else centered
-    # Exact test for "all equal": the float std of equal values may come out as 1e-9, not 0.
-    zero_std = grouped.amax(dim=1) == grouped.amin(dim=1)  # (B / G,)
+    zero_std = compute_zero_std_groups(raw, group_size)  # (B / G,)
     advantages = torch.where(zero_std.unsqueeze(1), torch.zeros_like(advantages), advantages)
     metadata = {
         "mean": raw.mean(),
@@ -146,31 +154,90 @@ def compute_group_advantages(
     return advantages.reshape(-1), raw, metadata  # (B,), (B,)
 
 
+def compute_zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups have all-equal rewards: the one test behind `frac_zero_std` and `--filter-zero-std`.
+
+    The test is max == min, exact. `std == 0` is not: the float std of equal values may come out as
+    1e-9 (three rewards of 0.1 give 0.1 + 0.1 + 0.1 != 3 * 0.1 in the mean), so a std test would keep
+    groups whose advantages are all 0 and count them as signal.
+
+    Args:
+        rewards: (B,) float, B = prompts x G, the G completions of a prompt contiguous.
+        group_size: G.
+
+    Returns:
+        (B / G,) bool, True where every reward of the group is the same.
+
+    Example:
+        >>> compute_zero_std_groups(torch.tensor([0.1, 0.1, 0.1, 0.0, 1.0, 0.0]), 3).tolist()
+        [True, False]
+    """
+    grouped = rewards.view(-1, group_size)  # (B / G, G)
+    return grouped.amax(dim=1) == grouped.amin(dim=1)
+
+
 # -- policy-gradient losses --------------------------------------------------------------------
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
+Signal = Literal["advantages", "rewards"]
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: make a per-token policy loss available as `--loss-type <name>`.
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered `--loss-type` and what the recipe must give it.
 
-    A loss takes `(log_probs (B,T), old_log_probs (B,T), advantages (B,), *, epsilon_low,
-    epsilon_high)` and returns `(per_token_loss (B,T), metadata)` where metadata holds the
-    per-token float masks `clip_low`, `clip_high`, `clip` (B,T).
+    Attributes:
+        name: the `--loss-type` value.
+        fn: `(log_probs (B,T), old_log_probs (B,T), signal (B,), *, epsilon_low, epsilon_high)
+            -> (per_token_loss (B,T), metadata)`, metadata holding the per-token float masks
+            `clip_low`, `clip_high`, `clip` (B,T).
+        signal: what the recipe passes as the per-sequence signal: "advantages" (group-relative A)
+            or "rewards" (the raw total reward r, no baseline; --filter-zero-std then means nothing).
+        uses_old_log_probs: the loss compares pi with pi_old (a ratio). When False, `old_log_probs`
+            is ignored and the recipe never computes it; when True and the batch is updated more
+            than once (off-policy), the recipe computes pi_old once per rollout batch.
     """
+
+    name: str
+    fn: PolicyLossFn
+    signal: Signal
+    uses_old_log_probs: bool
+
+
+POLICY_LOSS_REGISTRY: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(
+    name: str, *, signal: Signal = "advantages", uses_old_log_probs: bool = True
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: make a per-token policy loss available as `--loss-type <name>` (see `PolicyLoss`).
+
+    `uses_old_log_probs` defaults to True: computing pi_old for a loss that ignores it costs a
+    forward pass, while leaving it out for a ratio loss would make every update on-policy in
+    disguise. Add the name to `GRPOConfig.loss_type` in opensloth/config.py too (a test checks that
+    the two agree).
+
+    Raises:
+        ValueError: the name is taken, or `signal` is neither "advantages" nor "rewards".
+    """
+    if signal not in ("advantages", "rewards"):
+        raise ValueError(f"policy loss {name!r}: signal must be 'advantages' or 'rewards', not {signal!r}")
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         if name in POLICY_LOSS_REGISTRY:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSS_REGISTRY[name] = fn
+        POLICY_LOSS_REGISTRY[name] = PolicyLoss(name, fn, signal, uses_old_log_probs)
         return fn
 
     return decorator
 
 
-def get_policy_loss_fn(name: str) -> PolicyLossFn:
-    """The registered per-token loss called `name`; a miss lists the valid names."""
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The registered loss called `name`, with what it needs; a miss lists the valid names.
+
+    Raises:
+        ValueError: no loss of that name.
+    """
     try:
         return POLICY_LOSS_REGISTRY[name]
     except KeyError:
@@ -178,46 +245,43 @@ def get_policy_loss_fn(name: str) -> PolicyLossFn:
         raise ValueError(f"unknown policy loss {name!r}; valid choices: {valid}") from None
 
 
+def get_policy_loss_fn(name: str) -> PolicyLossFn:
+    """The per-token loss function registered as `name`; a miss lists the valid names."""
+    return get_policy_loss(name).fn
+
+
 def _no_clip_metadata(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
     zeros = torch.zeros_like(log_probs, dtype=torch.float32)
     return {"clip_low": zeros, "clip_high": zeros, "clip": zeros}
 
 
-@register_policy_loss("no_baseline")
-def compute_no_baseline_loss(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, **_: float
+def compute_reinforce_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, signal: torch.Tensor, **_: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """REINFORCE without a baseline: l_t = -r * log pi(o_t).
+    """REINFORCE: l_t = -s * log pi(o_t), s the sequence's signal. Never clips, ignores pi_old.
+
+    One body for two `--loss-type`s, which differ only in the signal the recipe passes
+    (their `PolicyLoss.signal`):
+        no_baseline              s = r, the raw reward (no baseline: unbiased, high variance)
+        reinforce_with_baseline  s = A, the group-relative advantage (the group mean is the baseline)
 
     Args:
         log_probs: (B, T) log pi of the sampled tokens, with gradient.
         old_log_probs: (B, T) unused (same signature as the other losses).
-        advantages: (B,) for this loss pass the RAW rewards r (there is no baseline).
+        signal: (B,) raw rewards or advantages.
 
     Returns:
         per-token loss (B, T) and all-zero clip masks (B, T).
     """
-    return -advantages.unsqueeze(1) * log_probs, _no_clip_metadata(log_probs)
+    return -signal.unsqueeze(1) * log_probs, _no_clip_metadata(log_probs)
 
 
-@register_policy_loss("reinforce_with_baseline")
-def compute_reinforce_with_baseline_loss(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, **_: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """REINFORCE with the group baseline: l_t = -A * log pi(o_t).
-
-    Args:
-        log_probs: (B, T) log pi of the sampled tokens, with gradient.
-        old_log_probs: (B, T) unused (same signature as the other losses).
-        advantages: (B,) group-relative advantages.
-
-    Returns:
-        per-token loss (B, T) and all-zero clip masks (B, T).
-    """
-    return -advantages.unsqueeze(1) * log_probs, _no_clip_metadata(log_probs)
+register_policy_loss("no_baseline", signal="rewards", uses_old_log_probs=False)(compute_reinforce_loss)
+register_policy_loss("reinforce_with_baseline", signal="advantages", uses_old_log_probs=False)(
+    compute_reinforce_loss)
 
 
-@register_policy_loss("grpo_clip")
+@register_policy_loss("grpo_clip", signal="advantages", uses_old_log_probs=True)
 def compute_grpo_clip_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -274,7 +338,8 @@ def compute_policy_loss(
         loss_type: a name in the registry (`no_baseline`, `reinforce_with_baseline`, `grpo_clip`).
         log_probs: (B, T) current log-probs, with gradient.
         old_log_probs: (B, T) sampling-policy log-probs (pass `log_probs.detach()` when on-policy).
-        advantages: (B,) advantages (raw rewards for `no_baseline`).
+        advantages: (B,) the loss's signal: advantages, or raw rewards where the loss's
+            `PolicyLoss.signal` is "rewards" (`no_baseline`).
         epsilon_low: lower clip range (grpo_clip).
         epsilon_high: upper clip range (grpo_clip); None means `epsilon_low`.
         importance_weights: optional (B, T) per-token weights multiplying the loss, e.g.

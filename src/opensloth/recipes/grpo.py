@@ -11,7 +11,8 @@ One training step (what `--max-steps` counts and what is logged once):
     3. score    with the reward set, in TRL's calling convention (weighted sum; a failing reward counts
                 as 0 and is reported; on the first step it stops the run, see "Rewards" below);
     4. advantages per group: A = (r - mean) / (std + eps), or r - mean with --no-std-normalization;
-    5. filter   (--filter-zero-std) drop groups whose rewards are all equal: their advantage is 0;
+    5. filter   (--filter-zero-std) drop groups whose rewards are all equal (max == min, the test
+                frac_reward_zero_std counts): their advantage is 0;
     6. old and reference log-probs, once per rollout batch, without gradients;
     7. update   --epochs-per-rollout-batch passes over the batch; each pass is cut into optimizer
                 mini-batches and each mini-batch into micro-batches (see below);
@@ -45,7 +46,9 @@ mini-batch loss; clipping and the optimizer step follow.
 Old log-probs. With one optimizer step per rollout batch the policy that generated is the policy
 being updated, so old = current.detach() and rho = 1 (the clipped objective's gradient is then the
 plain policy gradient). With more than one update per rollout batch (--epochs-per-rollout-batch > 1
-or several mini-batches per pass) the old log-probs are computed once, before the first update.
+or several mini-batches per pass) the old log-probs are computed once, before the first update, for a
+loss that takes a ratio. What each --loss-type needs (advantages or raw rewards, old log-probs or not)
+is its entry in the loss registry (opensloth.grpo.core `PolicyLoss`); this file asks it, never the name.
 
 Deviations from the papers (and from TRL), stated so nobody has to discover them:
   - DAPO's dynamic sampling re-samples until the batch is full; --filter-zero-std only drops the
@@ -84,6 +87,17 @@ from opensloth.checkpoint import (
 from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
 from opensloth.errors import TrainingStopped, UserError, plural
+from opensloth.grpo.core import (
+    POLICY_LOSS_REGISTRY,
+    aggregate_loss,
+    compute_group_advantages,
+    compute_kl_k3,
+    compute_policy_loss,
+    compute_sampler_logprob_diff,
+    compute_truncated_is_weights,
+    compute_zero_std_groups,
+    get_policy_loss,
+)
 
 logger = logging.getLogger("opensloth")
 
@@ -147,8 +161,8 @@ class Batch:
         input_ids: (B, P + T) left-padded prompt then right-padded completion.
         attention_mask: (B, P + T) 1 on real tokens.
         completion_mask: (B, T) 1 on completion tokens up to and including EOS.
-        advantages: (B,) group-relative advantages.
-        rewards: (B,) total reward of each completion.
+        advantages: (B,) what the loss weighs each sequence by: the group-relative advantages, or the raw
+            total rewards for a loss whose `PolicyLoss.signal` is "rewards" (no_baseline).
         old_log_probs: (B, T) or None (then old = current.detach()).
         ref_log_probs: (B, T) or None (beta 0).
         sampler_log_probs: (B, T) log-probs reported by a separate sampler (vLLM), or None (hf).
@@ -158,7 +172,6 @@ class Batch:
     attention_mask: torch.Tensor
     completion_mask: torch.Tensor
     advantages: torch.Tensor
-    rewards: torch.Tensor
     old_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     sampler_log_probs: torch.Tensor | None = None
@@ -169,6 +182,59 @@ class Batch:
     def select(self, index: Any) -> Batch:
         """Rows `index` (a slice or a (k,) index tensor) of every field."""
         return Batch(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
+
+
+@dataclass
+class UpdateStats:
+    """Sums over the optimizer steps of one rollout batch, from this worker; `reduce` makes the logged means.
+
+    Each step adds its loss and per-token statistics as this worker's share of the step's global value (the
+    losses are divided by the step's global counts already, token sums by the step's global token count), so
+    one sum over workers gives the global figures. grad_norm and nonfinite are taken after the gradient
+    all-reduce: they are the same on every worker and are not summed again.
+
+    Attributes:
+        steps: optimizer steps taken.
+        loss: sum over steps of this worker's share of the step's loss.
+        kl, entropy: sums over steps of this worker's share of the step's token mean.
+        clip_low, clip_high, clip: the same for the clip masks (the share of tokens clipped).
+        grad_norm: sum over steps of the global gradient norm (before clipping).
+        nonfinite: steps whose gradient norm was NaN/inf (skipped).
+    """
+
+    steps: int = 0
+    loss: float = 0.0
+    kl: float = 0.0
+    entropy: float = 0.0
+    clip_low: float = 0.0
+    clip_high: float = 0.0
+    clip: float = 0.0
+    grad_norm: float = 0.0
+    nonfinite: float = 0.0
+
+    def add(self, step: UpdateStats) -> None:
+        """Add the sums of one more optimizer step (or of several)."""
+        for name, value in vars(step).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def reduce(self, with_kl: bool) -> dict[str, float]:
+        """Means over the steps, summed over workers in one collective (every worker must call it).
+
+        Returns:
+            loss, grad_norm, entropy, clip_ratio, clip_ratio/low_mean, clip_ratio/high_mean,
+            nonfinite_grad_updates (a count, not a mean), skipped_update (1 when no step was taken) and kl
+            (only `with_kl` and after a step: where no KL was measured none is logged, rather than a flat 0).
+        """
+        n = max(self.steps, 1)
+        loss, kl, entropy, clip_low, clip_high, clip = all_reduce_scalars(
+            [self.loss / n, self.kl / n, self.entropy / n, self.clip_low / n, self.clip_high / n, self.clip / n],
+            op="sum")
+        out = {"loss": loss, "grad_norm": self.grad_norm / n, "entropy": entropy, "clip_ratio": clip,
+               "clip_ratio/low_mean": clip_low, "clip_ratio/high_mean": clip_high,
+               "nonfinite_grad_updates": self.nonfinite, "skipped_update": float(self.steps == 0)}
+        if with_kl and self.steps:
+            out["kl"] = kl
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,10 +254,12 @@ class GRPORecipe:
                 f"--rollout-batch-size {g.rollout_batch_size} must be a multiple of the number of workers "
                 f"({ctx.world_size}): each worker generates for an equal share of the prompts."
             )
-        if g.loss_type == "no_baseline" and g.filter_zero_std:
+        self.policy_loss = get_policy_loss(g.loss_type)  # what it needs: advantages or rewards, pi_old or not
+        if self.policy_loss.signal == "rewards" and g.filter_zero_std:
+            with_advantages = [name for name, loss in POLICY_LOSS_REGISTRY.items() if loss.signal == "advantages"]
             raise UserError(
-                "--filter-zero-std drops groups whose advantage is zero, but --loss-type no_baseline uses raw "
-                "rewards, not advantages. Use --loss-type reinforce_with_baseline or grpo_clip, or drop the flag."
+                f"--filter-zero-std drops groups whose advantage is zero, but --loss-type {g.loss_type} uses raw "
+                f"rewards, not advantages. Use --loss-type {' or '.join(with_advantages)}, or drop the flag."
             )
         if not cfg.model.full_finetune and not cfg.lora.target_modules:
             raise UserError("--target-modules is empty: LoRA needs at least one module (or use --full-finetune).")
@@ -317,7 +385,8 @@ class GRPORecipe:
         from opensloth.tracking import TrainingProgress
 
         t = self.cfg.training
-        shown = ("reward", "rewards/math_answer/mean", "loss", "kl", "completions/mean_length", "step_time")
+        shown = ("reward", *(f"rewards/{name}/mean" for name in self.rewards.names), "loss", "kl",
+                 "completions/mean_length", "step_time")
         with StopSignal() as stop, TrainingProgress(self.total_steps, self.ctx.is_main, "grpo",
                                                     show_keys=shown) as progress:
             progress.update(self.start_step - 1)
@@ -340,8 +409,6 @@ class GRPORecipe:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One GRPO step: sample, generate, score, advantages, filter, update, log; returns its metrics."""
-        from opensloth.grpo.core import compute_group_advantages
-
         cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
         step_start = time.perf_counter()
         self.set_trainer_state(step - 1)  # what rewards see: the steps done so far, as TRL's global_step
@@ -371,11 +438,12 @@ class GRPORecipe:
         rewards = torch.as_tensor(scores.total, dtype=torch.float32)  # (B,)
         reward_time = time.perf_counter() - reward_start
 
-        # 4. Group-relative advantages (groups are contiguous: completions of one prompt).
+        # 4. Group-relative advantages (groups are contiguous: completions of one prompt); a loss
+        #    without a baseline (its spec's signal is "rewards") weighs each sequence by its raw reward.
         advantages, _, adv_meta = compute_group_advantages(
             rewards, g.group_size, normalize_by_std=g.std_normalization, eps=g.advantage_eps
         )
-        if g.loss_type == "no_baseline":
+        if self.policy_loss.signal == "rewards":
             advantages = rewards.clone()
 
         batch = Batch(
@@ -383,49 +451,37 @@ class GRPORecipe:
             attention_mask=rollout.attention_mask.to(self.ctx.device),
             completion_mask=rollout.completion_mask.to(self.ctx.device),
             advantages=advantages.to(self.ctx.device),
-            rewards=rewards.to(self.ctx.device),
             sampler_log_probs=(rollout.sampler_log_probs.to(self.ctx.device)
                                if rollout.sampler_log_probs is not None else None),
         )
 
-        # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal.
+        # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal (the same
+        #    test as frac_reward_zero_std, so the two always agree).
         num_before = len(batch)
         if g.filter_zero_std:
-            group_std = rewards.view(-1, g.group_size).std(dim=1)  # (B / G,)
-            keep = (group_std > 0).repeat_interleave(g.group_size).nonzero().squeeze(1)
-            batch = batch.select(keep.to(self.ctx.device))
+            keep = ~compute_zero_std_groups(rewards, g.group_size)  # (B / G,)
+            batch = batch.select(keep.repeat_interleave(g.group_size).nonzero().squeeze(1).to(self.ctx.device))
 
-        # 6 + 7. Old and reference log-probs, then the policy updates.
+        # 6 + 7. Old and reference log-probs, then the policy updates (their metrics come back global).
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate of this step's first update
         self.model.train()
         update_start = time.perf_counter()
         update_metrics = self.update(batch)
         update_time = time.perf_counter() - update_start
 
-        # 8. Log (reduced across workers), print a sample, evaluate now and then.
-        step_time = time.perf_counter() - step_start
-        completion_lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
-        num_tokens = float(rollout.attention_mask.sum())
-        metrics = {
-            "reward": rewards.mean().item(),
-            "reward_std": rewards.view(-1, g.group_size).std(dim=1).mean().item(),
-            "frac_reward_zero_std": float(adv_meta["frac_zero_std"]),
-            "completions/mean_length": completion_lengths.mean().item(),
-            "completions/min_length": completion_lengths.min().item(),
-            "completions/max_length": completion_lengths.max().item(),
-            "completions/clipped_ratio": (~rollout.is_eos_terminated).float().mean().item(),
-            "num_filtered_sequences": float(num_before - len(batch)),
-            "learning_rate": learning_rate,
-            "step_time": step_time,
+        # 8. Log (this worker's metrics averaged over workers, then the global ones), print a sample,
+        #    evaluate now and then.
+        timings = {
+            "step_time": time.perf_counter() - step_start,
             "generation_time": gen_time,
             **getattr(self.engine, "last_timings", {}),  # hf lean decoder: prefill_time, decode_time
             "reward_time": reward_time,
+            "reference_time": update_metrics.pop("reference_time"),  # old + reference log-probs
             "update_time": update_time,  # reference_time + policy forward + backward + optimizer
-            "tokens_per_second": num_tokens / step_time,
-            **self.reward_metrics(scores),
-            **update_metrics,
         }
-        metrics = reduce_metrics(metrics)
+        local = self.step_metrics(rollout, scores, adv_meta, num_filtered=num_before - len(batch),
+                                  learning_rate=learning_rate, timings=timings)
+        metrics = reduce_metrics(local) | update_metrics
         metrics.update(self.reduce_logged(scores.logged))  # what rewards passed to log_metric
         metrics.update(self.check_alarms(step, metrics))
         self.set_trainer_state(step)
@@ -440,22 +496,43 @@ class GRPORecipe:
             self.metrics_logger.log(step, metrics)
         return metrics
 
-    def score(self, rows: Any, rollout: Any, group_size: int, strict: bool = False) -> Any:
-        """Reward every completion as TRL 1.16 calls rewards; prompt i's columns are repeated for its G completions.
+    def step_metrics(self, rollout: Any, scores: Any, adv_meta: dict[str, torch.Tensor], *, num_filtered: int,
+                     learning_rate: float, timings: dict[str, float]) -> dict[str, float]:
+        """This worker's metrics of a step, under TRL's names where TRL has one (the caller averages them).
 
-        Prompts go as the dataset holds them (text or messages), completions as messages when the prompt
-        is a conversation, else as strings; completion_ids up to and including EOS (as TRL's).
+        Args:
+            rollout: the step's RolloutBatch (B = local prompts x G sequences).
+            scores: the reward set's scores of its completions.
+            adv_meta: `compute_group_advantages`' metadata of the step's rewards (0-dim tensors).
+            num_filtered: sequences --filter-zero-std dropped.
+            learning_rate: the rate of the step's first optimizer update.
+            timings: seconds per phase; `step_time` also gives tokens_per_second.
         """
-        from opensloth.rewards.base import as_completions
+        completion_lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
+        return {
+            "reward": adv_meta["mean"].item(),
+            "reward_std": adv_meta["std"].item(),
+            "frac_reward_zero_std": float(adv_meta["frac_zero_std"]),
+            "completions/mean_length": completion_lengths.mean().item(),
+            "completions/min_length": completion_lengths.min().item(),
+            "completions/max_length": completion_lengths.max().item(),
+            "completions/clipped_ratio": (~rollout.is_eos_terminated).float().mean().item(),
+            "num_filtered_sequences": float(num_filtered),
+            "learning_rate": learning_rate,
+            **timings,
+            "tokens_per_second": float(rollout.attention_mask.sum()) / timings["step_time"],
+            **self.reward_metrics(scores),
+        }
 
-        prompts = [p for p in rows["prompt"] for _ in range(group_size)]
-        skip = {"prompt", "prompt_ids", "prompt_text"}
-        columns = {name: [v for v in rows[name] for _ in range(group_size)]
-                   for name in rows.column_names if name not in skip}
+    def score(self, rows: Any, rollout: Any, group_size: int, strict: bool = False) -> Any:
+        """Reward every completion as TRL 1.16 calls rewards (evaluate.score_completions: prompt i's columns
+        repeated for its G completions), with completion_ids up to and including EOS (as TRL's)."""
+        from opensloth.evaluate import score_completions
+
         completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids,
                                                                           rollout.completion_mask)]
-        return self.rewards.score(prompts, as_completions(prompts, rollout.completions_text), columns,
-                                  completion_ids=completion_ids, trainer_state=self.trainer_state, strict=strict)
+        return score_completions(self.rewards, rows, rollout.completions_text, group_size,
+                                 completion_ids=completion_ids, trainer_state=self.trainer_state, strict=strict)
 
     def set_trainer_state(self, steps_done: int) -> None:
         """Keep the TrainerState rewards get current: global_step (GRPO steps done) and epoch (passes over the data)."""
@@ -550,124 +627,113 @@ class GRPORecipe:
                 fh.write(json.dumps(record, default=str) + "\n")
 
     def update(self, batch: Batch) -> dict[str, float]:
-        """Old/ref log-probs, then epochs x mini-batches of clipped policy-gradient updates.
+        """Phases 6 and 7 on this worker's share of a rollout batch: old and reference log-probs, then
+        --epochs-per-rollout-batch passes of optimizer steps over its mini-batches.
+
+        Every worker takes the same number of optimizer steps (each ends in an all-reduce), sized by the
+        largest share: --filter-zero-std may leave workers different numbers of sequences, or none at all.
 
         Returns:
-            Means over the optimizer steps of loss, grad_norm, kl (only when beta > 0), entropy and clip
-            ratios (this worker's values; the caller reduces them across workers).
+            The update's metrics, global (the same on every worker; see `UpdateStats.reduce`), the vLLM
+            sampler mismatch when the batch has a sampler's log-probs, and `reference_time`: this worker's
+            seconds for the old and reference log-probs.
         """
-        from opensloth.grpo.core import (
-            aggregate_loss,
-            compute_kl_k3,
-            compute_policy_loss,
-            compute_truncated_is_weights,
-        )
-
-        g, t = self.cfg.grpo, self.cfg.training
-        # Every worker must run the same number of optimizer steps (each one ends in an all-reduce),
-        # even when --filter-zero-std left them different numbers of sequences.
+        g = self.cfg.grpo
         n_max = int(all_reduce_scalars([float(len(batch))], op="max")[0])
-        if n_max == 0:  # every group filtered: no update, and no KL measured (so none logged)
-            return {"loss": 0.0, "grad_norm": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
-                    "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "skipped_update": 1.0,
-                    "nonfinite_grad_updates": 0.0, "reference_time": 0.0}
         num_minibatches = math.ceil(n_max / self.minibatch_size)
-        off_policy = num_minibatches * g.epochs_per_rollout_batch > 1
-        # A separate sampler (vLLM) needs pi_old from our own forward for its importance weights.
-        need_old = (off_policy and g.loss_type == "grpo_clip") or batch.sampler_log_probs is not None
+        num_updates = num_minibatches * g.epochs_per_rollout_batch
+        if num_updates == 0:  # every group filtered on every worker: no update, and no KL measured
+            return UpdateStats().reduce(with_kl=False) | {"reference_time": 0.0}
 
-        # Old log-probs once per rollout batch (only needed when later updates are off-policy),
-        # reference log-probs with the adapter disabled (beta 0 skips the extra forward).
         reference_start = time.perf_counter()
-        with torch.no_grad():
-            if need_old and len(batch):
-                batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
-            if g.beta > 0 and len(batch):
-                batch.ref_log_probs = self.reference_log_probs(batch)
-        reference_time = time.perf_counter() - reference_start  # old + reference log-probs
+        self.add_old_and_reference_log_probs(batch, off_policy=num_updates > 1)
+        reference_time = time.perf_counter() - reference_start
         mismatch = self.sampler_mismatch(batch) if batch.sampler_log_probs is not None else {}
 
-        sums: dict[str, float] = {}
+        stats = UpdateStats()
         for _epoch in range(g.epochs_per_rollout_batch):
             order = torch.randperm(len(batch)) if num_minibatches > 1 else torch.arange(len(batch))
             for part in split_evenly(len(batch), num_minibatches):
-                minibatch = batch.select(order[part].to(batch.input_ids.device))
-                # Global counts of this optimizer mini-batch: the loss normaliser on every worker.
-                n_seq, n_tok = all_reduce_scalars(
-                    [float(len(minibatch)), float(minibatch.completion_mask.sum())], op="sum"
-                )
-                stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0,
-                         "clip": 0.0}
-                for start in range(0, len(minibatch), t.per_device_train_batch_size):
-                    micro = minibatch.select(slice(start, start + t.per_device_train_batch_size))
-                    log_probs, entropy = self.log_probs(micro, self.model)  # (b, T) each
-                    old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
-                    is_weights = None
-                    if micro.sampler_log_probs is not None and g.vllm_importance_sampling:  # truncated IS (vLLM)
-                        is_weights = compute_truncated_is_weights(
-                            micro.old_log_probs, micro.sampler_log_probs, g.vllm_importance_sampling_cap)
-                    per_token, clip_meta = compute_policy_loss(
-                        g.loss_type, log_probs, old, micro.advantages, epsilon_low=g.epsilon,
-                        epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
-                        importance_weights=is_weights,
-                    )
-                    mask = micro.completion_mask
-                    if micro.ref_log_probs is not None:
-                        kl = compute_kl_k3(log_probs, micro.ref_log_probs)  # (b, T)
-                        per_token = per_token + g.beta * kl
-                        stats["kl"] += float((kl.detach() * mask).sum())
-                    loss = aggregate_loss(per_token, mask, g.loss_agg, num_sequences=n_seq, num_tokens=n_tok,
-                                          max_new_tokens=g.max_new_tokens)
-                    loss.backward()
-                    stats["loss"] += loss.item()
-                    stats["entropy"] += float((entropy.detach() * mask).sum())
-                    for key, meta_key in (("clip_low", "clip_low"), ("clip_high", "clip_high"), ("clip", "clip")):
-                        stats[key] += float((clip_meta[meta_key].float() * mask).sum())
-                # Sum the gradients over workers (each is already its share of the global mean),
-                # clip the global norm, step.
-                all_reduce_gradients(self.params, op="sum")
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                )
-                # A NaN/inf gradient would make every weight NaN: skip that update (the norm is
-                # global, so every worker skips it) and stop after a few in a row.
-                skipped = not torch.isfinite(grad_norm)
-                if skipped:
-                    self.skip_nonfinite_update(float(grad_norm))
-                else:
-                    self.optimizer.step()
-                    self.nonfinite_updates_in_a_row = 0
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.optimizer_step += 1
-                # Token sums -> global token means (each worker contributes its share).
-                tok = max(n_tok, 1.0)
-                step_stats = {
-                    "loss": stats["loss"],
-                    "grad_norm": float(grad_norm),
-                    "kl": stats["kl"] / tok,
-                    "entropy": stats["entropy"] / tok,
-                    "clip_ratio/low_mean": stats["clip_low"] / tok,
-                    "clip_ratio/high_mean": stats["clip_high"] / tok,
-                    "clip_ratio": stats["clip"] / tok,
-                    "nonfinite_grad_updates": float(skipped),
-                }
-                for key, value in step_stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-        n_updates = num_minibatches * g.epochs_per_rollout_batch
-        out = {key: value / n_updates for key, value in sums.items()}
-        out["nonfinite_grad_updates"] = sums["nonfinite_grad_updates"]  # a count, not a mean
-        # Per-worker shares of global sums: the caller's mean-reduce would divide them by the
-        # world size, so scale up here (grad_norm is already global on every worker).
-        if g.beta == 0:
-            del out["kl"]  # no reference, no KL measured: log none rather than a flat 0
-        for key in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean"):
-            if key in out:
-                out[key] *= self.ctx.world_size
-        out["skipped_update"] = 0.0
-        out["reference_time"] = reference_time
-        out.update(mismatch)  # already global: the caller's mean-reduce keeps them
-        return out
+                stats.add(self.optimizer_step_on(batch.select(order[part].to(batch.input_ids.device))))
+        return stats.reduce(with_kl=g.beta > 0) | mismatch | {"reference_time": reference_time}
+
+    @torch.no_grad()
+    def add_old_and_reference_log_probs(self, batch: Batch, off_policy: bool) -> None:
+        """Set batch.old_log_probs and batch.ref_log_probs, (B, T) each, where the update reads them.
+
+        pi_old is computed when the batch is updated more than once (`off_policy`) and the loss takes a
+        ratio (its spec's uses_old_log_probs), or when a separate sampler's log-probs came with the batch
+        (vLLM: its importance weights compare them with ours); otherwise the update takes
+        old = current.detach() (rho = 1). pi_ref is computed when beta > 0 (see reference_log_probs).
+        """
+        if not len(batch):
+            return
+        if (off_policy and self.policy_loss.uses_old_log_probs) or batch.sampler_log_probs is not None:
+            batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
+        if self.cfg.grpo.beta > 0:
+            batch.ref_log_probs = self.reference_log_probs(batch)
+
+    def optimizer_step_on(self, minibatch: Batch) -> UpdateStats:
+        """One optimizer step on this worker's part of a mini-batch (b sequences, possibly 0).
+
+        Forward and backward per micro-batch, each loss divided by the mini-batch's global counts; then
+        the gradients summed over workers, the global norm clipped, the AdamW step (skipped when the norm
+        is NaN/inf) and the LR step.
+
+        Returns:
+            This step's UpdateStats (steps = 1), as this worker's shares of the global values.
+        """
+        g, t = self.cfg.grpo, self.cfg.training
+        # Global counts of this optimizer mini-batch: the loss normaliser on every worker.
+        n_seq, n_tok = all_reduce_scalars(
+            [float(len(minibatch)), float(minibatch.completion_mask.sum())], op="sum"
+        )
+        loss_sum, token_sums = 0.0, dict.fromkeys(("kl", "entropy", "clip_low", "clip_high", "clip"), 0.0)
+        for start in range(0, len(minibatch), t.per_device_train_batch_size):
+            micro = minibatch.select(slice(start, start + t.per_device_train_batch_size))
+            log_probs, entropy = self.log_probs(micro, self.model)  # (b, T) each
+            old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
+            is_weights = None
+            if micro.sampler_log_probs is not None and g.vllm_importance_sampling:  # truncated IS (vLLM)
+                is_weights = compute_truncated_is_weights(
+                    micro.old_log_probs, micro.sampler_log_probs, g.vllm_importance_sampling_cap)
+            per_token, clip_meta = compute_policy_loss(
+                g.loss_type, log_probs, old, micro.advantages, epsilon_low=g.epsilon,
+                epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
+                importance_weights=is_weights,
+            )
+            mask = micro.completion_mask
+            if micro.ref_log_probs is not None:
+                kl = compute_kl_k3(log_probs, micro.ref_log_probs)  # (b, T)
+                per_token = per_token + g.beta * kl
+                token_sums["kl"] += float((kl.detach() * mask).sum())
+            loss = aggregate_loss(per_token, mask, g.loss_agg, num_sequences=n_seq, num_tokens=n_tok,
+                                  max_new_tokens=g.max_new_tokens)
+            loss.backward()
+            loss_sum += loss.item()
+            token_sums["entropy"] += float((entropy.detach() * mask).sum())
+            for key in ("clip_low", "clip_high", "clip"):
+                token_sums[key] += float((clip_meta[key].float() * mask).sum())
+        # Sum the gradients over workers (each is already its share of the global mean),
+        # clip the global norm, step.
+        all_reduce_gradients(self.params, op="sum")
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        )
+        # A NaN/inf gradient would make every weight NaN: skip that update (the norm is
+        # global, so every worker skips it) and stop after a few in a row.
+        skipped = not torch.isfinite(grad_norm)
+        if skipped:
+            self.skip_nonfinite_update(float(grad_norm))
+        else:
+            self.optimizer.step()
+            self.nonfinite_updates_in_a_row = 0
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+        tok = max(n_tok, 1.0)  # token sums -> this worker's share of the step's global token means
+        return UpdateStats(steps=1, loss=loss_sum, grad_norm=float(grad_norm), nonfinite=float(skipped),
+                           **{key: value / tok for key, value in token_sums.items()})
 
     def skip_nonfinite_update(self, grad_norm: float) -> None:
         """Drop the gradients of an update whose global norm is NaN/inf, leaving the weights and the
@@ -695,8 +761,6 @@ class GRPORecipe:
         Every worker calls this (its batch may be empty after --filter-zero-std) so the collectives
         match; the results are the same on every worker.
         """
-        from opensloth.grpo.core import compute_sampler_logprob_diff
-
         if len(batch):
             diff = compute_sampler_logprob_diff(batch.old_log_probs, batch.sampler_log_probs,
                                                 batch.completion_mask)  # (tokens,)
@@ -834,8 +898,8 @@ class GRPORecipe:
 def run(cfg: GRPORunConfig, ctx: WorkerContext) -> None:
     """Entry point called by the launcher in every worker."""
     recipe = GRPORecipe(cfg, ctx)
-    recipe.setup()
     try:
+        recipe.setup()  # inside the try: a setup that fails still closes what it opened (the vLLM engine)
         recipe.train()
         if recipe.stopped:
             raise TrainingStopped(stopped_message(cfg.training.output_dir, recipe.global_step, recipe.total_steps))
