@@ -49,3 +49,17 @@ def qwen25_instruct_model_dir(tmp_path_factory) -> Path:
     from opensloth.models.tiny import build_tiny_qwen25_model
 
     return build_tiny_qwen25_model(tmp_path_factory.mktemp("qwen25_instruct_model"), seed=0)
+
+
+@pytest.fixture
+def clean_registry():
+    """Restore the global reward registry (and the loaded-module memo) after a test that changes it,
+    e.g. by loading a --reward-module in-process: later tests see only the built-ins."""
+    from opensloth.rewards import base as reward_base
+
+    registry, loaded = dict(reward_base._REGISTRY), dict(reward_base._LOADED_MODULES)
+    yield
+    reward_base._REGISTRY.clear()
+    reward_base._REGISTRY.update(registry)
+    reward_base._LOADED_MODULES.clear()
+    reward_base._LOADED_MODULES.update(loaded)

@@ -36,19 +36,7 @@ from opensloth.rewards import (
     register_reward_function,
     resolve_rewards,
 )
-from opensloth.rewards import base as reward_base
 from opensloth.rewards.math import extract_final_answer, parse_number
-
-
-@pytest.fixture
-def clean_registry():
-    """Restore the global registry (and the loaded-module memo) after a test that changes it."""
-    registry, loaded = dict(reward_base._REGISTRY), dict(reward_base._LOADED_MODULES)
-    yield
-    reward_base._REGISTRY.clear()
-    reward_base._REGISTRY.update(registry)
-    reward_base._LOADED_MODULES.clear()
-    reward_base._LOADED_MODULES.update(loaded)
 
 
 def chat(text: str) -> list[dict]:

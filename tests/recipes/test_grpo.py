@@ -265,7 +265,8 @@ def test_an_update_with_nan_gradients_is_skipped_and_three_in_a_row_stop_the_run
         recipe.cleanup()
 
 
-def test_filter_zero_std_drops_equal_rewards_whose_float_std_is_not_zero(tiny_model_dir, prompts_file, tmp_path):
+def test_filter_zero_std_drops_equal_rewards_whose_float_std_is_not_zero(tiny_model_dir, prompts_file, tmp_path,
+                                                                          clean_registry):
     """Eight rewards of 0.01 are equal, but their float32 std is 9e-10, not 0: --filter-zero-std tested std > 0
     and kept the group (num_filtered_sequences 0 while frac_reward_zero_std said 1). One test decides both."""
     module = tmp_path / "constant.py"
