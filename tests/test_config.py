@@ -37,6 +37,49 @@ def test_grpo_defaults_differ_from_sft():
     assert cfg.grpo.loss_agg == "token_mean"
 
 
+@pytest.mark.parametrize("recipe", ["sft", "grpo"])
+def test_python_api_gets_the_defaults_the_cli_gives(recipe):
+    """Issue 27: the recipe defaults live in the pydantic models, not in a table only the CLI applied
+    (GRPORunConfig(...) got learning rate 2e-4 where `os-train grpo` gives 5e-6)."""
+    from opensloth.config import RUN_CONFIGS, ModelConfig
+
+    built = RUN_CONFIGS[recipe](model=ModelConfig(model="m"))
+    resolved = resolve_config(recipe, None, {"model": "m"})
+    assert built.model_dump() == resolved.model_dump()
+    assert GRPORunConfig(model=ModelConfig(model="m")).training.learning_rate == 5e-6
+    assert SFTRunConfig(model=ModelConfig(model="m")).training.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        ("grpo", {"eval_steps": 2}, "--eval-steps needs evaluation data"),  # GRPO did nothing, silently
+        ("sft", {"eval_steps": 2}, "--eval-steps needs evaluation data"),
+        ("grpo", {"loss_type": "no_baseline", "filter_zero_std": True}, "--filter-zero-std drops groups"),
+    ],
+)
+def test_checks_without_a_worker_count_run_in_a_dry_run(recipe, overrides, message, tmp_path):
+    """Checks that need no worker count are config validators: `--dry-run` reports them (exit 2), where
+    before they ran only in the worker."""
+    from opensloth.cli.train import app
+
+    flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    result = CliRunner().invoke(app, [recipe, "--model", "m", "--dataset", "d.jsonl", "--output-dir",
+                                      str(tmp_path / "out"), "--dry-run", *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_target_modules_in_yaml_is_refused(tmp_path: Path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("target_modules: []\n")
+    for recipe in ("sft", "grpo"):
+        with pytest.raises(UserError, match="--target-modules is empty"):
+            resolve_config(recipe, cfg_file, {"model": "m"})
+    assert resolve_config("sft", cfg_file, {"model": "m", "full_finetune": True}).model.full_finetune
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [

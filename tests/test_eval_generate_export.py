@@ -196,6 +196,38 @@ def test_eval_reports_accuracy_and_writes_every_completion(trained_adapter, tmp_
     assert "pass@3" in proc.stdout
 
 
+def test_in_training_eval_reports_what_os_eval_reports(trained_adapter, tmp_path):
+    """Issue 27: GRPO's --eval-steps scores with the run's rewards and reports os eval's summary, on the
+    same data, with the same numbers (the end-of-run eval vs `os eval` of the saved adapter)."""
+    data = tmp_path / "eval.jsonl"
+    rows = [{"prompt": f"What is {q}?", "answer": a} for q, a in PROBLEMS]
+    rows[3]["answer"] = "10"  # one wrong reference: pass@1 3/4
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "grpo"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from opensloth.cli.train import app; app()", "grpo", "--model", str(trained_adapter),
+         "--dataset", str(data), "--eval-dataset", str(data), "--format", "prompt-answer", "--task", "math",
+         "--chat-template", "model", "--max-new-tokens", "12", "--group-size", "2", "--rollout-batch-size", "2",
+         "--max-steps", "1", "--eval-steps", "1", "--learning-rate", "1e-3", "--devices", "cpu",
+         "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--report-to", "none"],
+        check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    in_training = {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}
+
+    proc = os_cli("eval", "--model", str(out), "--dataset", str(data), "--output", str(tmp_path / "r.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    table = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 2 and cells[1].replace(".", "").replace("-", "").isdigit():
+            table[cells[0]] = float(cells[1])
+    assert set(in_training) == set(table) >= {"pass@1", "reward/mean", "rewards/math_answer/mean"}
+    assert in_training["pass@1"] == 0.75
+    for key, value in table.items():
+        assert round(in_training[key], 4) == value, key
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_eval_with_an_engine_that_cannot_run_here(trained_adapter, tmp_path):
     """`--rollout-engine vllm` without vllm: one line saying why and what to do, nothing written."""

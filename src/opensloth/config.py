@@ -6,6 +6,9 @@ fields (`learning_rate` -> `--learning-rate`), so help is written once and canno
 
 Precedence: field defaults < YAML file (`--config`) < CLI options. A YAML file may nest keys
 under their section (`training: {learning_rate: 1e-4}`) or give them flat (`learning_rate: 1e-4`).
+A recipe's own defaults (GRPO's learning rate 5e-6, its output dir) are its section models
+(`GRPOTrainingConfig`), so a config built in Python gets the defaults the CLI shows.
+Checks that need no worker count are validators here, so `--dry-run` and the Python API run them.
 
 Field names are unique across sections, so a flat name maps to exactly one section.
 """
@@ -19,7 +22,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from opensloth.errors import UserError, plural
 
@@ -268,6 +280,30 @@ class GRPOConfig(Section):
         return value
 
 
+def recipe_section(base: type[Section], name: str, **changes: dict[str, Any]) -> type[Section]:
+    """`base` with some fields' default or description changed for one recipe (checks and flags kept).
+
+    The defaults then live in the model itself, so `GRPORunConfig(model=...)` built in Python gets the
+    same learning rate as `os-train grpo`, and --help reads them from the same place.
+    """
+    fields = {field: (base.model_fields[field].annotation, FieldInfo.merge_field_infos(base.model_fields[field], **kw))
+              for field, kw in changes.items()}
+    return create_model(name, __base__=base, __module__=__name__, **fields)
+
+
+SFTTrainingConfig = recipe_section(TrainingConfig, "SFTTrainingConfig",
+                                   output_dir={"default": Path("outputs/sft")})
+GRPOTrainingConfig = recipe_section(
+    TrainingConfig, "GRPOTrainingConfig",
+    output_dir={"default": Path("outputs/grpo")},
+    learning_rate={"default": 5e-6},
+    per_device_train_batch_size={"default": 8},
+    max_steps={"description": "GRPO steps to train, each one rollout batch (generate --rollout-batch-size x "
+               "--group-size completions, score, then --epochs-per-rollout-batch passes of optimizer updates); "
+               "-1 means --num-train-epochs passes over the prompts. 0 and other negative values are refused."},
+)
+
+
 class RunConfig(Section):
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -276,9 +312,19 @@ class RunConfig(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+    @model_validator(mode="after")
+    def _check_run(self) -> "RunConfig":
+        # Checks that need no worker count: here, so --dry-run and the Python API catch them too.
+        if self.training.eval_steps and not (self.data.eval_dataset or self.data.eval_split_ratio):
+            raise ValueError("--eval-steps needs evaluation data: pass --eval-dataset or --eval-split-ratio")
+        if not self.model.full_finetune and not self.lora.target_modules:
+            raise ValueError("--target-modules is empty: LoRA needs at least one module (or use --full-finetune)")
+        return self
+
 
 class SFTRunConfig(RunConfig):
     recipe: Literal["sft"] = "sft"
+    training: SFTTrainingConfig = Field(default_factory=SFTTrainingConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
 
     @model_validator(mode="after")
@@ -290,6 +336,7 @@ class SFTRunConfig(RunConfig):
 
 class GRPORunConfig(RunConfig):
     recipe: Literal["grpo"] = "grpo"
+    training: GRPOTrainingConfig = Field(default_factory=GRPOTrainingConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
 
     @model_validator(mode="after")
@@ -303,23 +350,18 @@ class GRPORunConfig(RunConfig):
                 f"--reward-weights has {plural(len(g.reward_weights), 'value')} but --rewards names "
                 f"{plural(len(g.rewards), 'reward')}"
             )
+        from opensloth.grpo.core import POLICY_LOSS_REGISTRY  # what each loss needs (torch, imported late)
+
+        if g.filter_zero_std and POLICY_LOSS_REGISTRY[g.loss_type].signal == "rewards":
+            with_advantages = [name for name, loss in POLICY_LOSS_REGISTRY.items() if loss.signal == "advantages"]
+            raise ValueError(
+                f"--filter-zero-std drops groups whose advantage is zero, but --loss-type {g.loss_type} uses raw "
+                f"rewards, not advantages. Use --loss-type {' or '.join(with_advantages)}, or drop the flag"
+            )
         return self
 
 
-# Per-recipe defaults that differ from the section defaults.
-RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"output_dir": "outputs/sft", "learning_rate": 2e-4},
-    "grpo": {"output_dir": "outputs/grpo", "learning_rate": 5e-6, "per_device_train_batch_size": 8},
-}
 RUN_CONFIGS: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "grpo": GRPORunConfig}
-# Per-recipe help where one shared field means something recipe-specific.
-RECIPE_HELP: dict[str, dict[str, str]] = {
-    "grpo": {
-        "max_steps": "GRPO steps to train, each one rollout batch (generate --rollout-batch-size x --group-size "
-        "completions, score, then --epochs-per-rollout-batch passes of optimizer updates); -1 means "
-        "--num-train-epochs passes over the prompts. 0 and other negative values are refused.",
-    },
-}
 
 
 def sections(run_cls: type[RunConfig]) -> dict[str, type[Section]]:
@@ -404,7 +446,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def resolve_config(
     recipe: str, yaml_path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None
 ) -> RunConfig:
-    """Build a validated run config: recipe defaults < YAML file < CLI overrides.
+    """Build a validated run config: field defaults < YAML file < CLI overrides.
 
     Args:
         recipe: "sft" or "grpo".
@@ -416,7 +458,7 @@ def resolve_config(
     """
     run_cls = RUN_CONFIGS[recipe]
     merged: dict[str, dict[str, Any]] = {}
-    layers = [(_nest(run_cls, RECIPE_DEFAULTS[recipe], "defaults"))]
+    layers = []
     if yaml_path is not None:
         layers.append(_nest(run_cls, load_yaml(yaml_path), str(yaml_path)))
     if overrides:
@@ -511,13 +553,11 @@ def config_cli_parameters(recipe: str) -> list[inspect.Parameter]:
             decls = [flag_name(name), *extra]
         default = info.get_default(call_default_factory=True) if not info.is_required() else None
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
-        description = RECIPE_HELP.get(recipe, {}).get(name, info.description)
+        description = info.description
         if choices:
             help_text = f"{description} (choices: {', '.join(map(str, choices))})"
         else:
             help_text = description or ""
-        if recipe in RECIPE_DEFAULTS and name in RECIPE_DEFAULTS[recipe]:
-            default = RECIPE_DEFAULTS[recipe][name]
         if isinstance(default, list):
             default = ",".join(map(str, default)) if default else None
         if default is not None and default != "" and cli_type is not bool:

@@ -9,7 +9,9 @@ batched generation of k samples per prompt, pass@k, the per-completion JSONL and
 pass@k uses the unbiased estimator of Chen et al. (2021), per prompt with n samples of which c
 are correct: pass@k = 1 - C(n - c, k) / C(n, k), averaged over prompts. pass@1 is then the
 mean fraction of correct samples. "Correct" is the task's accuracy reward being > 0
-(`math_answer` for --task math; choose another with `accuracy_reward`).
+(`math_answer` for --task math; without a task the first reward that checks the reference answer;
+choose another with `accuracy_reward`). `EvalTally` sums what the summary is made of, so GRPO's
+in-training eval, chunked and spread over workers, reports exactly what `os eval` reports.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ logger = logging.getLogger("opensloth")
 
 # The reward whose value > 0 means "this completion is correct", per task.
 ACCURACY_REWARDS = {"math": "math_answer"}
-# Built-in rewards that compare with the reference answer (None without one).
-ANSWER_REWARDS = ("math_answer", "math_number")
+# Built-in rewards that compare with the reference answer (1 right, 0 wrong; None without a reference).
+ANSWER_REWARDS = ("math_answer", "r1_zero", "math_number")
 # Columns of a prepared GRPO dataset that are the prompt itself; every other column goes to the rewards.
 PROMPT_COLUMNS = ("prompt", "prompt_ids", "prompt_text")
 
@@ -210,6 +212,68 @@ def score_completions(rewards: Any, rows: Any, completions: list[str], group_siz
 # ------------------------------------------------------------------------------------------------
 
 
+def default_accuracy_reward(task: str | None, reward_names: list[str]) -> str | None:
+    """The reward that says "correct" when none is named: the task's (math_answer for --task math), else
+    the first of the run's rewards that compares with the reference answer (ANSWER_REWARDS), else None."""
+    if task:
+        return ACCURACY_REWARDS.get(task)
+    return next((name for name in reward_names if name in ANSWER_REWARDS), None)
+
+
+class EvalTally:
+    """Running sums behind the eval summary, so chunks and workers add up to what one pass would give.
+
+    `os eval` and GRPO's in-training eval both fill one: `add` a scored chunk, sum `totals` across workers
+    (same keys everywhere, even with no rows), then read `summary()`:
+    `reward/mean` (the weighted total), `rewards/<name>/mean` (over the completions it scored, None left
+    out), `pass@1` and `pass@k` (k = samples per prompt, when there is an accuracy reward: value > 0
+    counts as correct) and `mean_completion_chars`.
+    """
+
+    def __init__(self, reward_names: list[str], accuracy_reward: str | None, num_samples: int) -> None:
+        self.accuracy_reward, self.num_samples = accuracy_reward, num_samples
+        keys = ["prompts", "completions", "reward", "completion_chars"]
+        keys += [f"rewards/{name}/{part}" for name in reward_names for part in ("sum", "count")]
+        if accuracy_reward is not None:
+            keys += ["pass@1"] + ([f"pass@{num_samples}"] if num_samples > 1 else [])
+        self.totals = dict.fromkeys(keys, 0.0)
+
+    def add(self, scores: Any, completions: list[str]) -> list[bool] | None:
+        """Add one chunk: (prompts x num_samples,) completions, prompt-major, and their RewardSet scores.
+        Returns each completion's correctness (None without an accuracy reward)."""
+        k, t = self.num_samples, self.totals
+        t["prompts"] += len(completions) // k
+        t["completions"] += len(completions)
+        t["reward"] += float(torch.as_tensor(scores.total, dtype=torch.float64).sum())
+        t["completion_chars"] += sum(len(c) for c in completions)
+        for name, values in scores.per_reward.items():
+            scored = [float(v) for v in values if v is not None]
+            t[f"rewards/{name}/sum"] += sum(scored)
+            t[f"rewards/{name}/count"] += len(scored)
+        if self.accuracy_reward is None:
+            return None
+        correct = [(v or 0.0) > 0 for v in scores.per_reward[self.accuracy_reward]]
+        per_prompt = [sum(correct[i:i + k]) for i in range(0, len(correct), k)]
+        t["pass@1"] += sum(pass_at_k(k, c, 1) for c in per_prompt)
+        if k > 1:
+            t[f"pass@{k}"] += sum(pass_at_k(k, c, k) for c in per_prompt)
+        return correct
+
+    def summary(self) -> dict[str, float]:
+        """The summary of everything added (NaN for a reward that scored nothing)."""
+        t = self.totals
+        out = {"reward/mean": t["reward"] / max(t["completions"], 1.0)}
+        for key in t:
+            if key.startswith("rewards/") and key.endswith("/sum"):
+                count = t[key.removesuffix("/sum") + "/count"]
+                out[key.removesuffix("/sum") + "/mean"] = t[key] / count if count else float("nan")
+        for key in ("pass@1", f"pass@{self.num_samples}"):
+            if key in t:
+                out[key] = t[key] / max(t["prompts"], 1.0)
+        out["mean_completion_chars"] = t["completion_chars"] / max(t["completions"], 1.0)
+        return out
+
+
 @dataclass
 class EvalResult:
     """Summary numbers and where the per-completion JSONL went."""
@@ -252,8 +316,8 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     rows = prepare_grpo_dataset(cfg, tokenizer, 1).load_shard(0)
     if len(rows) == 0:
         raise UserError(f"--dataset {cfg.data.dataset} has no prompts to evaluate.")
-    acc_name = accuracy_reward or ACCURACY_REWARDS.get(g.task or "")
-    check_accuracy_reward(acc_name, [r.name for r in rewards.rewards], rows, cfg.data.dataset)
+    acc_name = accuracy_reward or default_accuracy_reward(g.task, rewards.names)
+    check_accuracy_reward(acc_name, rewards.names, rows, cfg.data.dataset)
 
     from opensloth.rollout import get_rollout_engine
 
@@ -268,20 +332,9 @@ def evaluate(cfg: RunConfig, *, num_samples: int = 1, temperature: float | None 
     flat = [c for group in completions for c in group]  # (N * k,), prompt-major like a GRPO group
     scores = score_completions(rewards, rows, flat, num_samples)
     totals = [float(x) for x in torch.as_tensor(scores.total).tolist()]
-
-    correct = ([(v or 0.0) > 0 for v in scores.per_reward[acc_name]] if acc_name else None)
-
-    summary: dict[str, float] = {"reward/mean": sum(totals) / len(totals)}
-    for name, values in scores.per_reward.items():
-        ok = [float(v) for v in values if v is not None]
-        summary[f"rewards/{name}/mean"] = sum(ok) / len(ok) if ok else float("nan")
-    if correct is not None:
-        per_prompt = [sum(correct[i * num_samples:(i + 1) * num_samples]) for i in range(len(rows))]
-        summary["pass@1"] = sum(pass_at_k(num_samples, c, 1) for c in per_prompt) / len(rows)
-        if num_samples > 1:
-            summary[f"pass@{num_samples}"] = sum(pass_at_k(num_samples, c, num_samples)
-                                                 for c in per_prompt) / len(rows)
-    summary["mean_completion_chars"] = sum(len(c) for c in flat) / len(flat)
+    tally = EvalTally(rewards.names, acc_name, num_samples)
+    correct = tally.add(scores, flat)
+    summary = tally.summary()
 
     if output_file is not None:
         output_file = Path(output_file)

@@ -142,7 +142,8 @@ CURVE_KEYS = [
     ("loss", ["loss", "train/loss"]),
     ("reward", ["reward", "rewards/total/mean", "train/reward"]),
     ("reward", ["rewards/*/mean"]),
-    ("eval accuracy", ["eval/accuracy", "eval_accuracy"]),
+    ("eval pass@1", ["eval/pass@1", "eval/accuracy", "eval_accuracy"]),
+    ("eval reward", ["eval/reward/mean"]),
     ("clipped ratio", ["completions/clipped_ratio"]),
     ("zero-std fraction", ["frac_reward_zero_std"]),
     ("KL", ["kl", "train/kl"]),
@@ -167,7 +168,7 @@ def _expand(candidates: list[str], records: list[dict]) -> list[list[str]]:
 def plot_metrics(output_dir: str | Path, keys: list[tuple[str, list[str]]] | None = None) -> Path | None:
     """Draw training_curves.png from metrics.jsonl: one panel per curve that was logged.
 
-    GRPO runs get: loss, total reward, each reward's mean, eval accuracy (with eval data), the
+    GRPO runs get: loss, total reward, each reward's mean, eval pass@1 and reward (with eval data), the
     clipped ratio, the zero-std fraction, KL (only when it was measured: beta > 0), completion
     length and learning rate.
 

@@ -68,7 +68,8 @@ def eval_command(
     reward_module: list[Path] | None = typer.Option(None, "--reward-module", help="Python file with custom "
                                                       "rewards (repeatable)."),
     accuracy_reward: str | None = typer.Option(None, "--accuracy-reward", help="Reward whose value > 0 means "
-                                                  "correct (default: math_answer for --task math)."),
+                                                  "correct (default: math_answer for --task math; without a "
+                                                  "task, the first reward that checks the answer)."),
     num_samples: int = typer.Option(1, "--num-samples", "-k", min=1, help="Completions per prompt: reports "
                                     "pass@k (unbiased estimator) besides pass@1."),
     temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature "

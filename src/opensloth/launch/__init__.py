@@ -19,11 +19,13 @@ DataParallel and libraries that assume cuda:0 pick the wrong device.
 
 `prepare_only(cfg, output_path, num_workers)` (os-train data sft / grpo): steps 1 and 3 plus
 the statistics, and a copy of the prepared directory at --output-path.
+
+Nothing here branches on the recipe: what differs (its data prep, its batch-split rule, its checks
+before start, its plan rows) is asked of the recipe module (`opensloth.recipes` lists the contract).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -37,6 +39,7 @@ from rich.table import Table
 from opensloth.config import RunConfig, config_to_yaml, dump_config
 from opensloth.errors import UserError, plural
 from opensloth.launch.procs import Device, WorkerFailed, check_master_port, run_workers
+from opensloth.recipes import load_recipe
 
 __all__ = ["launch_training", "prepare_only", "resolve_devices", "check_output_dir", "WorkerFailed"]
 
@@ -96,51 +99,8 @@ def check_output_dir(cfg: RunConfig) -> None:
 
 
 def check_batch(cfg: RunConfig, world_size: int) -> None:
-    """GRPO splits each step's prompts evenly across workers: the count must divide."""
-    if cfg.recipe == "grpo" and cfg.grpo.rollout_batch_size % world_size:
-        raise UserError(f"--rollout-batch-size {cfg.grpo.rollout_batch_size} prompts cannot be split evenly "
-                        f"across {world_size} workers. Use a multiple of {world_size}, or change --devices.")
-
-
-def global_batch(cfg: RunConfig, world_size: int) -> str:
-    """The batch one optimizer step sees, across every worker, in words."""
-    t = cfg.training
-    if cfg.recipe == "grpo":
-        g = cfg.grpo
-        return (f"{plural(g.rollout_batch_size, 'prompt')} x {plural(g.group_size, 'completion')} = "
-                f"{plural(g.rollout_batch_size * g.group_size, 'completion')} per step "
-                f"({plural(g.rollout_batch_size // world_size, 'prompt')} per worker)")
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
-    return (f"{plural(per_step, 'sequence')} per step ({t.per_device_train_batch_size} per micro-batch x "
-            f"{t.gradient_accumulation_steps} accumulation x {plural(world_size, 'worker')})")
-
-
-# --rollout-batch-size counts prompts (as verl's train_batch_size); CS336's rollout_batch_size and TRL's
-# generation_batch_size count completions. A value that is a multiple of --group-size and makes at least
-# this many completions per step reads like such a count: the plan says so.
-RESPONSE_COUNT_NOTE_MIN = 1024
-
-
-def rollout_batch_note(cfg: RunConfig) -> str | None:
-    """A note when --rollout-batch-size reads like a count of completions (see RESPONSE_COUNT_NOTE_MIN)."""
-    g = cfg.grpo
-    n, group = g.rollout_batch_size, g.group_size
-    if n % group or n * group < RESPONSE_COUNT_NOTE_MIN:
-        return None
-    return (f"--rollout-batch-size counts prompts: {n} prompts x {group} = {n * group} completions per step. "
-            f"If {n} was meant as completions per step (CS336's rollout_batch_size, TRL's generation_batch_size), "
-            f"pass --rollout-batch-size {n // group}.")
-
-
-def grpo_updates_per_step(cfg: RunConfig, world_size: int) -> str:
-    """How many optimizer updates one GRPO step makes, and whether they are on-policy, in words."""
-    g, t = cfg.grpo, cfg.training
-    per_worker = g.rollout_batch_size // world_size * g.group_size
-    minibatch = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    updates = math.ceil(per_worker / minibatch) * g.epochs_per_rollout_batch
-    if updates == 1:
-        return "1 optimizer step per rollout (on-policy)"
-    return f"{plural(updates, 'optimizer step')} per rollout (after the first, off-policy: clipped to the old log-probs)"
+    """The recipe's batch must split across the workers (it says how: `check_world_size`)."""
+    load_recipe(cfg.recipe).check_world_size(cfg, world_size)
 
 
 def load_tokenizer(cfg: RunConfig) -> Any:
@@ -160,10 +120,7 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 
 def prepare_data(cfg: RunConfig, tokenizer: Any, num_shards: int) -> Any:
     """Prepare (or reuse from the cache) the recipe's dataset, split into `num_shards` shards."""
-    from opensloth import data
-
-    prepare = data.prepare_sft_dataset if cfg.recipe == "sft" else data.prepare_grpo_dataset
-    return prepare(cfg, tokenizer, num_shards)
+    return load_recipe(cfg.recipe).prepare_data(cfg, tokenizer, num_shards)
 
 
 def cache_status(cfg: RunConfig) -> str:
@@ -213,12 +170,8 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
         if stats.get("prompt_rendering"):  # GRPO: how the prompts reach the model
             table.add_row("prompts", stats["prompt_rendering"])
     table.add_row("output dir", str(cfg.training.output_dir))
-    table.add_row("global batch", global_batch(cfg, world))
-    if cfg.recipe == "grpo":
-        note = rollout_batch_note(cfg)
-        if note:
-            table.add_row("note", note, style="yellow")
-        table.add_row("updates", grpo_updates_per_step(cfg, world))
+    for row in load_recipe(cfg.recipe).plan_rows(cfg, world):
+        table.add_row(row.label, row.text, style=row.style)
     console.print(table)
 
 
@@ -293,10 +246,7 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
 
     if cfg.training.resume_from is not None:
         resolve_resume(cfg.training.output_dir, False, cfg.training.resume_from)
-    if cfg.recipe == "grpo":  # an unknown reward or a broken --reward-module, before anything is written
-        from opensloth.rewards import resolve_rewards
-
-        resolve_rewards(cfg.grpo.task, cfg.grpo.rewards, cfg.grpo.reward_weights, cfg.grpo.reward_modules)
+    load_recipe(cfg.recipe).check_before_start(cfg)  # e.g. GRPO: an unknown reward, before anything is written
     if dry_run:
         console.print(config_to_yaml(cfg), markup=False, highlight=False)
         print_plan(cfg, devices)

@@ -88,7 +88,6 @@ from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
 from opensloth.errors import TrainingStopped, UserError, plural
 from opensloth.grpo.core import (
-    POLICY_LOSS_REGISTRY,
     aggregate_loss,
     compute_group_advantages,
     compute_kl_k3,
@@ -238,6 +237,76 @@ class UpdateStats:
 
 
 # ---------------------------------------------------------------------------------------------
+# What the launcher asks of this recipe (opensloth.recipes): computed here once, used by both.
+# ---------------------------------------------------------------------------------------------
+
+# --rollout-batch-size counts prompts (as verl's train_batch_size); CS336's rollout_batch_size and TRL's
+# generation_batch_size count completions. A value that is a multiple of --group-size and makes at least
+# this many completions per step reads like such a count: the plan says so.
+RESPONSE_COUNT_NOTE_MIN = 1024
+
+
+def prepare_data(cfg: GRPORunConfig, tokenizer: Any, num_shards: int) -> Any:
+    """The prompt set, prepared once in the parent (or reused from the cache), one shard per worker."""
+    from opensloth.data import prepare_grpo_dataset
+
+    return prepare_grpo_dataset(cfg, tokenizer, num_shards)
+
+
+def check_world_size(cfg: GRPORunConfig, world_size: int) -> None:
+    """Each worker generates for an equal share of the step's prompts: the count must divide."""
+    if cfg.grpo.rollout_batch_size % world_size:
+        n = cfg.grpo.rollout_batch_size
+        raise UserError(f"--rollout-batch-size {n} must be a multiple of the number of workers: {n} prompts cannot "
+                        f"be split evenly across {world_size} workers. Use a multiple of {world_size}, "
+                        "or change --devices.")
+
+
+def check_before_start(cfg: GRPORunConfig) -> None:
+    """An unknown reward or a broken --reward-module fails here, before anything is prepared or written."""
+    from opensloth.rewards import resolve_rewards
+
+    g = cfg.grpo
+    resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
+
+
+def updates_per_rollout(cfg: GRPORunConfig, world_size: int) -> int:
+    """Optimizer steps one rollout batch makes: ceil(sequences per worker / mini-batch) per pass x passes."""
+    g, t = cfg.grpo, cfg.training
+    sequences = g.rollout_batch_size // world_size * g.group_size
+    minibatch = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    return math.ceil(sequences / minibatch) * g.epochs_per_rollout_batch
+
+
+def rollout_batch_note(cfg: GRPORunConfig) -> str | None:
+    """A note when --rollout-batch-size reads like a count of completions (see RESPONSE_COUNT_NOTE_MIN)."""
+    n, group = cfg.grpo.rollout_batch_size, cfg.grpo.group_size
+    if n % group or n * group < RESPONSE_COUNT_NOTE_MIN:
+        return None
+    return (f"--rollout-batch-size counts prompts: {n} prompts x {group} = {n * group} completions per step. "
+            f"If {n} was meant as completions per step (CS336's rollout_batch_size, TRL's generation_batch_size), "
+            f"pass --rollout-batch-size {n // group}.")
+
+
+def plan_rows(cfg: GRPORunConfig, world_size: int) -> list[Any]:
+    """The plan's rows for GRPO: the global batch in prompts and completions, a note, the updates per rollout."""
+    from opensloth.recipes import PlanRow
+
+    g = cfg.grpo
+    rows = [PlanRow("global batch", f"{plural(g.rollout_batch_size, 'prompt')} x {plural(g.group_size, 'completion')} "
+                    f"= {plural(g.rollout_batch_size * g.group_size, 'completion')} per step "
+                    f"({plural(g.rollout_batch_size // world_size, 'prompt')} per worker)")]
+    note = rollout_batch_note(cfg)
+    if note:
+        rows.append(PlanRow("note", note, "yellow"))
+    updates = updates_per_rollout(cfg, world_size)
+    rows.append(PlanRow("updates", "1 optimizer step per rollout (on-policy)" if updates == 1 else
+                        f"{plural(updates, 'optimizer step')} per rollout (after the first, off-policy: "
+                        "clipped to the old log-probs)"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # The recipe: __init__ checks, setup() builds, train() loops, save() and cleanup() finish.
 # ---------------------------------------------------------------------------------------------
 
@@ -248,21 +317,9 @@ class GRPORecipe:
     def __init__(self, cfg: GRPORunConfig, ctx: WorkerContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         g, t = cfg.grpo, cfg.training
-        # Reject flag combinations before any model is loaded.
-        if g.rollout_batch_size % ctx.world_size:
-            raise UserError(
-                f"--rollout-batch-size {g.rollout_batch_size} must be a multiple of the number of workers "
-                f"({ctx.world_size}): each worker generates for an equal share of the prompts."
-            )
+        # The flag checks that need no worker count ran when the config was built (opensloth.config).
+        check_world_size(cfg, ctx.world_size)
         self.policy_loss = get_policy_loss(g.loss_type)  # what it needs: advantages or rewards, pi_old or not
-        if self.policy_loss.signal == "rewards" and g.filter_zero_std:
-            with_advantages = [name for name, loss in POLICY_LOSS_REGISTRY.items() if loss.signal == "advantages"]
-            raise UserError(
-                f"--filter-zero-std drops groups whose advantage is zero, but --loss-type {g.loss_type} uses raw "
-                f"rewards, not advantages. Use --loss-type {' or '.join(with_advantages)}, or drop the flag."
-            )
-        if not cfg.model.full_finetune and not cfg.lora.target_modules:
-            raise UserError("--target-modules is empty: LoRA needs at least one module (or use --full-finetune).")
         self.local_prompts = g.rollout_batch_size // ctx.world_size
         self.minibatch_size = t.per_device_train_batch_size * t.gradient_accumulation_steps
         self.global_step = 0
@@ -320,8 +377,7 @@ class GRPORecipe:
             self.ref_adapter = add_reference_adapter(self.model, cfg.model.model)
 
         self.total_steps = self._count_steps()
-        updates_per_pass = math.ceil(self.local_prompts * g.group_size / self.minibatch_size)
-        self.updates_per_rollout = updates_per_pass * g.epochs_per_rollout_batch
+        self.updates_per_rollout = updates_per_rollout(cfg, ctx.world_size)
         total_updates = self.total_steps * self.updates_per_rollout
         self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
         warmup = math.ceil(t.warmup_ratio * total_updates)
@@ -482,6 +538,8 @@ class GRPORecipe:
         local = self.step_metrics(rollout, scores, adv_meta, num_filtered=num_before - len(batch),
                                   learning_rate=learning_rate, timings=timings)
         metrics = reduce_metrics(local) | update_metrics
+        # The job's throughput: the sum of the workers' rates (their mean, logged as it is, times the workers).
+        metrics["tokens_per_second"] = metrics["tokens_per_second_per_worker"] * self.ctx.world_size
         metrics.update(self.reduce_logged(scores.logged))  # what rewards passed to log_metric
         metrics.update(self.check_alarms(step, metrics))
         self.set_trainer_state(step)
@@ -506,7 +564,7 @@ class GRPORecipe:
             adv_meta: `compute_group_advantages`' metadata of the step's rewards (0-dim tensors).
             num_filtered: sequences --filter-zero-std dropped.
             learning_rate: the rate of the step's first optimizer update.
-            timings: seconds per phase; `step_time` also gives tokens_per_second.
+            timings: seconds per phase; `step_time` also gives tokens_per_second_per_worker.
         """
         completion_lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
         return {
@@ -520,7 +578,7 @@ class GRPORecipe:
             "num_filtered_sequences": float(num_filtered),
             "learning_rate": learning_rate,
             **timings,
-            "tokens_per_second": float(rollout.attention_mask.sum()) / timings["step_time"],
+            "tokens_per_second_per_worker": float(rollout.attention_mask.sum()) / timings["step_time"],
             **self.reward_metrics(scores),
         }
 
@@ -799,46 +857,30 @@ class GRPORecipe:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy completions on this worker's share of the held-out set; sums reduced across workers.
+        """What `os eval` reports on the held-out set, from this run's rewards: one greedy completion per
+        prompt, tallied on this worker's share and summed across workers (`evaluate.EvalTally`).
 
-        Reports eval/rewards/<name>/mean, eval/reward, eval/accuracy (math_answer against the `answer`
-        column, whether or not it is one of the run's rewards), eval/format_rate (the share of completions
-        in exactly a reasoning format, math_format = 1) and eval/mean_length (tokens).
+        Logged with an `eval/` prefix: eval/reward/mean, eval/rewards/<name>/mean, eval/pass@1 (when the run
+        has an accuracy reward: the task's, else its first answer-checking one; `evaluate.default_accuracy_reward`)
+        and eval/mean_completion_chars.
         """
-        from opensloth.rewards import math_answer, math_format
+        from opensloth.evaluate import EvalTally, default_accuracy_reward
 
         if self.eval_rows is None or len(self.eval_rows) == 0:
             return {}
         rows = self.eval_rows.shard(self.ctx.world_size, self.ctx.rank, contiguous=True)
         self.model.eval()
-        # Fixed keys on every worker (one may hold no eval rows): the sums are reduced in one collective.
-        keys = [f"eval/rewards/{name}/mean" for name in self.rewards.names]
-        keys += ["eval/reward", "eval/mean_length", "eval/format_rate", "count"]
-        if "math_answer" in self.rewards.names or "answer" in self.eval_rows.column_names:
-            keys.append("eval/accuracy")
-        totals = dict.fromkeys(keys, 0.0)
+        tally = EvalTally(self.rewards.names, default_accuracy_reward(self.cfg.grpo.task, self.rewards.names), 1)
         bs = max(1, self.cfg.grpo.rollout_batch_size * self.cfg.grpo.group_size // self.ctx.world_size)
         for start in range(0, len(rows), bs):
             chunk = rows.select(range(start, min(start + bs, len(rows))))
             rollout = self.engine.generate([list(ids) for ids in chunk["prompt_ids"]], group_size=1,
                                            max_new_tokens=self.cfg.grpo.max_new_tokens, greedy=True)
-            scores = self.score(chunk, rollout, 1, strict=not self.rewards_checked)
-            for name, values in scores.per_reward.items():
-                totals[f"eval/rewards/{name}/mean"] += sum(v for v in values if v is not None)
-            totals["eval/reward"] += float(torch.as_tensor(scores.total).sum())
-            texts = rollout.completions_text
-            totals["eval/format_rate"] += sum(math_format.score_one(text) == 1.0 for text in texts)
-            correct = scores.per_reward.get("math_answer")
-            if correct is None and "answer" in chunk.column_names:
-                correct = math_answer(chunk["prompt"], texts, answer=list(chunk["answer"]))
-            if correct is not None:
-                totals["eval/accuracy"] += sum(v or 0.0 for v in correct)
-            totals["eval/mean_length"] += float(rollout.completion_mask.sum())
-            totals["count"] += len(chunk)
-        keys = sorted(totals)
-        reduced = dict(zip(keys, all_reduce_scalars([totals[k] for k in keys], op="sum")))
-        count = max(reduced.pop("count"), 1.0)
-        out = {k: v / count for k, v in reduced.items()}
+            tally.add(self.score(chunk, rollout, 1, strict=not self.rewards_checked), rollout.completions_text)
+        # The same keys on every worker (one may hold no eval rows), so the sums reduce in one collective.
+        keys = sorted(tally.totals)
+        tally.totals = dict(zip(keys, all_reduce_scalars([tally.totals[k] for k in keys], op="sum")))
+        out = {f"eval/{key}": value for key, value in tally.summary().items()}
         if self.ctx.is_main:
             from opensloth.distributed import print0
 

@@ -46,7 +46,7 @@ from opensloth.checkpoint import (
 )
 from opensloth.config import SFTRunConfig
 from opensloth.distributed import WorkerContext
-from opensloth.errors import TrainingStopped, UserError, plural
+from opensloth.errors import TrainingStopped, plural
 from opensloth.models import load_model_and_tokenizer, unwrap_model
 from opensloth.tracking import MetricsLogger, TrainingProgress
 
@@ -54,6 +54,34 @@ logger = logging.getLogger("opensloth")
 
 # Shown on the progress bar (when logged).
 PROGRESS_KEYS = ["loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_loss"]
+
+
+# What the launcher asks of this recipe (opensloth.recipes).
+
+
+def prepare_data(cfg: SFTRunConfig, tokenizer: Any, num_shards: int) -> Any:
+    """The tokenized dataset, prepared once in the parent (or reused from the cache)."""
+    from opensloth.data import prepare_sft_dataset
+
+    return prepare_sft_dataset(cfg, tokenizer, num_shards)
+
+
+def check_world_size(cfg: SFTRunConfig, world_size: int) -> None:
+    """Any worker count works: the HF Trainer gives each rank its slice of every batch."""
+
+
+def check_before_start(cfg: SFTRunConfig) -> None:
+    """Nothing to check before data prep beyond the config's own validators."""
+
+
+def plan_rows(cfg: SFTRunConfig, world_size: int) -> list[Any]:
+    """The plan's rows for SFT: the global batch in sequences."""
+    from opensloth.recipes import PlanRow
+
+    t = cfg.training
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+    return [PlanRow("global batch", f"{plural(per_step, 'sequence')} per step ({t.per_device_train_batch_size} "
+                    f"per micro-batch x {t.gradient_accumulation_steps} accumulation x {plural(world_size, 'worker')})")]
 
 
 class SFTRecipe:
@@ -64,8 +92,6 @@ class SFTRecipe:
             raise ValueError(f"SFTRecipe got a {cfg.recipe!r} config")
         if ctx.prepared_data_path is None:
             raise ValueError("the launcher must prepare the data and pass ctx.prepared_data_path")
-        if cfg.training.eval_steps and not (cfg.data.eval_dataset or cfg.data.eval_split_ratio):
-            raise UserError("--eval-steps needs evaluation data: pass --eval-dataset or --eval-split-ratio.")
         self.cfg = cfg
         self.ctx = ctx
         self.output_dir = cfg.training.output_dir
@@ -270,9 +296,10 @@ class _LogCallback(TrainerCallback):
         if "num_tokens" in logs:
             tokens, then = self._tokens_time
             now = time.perf_counter()
-            # TRL's num_tokens is summed over workers; report per worker (torchtune's tokens/s/GPU).
-            rate = (logs["num_tokens"] - tokens) / max(now - then, 1e-9) / self.ctx.world_size
-            logs["tokens_per_second_per_worker"] = rate
+            # TRL's num_tokens is summed over workers: the job's rate, and per worker (torchtune's tokens/s/GPU).
+            rate = (logs["num_tokens"] - tokens) / max(now - then, 1e-9)
+            logs["tokens_per_second"] = rate
+            logs["tokens_per_second_per_worker"] = rate / self.ctx.world_size
             self._tokens_time = (float(logs["num_tokens"]), now)
         self._last.update(logs)
         self.metrics.log(state.global_step, logs)
