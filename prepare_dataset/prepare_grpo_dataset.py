@@ -103,7 +103,8 @@ def check_output_path(path: Path) -> None:
 def write_prompt_set(args: argparse.Namespace, dataset: str, config: str | None) -> None:
     """Without --model: the prompt/answer rows, saved with `save_to_disk` (temporary dir, then renamed)."""
     from opensloth.config import DataConfig
-    from opensloth.data.prepare import describe_drops, prompt_set
+    from opensloth.data import describe_drops
+    from opensloth.data.grpo_prompts import prompt_set
     from opensloth.rewards.base import PRESETS
 
     for option, value in (("--chat-template", args.chat_template), ("--num-workers", args.num_workers)):
@@ -126,8 +127,8 @@ def write_prompt_set(args: argparse.Namespace, dataset: str, config: str | None)
     table = Table(title="prompt set", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("dataset", f"{dataset} ({stats['format']} format)")
-    table.add_row("rows", f"{stats['num_rows']} of {stats['rows_in']}")
+    table.add_row("dataset", f"{dataset} ({stats.format} format)")
+    table.add_row("rows", f"{stats.num_rows} of {stats.rows_in}")
     table.add_row("dropped", "; ".join(describe_drops(stats)) or "nothing (every row used whole)")
     table.add_row("columns", ", ".join(rows.column_names))
     task_flag = f" --task {task}" if task else ""

@@ -70,8 +70,8 @@ def test_question_and_plain_answer_rows_are_a_math_prompt_set(tiny_model_dir, to
     renders them with CS336's prompt (not the reasoning system prompt the math formats default to)."""
     prepared = prepare_grpo_dataset(grpo_cfg(tiny_model_dir, cs336_file, tmp_path, chat_template="r1-zero"),
                                     tokenizer, 1)
-    assert prepared.stats["format"] == "question-answer"
-    assert prepared.stats["chat_template"] == "r1-zero"
+    assert prepared.stats.format == "question-answer"
+    assert prepared.stats.chat_template == "r1-zero"
     rows = prepared.load_all()
     source = {r["question"]: r["answer"] for r in make_arithmetic_rows(6, seed=4, schema="question-answer")}
     for row in rows:
@@ -81,7 +81,7 @@ def test_question_and_plain_answer_rows_are_a_math_prompt_set(tiny_model_dir, to
         assert row["answer"] == source[question] and row["level"] == "Level 1"
     # gsm8k rows (an answer with '#### n') are still gsm8k; a gsm8k file with one plain answer is refused.
     gsm8k = write_rows(make_arithmetic_rows(3, seed=4, schema="gsm8k"), tmp_path / "gsm8k.jsonl")
-    assert prepare_grpo_dataset(grpo_cfg(tiny_model_dir, gsm8k, tmp_path), tokenizer, 1).stats["format"] == "gsm8k"
+    assert prepare_grpo_dataset(grpo_cfg(tiny_model_dir, gsm8k, tmp_path), tokenizer, 1).stats.format == "gsm8k"
     mixed = write_rows([*make_arithmetic_rows(2, seed=4, schema="gsm8k"), {"question": "1+1?", "answer": "2"}],
                        tmp_path / "mixed.jsonl")
     with pytest.raises(UserError, match="Row 3 of --dataset .* no final '#### n' line .* --format question-answer"):

@@ -13,7 +13,7 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from opensloth.config import resolve_config
+from opensloth.config import DataConfig, resolve_config
 from opensloth.data import (
     check_shards,
     find_cached,
@@ -23,7 +23,8 @@ from opensloth.data import (
     reshard,
 )
 from opensloth.data.formats import BadRow, detect_format, format_grpo_row, format_sft_row
-from opensloth.data.prepare import assistant_char_spans, nearest_rank, spans_to_mask
+from opensloth.data.grpo_prompts import nearest_rank
+from opensloth.data.sft_rows import assistant_char_spans, spans_to_mask
 from opensloth.data.synthetic import make_arithmetic_rows, write_rows
 from opensloth.data.templates import REASONING_SYSTEM_PROMPT, apply_chat_template, chatml_template, render
 from opensloth.errors import UserError
@@ -212,7 +213,7 @@ def test_sft_rows_train_on_the_assistant_turn_only(tiny_model_dir, tok, sft_file
         assert masked_text(tok, row) in expected
         text = tok.decode(row["input_ids"])
         assert text.startswith(f"<|im_start|>system\n{REASONING_SYSTEM_PROMPT}")
-    assert prepared.stats["assistant_tokens"] == sum(sum(r["assistant_masks"]) for r in rows)
+    assert prepared.stats.sft.assistant_tokens == sum(sum(r["assistant_masks"]) for r in rows)
     assert "<start_working_out>" in prepared.chat_template
     assert prepared.meta["format"] == "openmath-reasoning"  # detected
 
@@ -247,10 +248,35 @@ def test_truncation_is_counted(tiny_model_dir, tok, tmp_path):
     prepared = prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c", max_seq_length=40,
                                            chat_template="chatml"), tok, 1)
     s = prepared.stats
-    assert s["truncated_rows"] == 2  # the long completion and the long prompt
-    assert s["dropped_no_assistant_tokens"] == 1  # the long prompt: its answer was cut off entirely
-    assert s["num_rows"] == 2 and s["longest_row_tokens"] > 200
+    assert s.sft.truncated_rows == 2  # the long completion and the long prompt
+    assert s.sft.dropped_no_assistant_tokens == 1  # the long prompt: its answer was cut off entirely
+    assert s.num_rows == 2 and s.sft.longest_row_tokens > 200
     assert all(len(r["input_ids"]) <= 40 for r in prepared.load_all())
+
+
+def test_stats_read_back_every_key_of_this_and_older_metadata():
+    from opensloth.data import PrepStats, describe_drops
+
+    # As a GRPO entry of this version writes them (no eval prompts, so no dropped_long_eval_prompts).
+    grpo = {"rows_in": 10, "format": "prompt-answer", "num_rows": 7, "eval_rows": 1, "chat_template": "model",
+            "seconds": 0.5, "bad_rows": 2, "bad_row_examples": ["row 3: column 'prompt' is empty"],
+            "prompt_rendering": "text prompts as they are", "prompt_tokens_p50": 5, "prompt_tokens_p90": 9,
+            "prompt_tokens_p99": 9, "prompt_tokens_max": 9, "max_prompt_length": 8, "prompt_length_percentile": None,
+            "percentile_tokens": None, "prompt_length_threshold": 8, "dropped_long_prompts": 1,
+            "dropped_over_max_prompt_length": 1, "dropped_over_percentile": 0}
+    stats = PrepStats.from_dict(grpo)
+    assert stats.to_dict() == grpo and stats.sft is None and stats.prompts.prompt_length_threshold == 8
+    assert describe_drops(stats) == ["2 malformed rows dropped (--skip-bad-rows)",
+                                     "1 prompt longer than --max-prompt-length 8 dropped"]
+    # An older SFT entry: no bad-row count yet, and a key this version does not know (kept as it is).
+    old = {"rows_in": 4, "num_rows": 3, "max_seq_length": 16, "truncated_rows": 1, "tokens": 40,
+           "assistant_tokens": 9, "longest_row_tokens": 20, "dropped_no_assistant_tokens": 1, "packing": False}
+    stats = PrepStats.from_dict(old)
+    assert stats.other == {"packing": False} and stats.sft.truncated_rows == 1
+    assert stats.to_dict() == {**old, "bad_rows": 0}
+    assert describe_drops(stats) == ["1 row truncated to --max-seq-length 16",
+                                     "1 row dropped: no assistant tokens left after truncation"]
+    assert describe_drops(PrepStats.from_dict({})) == [] and PrepStats.from_dict({}).rows_in is None
 
 
 # -------------------------------------------------------------------------------------------- cache
@@ -323,8 +349,8 @@ def test_bad_row_stops_with_its_index_unless_skipped(tiny_model_dir, tok, tmp_pa
     with pytest.raises(UserError, match=r"Row (3|5) of --dataset \S+bad.jsonl is malformed.*--skip-bad-rows"):
         prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c"), tok, 1)
     prepared = prepare_sft_dataset(sft_cfg(tiny_model_dir, data, tmp_path / "c", skip_bad_rows=True), tok, 1)
-    assert prepared.num_rows == 4 and prepared.stats["bad_rows"] == 2
-    assert any(e.startswith("row 5: column 'problem' is empty") for e in prepared.stats["bad_row_examples"])
+    assert prepared.num_rows == 4 and prepared.stats.bad_rows == 2
+    assert any(e.startswith("row 5: column 'problem' is empty") for e in prepared.stats.bad_row_examples)
 
 
 def test_chatml_on_a_tokenizer_without_im_end_warns(tiny_model_dir, tmp_path, caplog):
@@ -476,18 +502,68 @@ def test_code_prompts_without_answers_keep_their_tests(tiny_model_dir, tok, tmp_
     assert sorted(map(len, out["tests"])) == [0, 1] and out["answer"] == [None, None]
 
 
+def test_a_rewards_dataset_check_runs_at_data_prep_and_can_refuse(tiny_model_dir, tok, tmp_path, clean_registry):
+    from opensloth.data.grpo_prompts import prompt_set
+    from opensloth.rewards.base import RewardFunction, register_reward_function
+
+    calls = []
+
+    class NeedsTopic(RewardFunction):
+        """A custom reward whose scores need a `topic` in every row: it refuses a dataset without one."""
+
+        name = "needs_topic"
+
+        def score(self, prompts, completions, **columns):
+            return [0.0] * len(completions)
+
+        def check_dataset(self, rows, where, row_name):
+            calls.append((where, len(rows)))
+            empty = [i for i, topic in enumerate(rows["topic"]) if not topic]
+            if empty:
+                raise UserError(f"{where}, {row_name(empty[0])}: needs_topic needs a topic")
+
+    register_reward_function(NeedsTopic())
+    rows = [{"prompt": "Say hi.", "answer": "hi", "topic": "greeting"}, {"prompt": "Say bye.", "answer": "bye", "topic": ""}]
+    data = write_rows(rows, tmp_path / "topics.jsonl")
+    with pytest.raises(UserError, match=r"^--dataset .*topics\.jsonl, row 2: needs_topic needs a topic$"):
+        prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", rewards=["needs_topic"]), tok, 1)
+    with pytest.raises(UserError, match="row 2: needs_topic needs a topic"):
+        prompt_set(DataConfig(dataset=str(data)), 0, ["needs_topic"])
+    assert calls == [(f"--dataset {data}", 2)] * 2
+    # A run without that reward never asks it; a dataset it accepts is prepared.
+    assert prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", rewards=["length_penalty"]), tok,
+                                1).num_rows == 2 and len(calls) == 2
+    good = write_rows([{**r, "topic": "t"} for r in rows], tmp_path / "good.jsonl")
+    assert prepare_grpo_dataset(grpo_cfg(tiny_model_dir, good, tmp_path / "c", rewards=["needs_topic"]), tok,
+                                1).num_rows == 2 and calls[-1] == (f"--dataset {good}", 2)
+
+
+def test_code_correctness_refuses_unsplittable_tests_through_its_dataset_check(tiny_model_dir, tok, tmp_path):
+    from opensloth.data.grpo_prompts import prompt_set
+
+    rows = [{"prompt": "Write add(a, b).", "test_cases": ["assert add(1, 2) == 3"]},
+            {"prompt": "Write mk(x).", "test_cases": ["assert mk(1) == Node(1)"]}]
+    data = write_rows(rows, tmp_path / "code.jsonl")
+    with pytest.raises(UserError, match=r"code\.jsonl, row 2, column 'test_cases': the test 'assert mk\(1\) == Node"):
+        prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", task="code"), tok, 1)
+    with pytest.raises(UserError, match="row 2, column 'test_cases'"):
+        prompt_set(DataConfig(dataset=str(data)), 0, ["code_correctness"])
+    assert prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c"), tok, 1).num_rows == 2  # no such reward
+
+
 def test_long_prompts_are_dropped_and_counted(tiny_model_dir, tok, tmp_path):
     rows = [{"prompt": "q" * n, "answer": "1"} for n in range(1, 11)]  # prompt lengths differ by 1 token each
     data = write_rows(rows, tmp_path / "pa.jsonl")
     prepared = prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", prompt_length_percentile=0.8),
                                     tok, 1)
-    assert prepared.num_rows == 8 and prepared.stats["dropped_long_prompts"] == 2
+    prompts = prepared.stats.prompts
+    assert prepared.num_rows == 8 and prompts.dropped_long_prompts == 2
     lengths = [len(x) for x in prepared.load_all()["prompt_ids"]]
-    assert max(lengths) == prepared.stats["prompt_length_threshold"] == prepared.stats["prompt_tokens_max"] - 2
+    assert max(lengths) == prompts.prompt_length_threshold == prompts.prompt_tokens_max - 2
     shortest = min(lengths)
     capped = prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", prompt_length_percentile=1.0,
                                            max_prompt_length=shortest + 2), tok, 1)
-    assert capped.num_rows == 3 and capped.stats["dropped_long_prompts"] == 7
+    assert capped.num_rows == 3 and capped.stats.prompts.dropped_long_prompts == 7
     with pytest.raises(UserError, match="--max-prompt-length"):
         prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", max_prompt_length=shortest - 1), tok, 1)
     assert nearest_rank([5, 1, 3, 2, 4], 0.5) == 3 and nearest_rank([5, 1, 3, 2, 4], 1.0) == 5

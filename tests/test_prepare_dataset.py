@@ -58,7 +58,7 @@ def test_seed_command_with_custom_file_writes_the_prompt_set_training_renders(tm
         cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir), "dataset": str(dataset), "task": "math",
                                             "cache_dir": str(tmp_path / "cache")})
         prepared = prepare_grpo_dataset(cfg, tokenizer, 1)
-        assert prepared.stats["format"] == ("prompt-answer" if dataset.is_dir() else "dapo-math")
+        assert prepared.stats.format == ("prompt-answer" if dataset.is_dir() else "dapo-math")
         train = prepared.load_all()
         return dict(zip(train["prompt_text"], train["answer"]))
 

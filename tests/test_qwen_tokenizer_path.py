@@ -140,7 +140,7 @@ def test_tool_conversations_under_qwens_template(tok, qwen25_instruct_model_dir,
     cfg = cfg_for("sft", qwen25_instruct_model_dir, data, tmp_path / "cache", format="chat", chat_template="model",
                   skip_bad_rows=True)
     prepared = prepare_sft_dataset(cfg, tok, 1)
-    assert prepared.stats["bad_rows"] == 1
+    assert prepared.stats.bad_rows == 1
     (row,) = prepared.load_all()
     ids, mask = row["input_ids"], row["assistant_masks"]
     runs, current = [], []
@@ -224,7 +224,7 @@ def test_no_cuts_for_tokenizers_that_start_every_input_with_a_word_boundary(tok)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from opensloth.data.prepare import piecewise_tokenization_is_exact
+    from opensloth.data.sft_rows import piecewise_tokenization_is_exact
     from opensloth.models.tiny import build_byte_tokenizer
 
     backend = Tokenizer(models.WordLevel({"<unk>": 0, "\u2581Hi": 1, "\u2581there": 2}, unk_token="<unk>"))

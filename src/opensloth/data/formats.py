@@ -19,7 +19,7 @@ GRPO formats (each gives the prompt messages and the reference answer):
     the full original answer is kept as `reference_solution`;
   - `question-answer`: `question` (or `problem`) and a plain `answer`, taken as it is (the math
     prompt sets of Stanford CS336, MATH). Detection: `question` + `answer` columns are gsm8k when
-    some answer holds `####` (the caller checks, see `prepare`), else question-answer;
+    some answer holds `####` (the caller checks, see `rows.detect_source_format`), else question-answer;
   - `prompt-answer`: `prompt` (text or messages) and `answer`; a dataset without an `answer`
     column (e.g. code tasks, whose rewards read a `tests` column) gets answer None.
 The math formats start the conversation with the reasoning system prompt (or --system-prompt; with

@@ -26,7 +26,7 @@ Names:
 The ChatML and reasoning templates wrap each assistant turn's content and its closing
 `<|im_end|>` in `{% generation %}` markers, so `apply_chat_template(...,
 return_assistant_tokens_mask=True)` (and TRL's assistant_only_loss) work with them too. The
-pipeline itself does not depend on the markers (see `opensloth.data.prepare`).
+pipeline itself does not depend on the markers (see `opensloth.data.sft_rows`).
 """
 
 from __future__ import annotations

@@ -163,12 +163,12 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
     else:
         hit = "cache hit" if prepared.cache_hit else "prepared now (cache miss)"
         stats = prepared.stats
-        read = f" of {stats['rows_in']} read" if "rows_in" in stats else ""
+        read = f" of {stats.rows_in} read" if stats.rows_in is not None else ""
         table.add_row("data", f"{plural(prepared.num_rows, 'row')}{read}, {plural(prepared.num_shards, 'shard')}, "
                       f"{hit}: {prepared.path}")
         table.add_row("dropped", "; ".join(describe_drops(stats)) or "nothing (every row used whole)")
-        if stats.get("prompt_rendering"):  # GRPO: how the prompts reach the model
-            table.add_row("prompts", stats["prompt_rendering"])
+        if stats.prompt_rendering:  # GRPO: how the prompts reach the model
+            table.add_row("prompts", stats.prompt_rendering)
     table.add_row("output dir", str(cfg.training.output_dir))
     for row in load_recipe(cfg.recipe).plan_rows(cfg, world):
         table.add_row(row.label, row.text, style=row.style)
@@ -320,7 +320,7 @@ def prepare_only(cfg: RunConfig, output_path: Optional[Path] = None,
     table.add_row("rows", str(prepared.num_rows))
     table.add_row("shards", f"{prepared.num_shards} (one per worker)")
     table.add_row("dropped", "; ".join(describe_drops(prepared.stats)) or "nothing (every row used whole)")
-    for key, value in sorted(prepared.stats.items()):
+    for key, value in sorted(prepared.stats.to_dict().items()):
         table.add_row(str(key), str(value))
     if output_path is not None:
         # Copy beside the target, then rename: an interrupted copy never looks like a prepared dir.

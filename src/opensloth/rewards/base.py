@@ -84,6 +84,22 @@ class RewardFunction:
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list:
         raise NotImplementedError
 
+    def check_dataset(self, rows: Any, where: str, row_name: Callable[[int], str]) -> None:
+        """Refuse, when the data is prepared, a dataset this reward could not score: raise a UserError
+        naming the row and the fix, rather than fail mid-run. The default accepts every dataset.
+
+        Called once for --dataset and once for --eval-dataset, with the source rows as loaded (before
+        formatting), for each of the run's rewards (the --task preset's and --rewards).
+
+        Args:
+            rows: the dataset (a `datasets.Dataset`: `rows.column_names`, `rows[column]` the values).
+            where: the option and dataset, for the message (e.g. "--dataset data.jsonl").
+            row_name: how the message names 0-based row i ("row 3", or "row 3 (line 5)" in a .jsonl file).
+
+        Raises:
+            UserError: the dataset has a row this reward cannot score.
+        """
+
     def __repr__(self) -> str:
         return f"<reward {self.name} ({self.source})>"
 
@@ -249,6 +265,12 @@ def get_reward_functions(names: Sequence[str]) -> list[RewardFunction]:
             )
         out.append(_REGISTRY[name])
     return out
+
+
+def registered_rewards(names: Sequence[str]) -> list[RewardFunction]:
+    """The registered rewards among `names`, each once, in order; names not registered are left out
+    (`get_reward_functions` is the lookup that refuses them)."""
+    return [_REGISTRY[name] for name in dict.fromkeys(names) if name in _REGISTRY]
 
 
 def list_reward_functions() -> list[RewardFunction]:

@@ -14,7 +14,8 @@ tests the sandbox reports the program's stdout and the comparison happens here.
 The sandbox writes one record per test as soon as that test has run; a test with no record, more
 than one, or a malformed one fails. A test that cannot be split safely (`assert f(x) == Node(1)`,
 where the expected side would run other model code; a loop; a `def check(candidate)` block) is
-reported when the data is prepared (`check_test_column`) and fails if it reaches scoring anyway.
+reported when the data is prepared (`CodeCorrectnessReward.check_dataset`) and fails if it reaches
+scoring anyway.
 Both sides calling the same function (`f(x) == f(y)`) are both reported and compared here; an
 assert of literals only (`assert True`) is evaluated here and, when true, is not a test.
 """
@@ -481,22 +482,6 @@ def check_test_column(rows: Any, column: str = "tests", source: str = "the datas
     return checked
 
 
-def check_dataset_tests(dataset: Any, rewards: list[str], source: str,
-                        row_name: Callable[[int], str] = row_number) -> int:
-    """When `code_correctness` is among the run's rewards, check the dataset's test column
-    (`tests`, else `test_cases`, as the reward reads them) with `check_test_column`.
-
-    Returns:
-        The number of assert tests checked (0 when the reward or the column is absent).
-    """
-    if "code_correctness" not in rewards:
-        return 0
-    for column in ("tests", "test_cases"):
-        if column in dataset.column_names:
-            return check_test_column(dataset[column], column, source, row_name)
-    return 0
-
-
 class CodeCorrectnessReward(RewardFunction):
     """Scores the last ```python block of a completion, in [0, 1].
 
@@ -527,6 +512,14 @@ class CodeCorrectnessReward(RewardFunction):
     def __init__(self, limits: SandboxLimits = DEFAULT_LIMITS, max_tests: int = 16, workers: int = 4,
                  test_timeout_s: float = DEFAULT_TEST_TIMEOUT_S):
         self.limits, self.max_tests, self.workers, self.test_timeout_s = limits, max_tests, workers, test_timeout_s
+
+    def check_dataset(self, rows, where, row_name=row_number):
+        """Every assert test of the dataset's test column (`tests`, else `test_cases`, as `score` reads
+        them) can be split safely (`check_test_column`), else a UserError naming the first that cannot."""
+        for column in ("tests", "test_cases"):
+            if column in rows.column_names:
+                check_test_column(rows[column], column, where, row_name)
+                return
 
     def score(self, prompts, completions, **columns):
         tests = columns.get("tests") or columns.get("test_cases") or [None] * len(completions)
