@@ -26,6 +26,7 @@ RANKS = {
     "evaluate": 3,  # composes models, data and rewards for `os eval`, like a recipe
     "grpo": 1,
     "config": 0,
+    "trl_names": 0,  # TRL's config vocabulary, read by config.py
     "errors": 0,
 }
 LIBRARY_RANK = 2

@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from opensloth import trl_names
 from opensloth.errors import UserError, plural
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -350,14 +351,6 @@ class GRPORunConfig(RunConfig):
                 f"--reward-weights has {plural(len(g.reward_weights), 'value')} but --rewards names "
                 f"{plural(len(g.rewards), 'reward')}"
             )
-        from opensloth.grpo.core import POLICY_LOSS_REGISTRY  # what each loss needs (torch, imported late)
-
-        if g.filter_zero_std and POLICY_LOSS_REGISTRY[g.loss_type].signal == "rewards":
-            with_advantages = [name for name, loss in POLICY_LOSS_REGISTRY.items() if loss.signal == "advantages"]
-            raise ValueError(
-                f"--filter-zero-std drops groups whose advantage is zero, but --loss-type {g.loss_type} uses raw "
-                f"rewards, not advantages. Use --loss-type {' or '.join(with_advantages)}, or drop the flag"
-            )
         return self
 
 
@@ -393,6 +386,33 @@ def _nest(run_cls: type[RunConfig], flat: dict[str, Any], origin: str) -> dict[s
     index = field_index(run_cls)
     section_names = set(sections(run_cls))
     nested: dict[str, dict[str, Any]] = {}
+    given_as_trl: dict[str, str] = {}  # our field -> the TRL key that set it in this layer
+
+    def put(key: str, value: Any, shown: str, trl_key: str | None = None) -> None:
+        # GRPO reads TRL's GRPOConfig names too (opensloth.trl_names): each maps onto ours or is refused.
+        try:
+            translated = (trl_names.translate(key, value, ours=key in index)
+                          if run_cls is GRPORunConfig and trl_key is None else None)
+        except UserError as exc:
+            raise UserError(f"{exc} (in {origin})") from None
+        if translated is not None:
+            for name, sub_value in translated.items():
+                if name == trl_names.DEFERRED:
+                    nested.setdefault(name, {}).update(sub_value)
+                else:
+                    put(name, sub_value, shown, trl_key=key)
+        elif key in index:
+            already = nested.get(index[key][0], {})
+            if key in already and already[key] != value and (trl_key or key in given_as_trl):
+                first = given_as_trl.get(key, key)
+                raise UserError(f"{origin} gives {first}: {already[key]!r} and {trl_key or key}: {value!r}, which "
+                                f"set the same option ({flag_name(key)}). Keep one.")
+            if trl_key:
+                given_as_trl[key] = trl_key
+            nested.setdefault(index[key][0], {})[key] = value
+        else:
+            _unknown_key(shown, key, index, origin)
+
     for key, value in flat.items():
         key_norm = str(key).replace("-", "_")
         if key_norm == "recipe":
@@ -400,13 +420,11 @@ def _nest(run_cls: type[RunConfig], flat: dict[str, Any], origin: str) -> dict[s
         if key_norm in section_names and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 sub_norm = str(sub_key).replace("-", "_")
-                if sub_norm not in sections(run_cls)[key_norm].model_fields:
-                    _unknown_key(f"{key_norm}.{sub_key}", sub_norm, index, origin)
-                nested.setdefault(key_norm, {})[sub_norm] = sub_value
-        elif key_norm in index:
-            nested.setdefault(index[key_norm][0], {})[key_norm] = value
+                if sub_norm in index and sub_norm not in sections(run_cls)[key_norm].model_fields:
+                    _unknown_key(f"{key_norm}.{sub_key}", sub_norm, index, origin)  # ours, in the wrong section
+                put(sub_norm, sub_value, f"{key_norm}.{sub_key}")
         else:
-            _unknown_key(str(key), key_norm, index, origin)
+            put(key_norm, value, str(key))
     return nested
 
 
@@ -466,6 +484,18 @@ def resolve_config(
     for layer in layers:
         for section, values in layer.items():
             merged.setdefault(section, {}).update(values)
+    deferred = merged.pop(trl_names.DEFERRED, None)
+    if deferred:  # TRL keys that need the merged values (generation_batch_size needs the group size)
+        if "generation_batch_size" in deferred and "rollout_batch_size" in merged.get("grpo", {}):
+            raise UserError("Both TRL's generation_batch_size (completions per step) and rollout_batch_size "
+                            "(prompts per step) are given: keep one.")
+
+        def get(name: str) -> Any:
+            section, info = field_index(run_cls)[name]
+            return merged.get(section, {}).get(name, info.get_default(call_default_factory=True))
+
+        for name, value in trl_names.resolve_deferred(deferred, get).items():
+            merged.setdefault(field_index(run_cls)[name][0], {})[name] = value
     if "model" not in merged.get("model", {}):
         raise UserError("Missing required option --model: a hub model name or a local model/adapter directory.")
     try:
@@ -547,8 +577,11 @@ def config_cli_parameters(recipe: str) -> list[inspect.Parameter]:
     for name, (section, info) in field_index(run_cls).items():
         cli_type, _ = _cli_type(info.annotation)
         extra = (info.json_schema_extra or {}).get("flags", [])
+        if recipe == "grpo":  # TRL's name of the same option (--num-iterations for --epochs-per-rollout-batch)
+            extra = [*extra, *(flag_name(f.name) for f in trl_names.FIELDS.values()
+                               if f.status == "alias" and f.ours == name and flag_name(f.name) not in extra)]
         if cli_type is bool:
-            decls = [f"{flag_name(name)}/--no-{name.replace('_', '-')}"]
+            decls = [f"{flag}/--no-{flag[2:]}" for flag in (flag_name(name), *extra)]
         else:
             decls = [flag_name(name), *extra]
         default = info.get_default(call_default_factory=True) if not info.is_required() else None

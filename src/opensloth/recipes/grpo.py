@@ -88,6 +88,7 @@ from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
 from opensloth.errors import TrainingStopped, UserError, plural
 from opensloth.grpo.core import (
+    POLICY_LOSS_REGISTRY,
     aggregate_loss,
     compute_group_advantages,
     compute_kl_k3,
@@ -262,10 +263,21 @@ def check_world_size(cfg: GRPORunConfig, world_size: int) -> None:
                         "or change --devices.")
 
 
+def check_loss_options(cfg: GRPORunConfig) -> None:
+    """Options the chosen loss cannot honour, from what its registry entry says it needs."""
+    g = cfg.grpo
+    if g.filter_zero_std and get_policy_loss(g.loss_type).signal == "rewards":
+        with_advantages = [name for name, loss in POLICY_LOSS_REGISTRY.items() if loss.signal == "advantages"]
+        raise UserError(f"--filter-zero-std drops groups whose advantage is zero, but --loss-type {g.loss_type} uses "
+                        f"raw rewards, not advantages. Use --loss-type {' or '.join(with_advantages)}, or drop the flag.")
+
+
 def check_before_start(cfg: GRPORunConfig) -> None:
-    """An unknown reward or a broken --reward-module fails here, before anything is prepared or written."""
+    """Before anything is prepared or written (and in --dry-run): the loss options, an unknown reward or a
+    broken --reward-module."""
     from opensloth.rewards import resolve_rewards
 
+    check_loss_options(cfg)
     g = cfg.grpo
     resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules)
 
@@ -317,7 +329,9 @@ class GRPORecipe:
     def __init__(self, cfg: GRPORunConfig, ctx: WorkerContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         g, t = cfg.grpo, cfg.training
-        # The flag checks that need no worker count ran when the config was built (opensloth.config).
+        # Most flag checks ran when the config was built (opensloth.config); these need the loss registry
+        # or the worker count.
+        check_loss_options(cfg)
         check_world_size(cfg, ctx.world_size)
         self.policy_loss = get_policy_loss(g.loss_type)  # what it needs: advantages or rewards, pi_old or not
         self.local_prompts = g.rollout_batch_size // ctx.world_size
