@@ -609,3 +609,45 @@ def test_trl_sft_trainer_labels_exactly_the_assistant_tokens(tiny_model_dir, tok
     for ours, theirs in zip(rows, prepared):
         assert theirs["input_ids"] == ours["input_ids"]
         assert theirs["labels"] == [i if m else -100 for i, m in zip(ours["input_ids"], ours["assistant_masks"])]
+
+
+# Qwen3's switch, as its template writes it: an empty think block when enable_thinking is false.
+QWEN3_STYLE = (r"{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}"
+               r"{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               r"{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
+               r"{%- endif %}{%- endif %}")
+
+
+def test_chat_template_kwargs_reach_the_prompts_the_cache_key_and_the_saved_template(tiny_model_dir, tok, tmp_path):
+    """Issue 20: TRL's chat_template_kwargs (Qwen3's enable_thinking) is set in the template itself, so the
+    prompts, a saved model's template (eval, generate, export) and the cache key all carry it."""
+    template = tmp_path / "qwen3ish.jinja"
+    template.write_text(QWEN3_STYLE)
+    data = write_rows([{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(4)], tmp_path / "add.jsonl")
+    plain = prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", chat_template=str(template)), tok, 1)
+    off = prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c", chat_template=str(template),
+                                        chat_template_kwargs={"enable_thinking": False}), tok, 1)
+    assert plain.fingerprint != off.fingerprint and not off.cache_hit
+    assert all(not t.endswith("</think>\n\n") for t in plain.load_all()["prompt_text"])
+    assert all(t.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for t in off.load_all()["prompt_text"])
+    # What the recipes save with the model: rendering with it later gives the same prompt, no kwargs needed.
+    saved = off.chat_template
+    assert saved.startswith("{%- set enable_thinking = false %}")
+    rendered = render(tok, [{"role": "user", "content": "0+0="}], add_generation_prompt=True, chat_template=saved)
+    assert rendered in off.load_all()["prompt_text"]
+    # Text prompts otherwise go raw, as TRL's do; asking for template variables asks for the template.
+    auto = prepare_grpo_dataset(grpo_cfg(tiny_model_dir, data, tmp_path / "c",
+                                         chat_template_kwargs={"enable_thinking": False}), tok, 1)
+    assert "--chat-template-kwargs" in auto.stats.prompt_rendering
+    assert all(t.startswith("<|im_start|>") for t in auto.load_all()["prompt_text"])
+
+
+def test_chat_template_kwargs_on_the_command_line_are_json(tmp_path):
+    from opensloth.config import overrides_from_cli
+
+    assert overrides_from_cli("grpo", {"chat_template_kwargs": '{"enable_thinking": false}'}) == {
+        "chat_template_kwargs": {"enable_thinking": False}}
+    with pytest.raises(UserError, match="not a JSON object"):
+        overrides_from_cli("grpo", {"chat_template_kwargs": "enable_thinking=false"})
+    with pytest.raises(UserError, match="must be identifiers"):
+        resolve_config("grpo", None, {"model": "m", "chat_template_kwargs": {"not valid": 1}})

@@ -61,8 +61,8 @@ def test_fixture_is_trl_1_16s_own_field_list():
 
 def test_docs_page_lists_every_field_as_the_code_does():
     page = (ROOT / "docs" / "coming_from_trl.md").read_text()
-    assert trl_names.markdown_table() in page, "regenerate docs/coming_from_trl.md's GRPOConfig table"
-    assert trl_names.trainer_table() in page, "regenerate docs/coming_from_trl.md's GRPOTrainer table"
+    assert trl_names.markdown_table() in page, "run: python -m opensloth.trl_names"
+    assert trl_names.trainer_table() in page, "run: python -m opensloth.trl_names"
 
 
 def write_yaml(tmp_path: Path, data: dict) -> Path:

@@ -19,7 +19,7 @@ import difflib
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -103,6 +103,12 @@ class DataConfig(Section):
         "auto: reasoning for math formats and --task math, else the model's own (chatml if it has none).",
     )
     system_prompt: Optional[str] = Field(None, description="System prompt (default: the template's own).")
+    chat_template_kwargs: dict[str, Union[bool, int, float, str, None]] = Field(
+        default_factory=dict,
+        description="Variables for the chat template, as TRL's chat_template_kwargs (JSON on the command line, "
+        "e.g. '{\"enable_thinking\": false}' for Qwen3). Set at the top of the template, so data prep, "
+        "training, eval, generate and the saved model all render with them.",
+    )
     max_seq_length: int = Field(2048, gt=0, description="Truncate tokenized rows to this many tokens.")
     cache_dir: Optional[Path] = Field(
         None, description="Where prepared datasets are cached. Default: $OPENSLOTH_CACHE or ~/.cache/opensloth."
@@ -113,6 +119,14 @@ class DataConfig(Section):
     eval_split_ratio: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of the train set for evaluation."
     )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_chat_template_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [name for name in value if not str(name).isidentifier()]
+        if bad:  # each becomes `{% set name = value %}` in the template
+            raise ValueError(f"chat template variable names must be identifiers, not {', '.join(map(repr, bad))}")
+        return value
 
 
 class TrainingConfig(Section):
@@ -555,7 +569,7 @@ def _cli_type(annotation: Any) -> tuple[Any, bool]:
     """Map a field annotation to (typer type, is_list_of_paths). Lists are comma-separated strings."""
     origin = get_origin(annotation)
     args = [a for a in get_args(annotation) if a is not type(None)]
-    if origin is Literal:
+    if origin is Literal or origin is dict:  # a dict is given as JSON text
         return str, False
     if origin in (list, tuple):
         if args and args[0] is Path:
@@ -593,7 +607,7 @@ def config_cli_parameters(recipe: str) -> list[inspect.Parameter]:
             help_text = description or ""
         if isinstance(default, list):
             default = ",".join(map(str, default)) if default else None
-        if default is not None and default != "" and cli_type is not bool:
+        if default not in (None, "", {}) and cli_type is not bool:
             help_text += f" (default: {default})"
         elif cli_type is bool:
             help_text += f" (default: {'on' if default else 'off'})"
@@ -612,6 +626,16 @@ def overrides_from_cli(recipe: str, values: dict[str, Any]) -> dict[str, Any]:
         if name not in index or value is None:
             continue
         annotation = index[name][1].annotation
+        if get_origin(annotation) is dict and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{flag_name(name)} {value}: not a JSON object ({exc.msg}). "
+                                f"Give e.g. {flag_name(name)} '{{\"enable_thinking\": false}}'.") from None
+            if not isinstance(value, dict):
+                raise UserError(f"{flag_name(name)}: give a JSON object ({{\"name\": value, ...}}), not {value!r}.")
+            if not value:
+                continue
         if get_origin(annotation) in (list, tuple) and isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, (list, tuple)) and not value:

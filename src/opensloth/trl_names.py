@@ -270,7 +270,8 @@ FIELDS: dict[str, TRLField] = {f.name: f for f in [
     _convert("min_p", "min_p", "null (TRL's default) is off: 0.", lambda value: {"min_p": 0.0},
              trl_value=lambda value: value is None),
     _refused("generation_kwargs", "not available in this version."),
-    _refused("chat_template_kwargs", "not available in this version."),
+    _same("chat_template_kwargs", "set at the top of the chat template, so eval, generate and the saved model "
+          "render with them too; text prompts then go through the template"),
     _refused("repetition_penalty", "not available in this version."),
     _default("cache_implementation", None, "the rollout engine manages its own KV cache."),
     _convert("use_vllm", "rollout_engine", "true: --rollout-engine vllm; false: hf (TRL's transformers "
@@ -423,3 +424,17 @@ def trainer_table() -> str:
     lines = ["| GRPOTrainer argument | here |", "|---|---|"]
     lines += [f"| `{name}` | {text} |" for name, text in TRAINER_ARGUMENTS.items()]
     return "\n".join(lines)
+
+
+def write_docs(path: str = "docs/coming_from_trl.md") -> None:
+    """Regenerate the two tables of docs/coming_from_trl.md (the text above them is kept)."""
+    from pathlib import Path
+
+    page = Path(path)
+    text = page.read_text()
+    head = text[:text.index("| GRPOTrainer argument")]
+    page.write_text(head + trainer_table() + "\n\n## GRPOConfig fields\n\n" + markdown_table() + "\n")
+
+
+if __name__ == "__main__":  # python -m opensloth.trl_names, from the repository root
+    write_docs()

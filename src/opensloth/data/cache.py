@@ -73,6 +73,8 @@ def fingerprint(cfg: RunConfig, tokenizer: Any, tok_id: dict, recipe: str) -> st
         "eval": [source_identity(d.eval_dataset, d.dataset_split, d.dataset_config) if d.eval_dataset else None,
                  d.eval_split_ratio],
     }
+    if d.chat_template_kwargs:  # only when given: the fingerprints of runs without them stay as they were
+        parts["chat_template_kwargs"] = d.chat_template_kwargs
     if recipe == "sft":
         parts["assistant_only_loss"] = cfg.sft.assistant_only_loss
     if recipe == "grpo":

@@ -63,19 +63,20 @@ def format_grpo_prompt(fmt: str, row: dict, system_prompt: str | None = None, de
 def prompt_rendering(cfg: RunConfig, fmt: str, tokenizer: Any, rows: list[GRPORow]) -> tuple[bool, str]:
     """(True when text prompts go to the model raw, the plan's line saying how the prompts are rendered).
 
-    Raw, as TRL renders a text prompt, unless --chat-template (other than `auto`) or --system-prompt
-    asks for a chat; conversations always go through the chat template.
+    Raw, as TRL renders a text prompt, unless --chat-template (other than `auto`), --system-prompt or
+    --chat-template-kwargs asks for a chat; conversations always go through the chat template.
     """
     d = cfg.data
     template = resolve_template_name(d.chat_template, fmt, cfg.grpo.task, tokenizer)
     has_text = any(isinstance(row.prompt, str) for row in rows)
-    raw = fmt == "prompt-answer" and d.chat_template == "auto" and not d.system_prompt
+    raw = fmt == "prompt-answer" and d.chat_template == "auto" and not d.system_prompt and not d.chat_template_kwargs
     parts = []
     if has_text and raw:
         parts.append("text prompts as they are, no chat template (as TRL renders them; --chat-template NAME "
                      "applies one)")
     elif has_text:
-        why = f"--chat-template {d.chat_template}" if d.chat_template != "auto" else "--system-prompt"
+        why = (f"--chat-template {d.chat_template}" if d.chat_template != "auto" else
+               "--system-prompt" if d.system_prompt else "--chat-template-kwargs")
         parts.append(f"text prompts as a user turn, chat template {template} ({why})")
     if any(not isinstance(row.prompt, str) for row in rows):
         built = f", built by the {fmt} format" if fmt != "prompt-answer" else ""

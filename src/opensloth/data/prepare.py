@@ -77,7 +77,8 @@ def _prepare(cfg: RunConfig, tokenizer: Any, num_shards: int, recipe: str) -> Pr
     source = load_source(d.dataset, d.dataset_split, d.dataset_config, hf_cache)
     fmt = d.format or detect_source_format(source, recipe, f"--dataset {d.dataset}")
     check_columns(fmt, source.column_names, recipe, f"--dataset {d.dataset}")
-    template = resolve_template(tokenizer, d.chat_template, d.system_prompt, data_format=fmt, task=task)
+    template = resolve_template(tokenizer, d.chat_template, d.system_prompt, data_format=fmt, task=task,
+                                variables=d.chat_template_kwargs)
     template_name = resolve_template_name(d.chat_template, fmt, task, tokenizer)
     _check_template_fits_format(template_name, fmt)
     system = effective_system_prompt(template_name, d.system_prompt)

@@ -192,7 +192,8 @@ def template_text(tokenizer: Any, name: str, system_prompt: str | None = None) -
 
 
 def apply_chat_template(tokenizer: Any, name: str = "auto", system_prompt: str | None = None, *,
-                        data_format: str | None = None, task: str | None = None) -> str:
+                        data_format: str | None = None, task: str | None = None,
+                        variables: dict[str, Any] | None = None) -> str:
     """Set `tokenizer.chat_template` to the chosen template and return its text.
 
     Args:
@@ -201,6 +202,7 @@ def apply_chat_template(tokenizer: Any, name: str = "auto", system_prompt: str |
         system_prompt: default system turn for chatml/reasoning (a model's own or a file's
             template is used as is; the pipeline then adds the system turn to each row).
         data_format, task: steer `auto` (see resolve_template_name).
+        variables: --chat-template-kwargs, set at the template's top (with_template_variables).
 
     Example:
         >>> apply_chat_template(tok, "reasoning")  # doctest: +SKIP
@@ -208,15 +210,44 @@ def apply_chat_template(tokenizer: Any, name: str = "auto", system_prompt: str |
         ...                         add_generation_prompt=True)  # doctest: +SKIP
         '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n1+1?<|im_end|>\\n<|im_start|>assistant\\n<start_working_out>'
     """
-    text = resolve_template(tokenizer, name, system_prompt, data_format=data_format, task=task)
+    text = resolve_template(tokenizer, name, system_prompt, data_format=data_format, task=task, variables=variables)
     tokenizer.chat_template = text
     return text
 
 
 def resolve_template(tokenizer: Any, name: str = "auto", system_prompt: str | None = None, *,
-                     data_format: str | None = None, task: str | None = None) -> str:
-    """The text `apply_chat_template` would set, without modifying the tokenizer."""
-    return template_text(tokenizer, resolve_template_name(name, data_format, task, tokenizer), system_prompt)
+                     data_format: str | None = None, task: str | None = None,
+                     variables: dict[str, Any] | None = None) -> str:
+    """The text `apply_chat_template` would set, without modifying the tokenizer; with `variables`
+    (--chat-template-kwargs) set at its top (`with_template_variables`)."""
+    text = template_text(tokenizer, resolve_template_name(name, data_format, task, tokenizer), system_prompt)
+    return with_template_variables(text, variables or {})
+
+
+def with_template_variables(template: str, variables: dict[str, Any]) -> str:
+    """`template` with each variable set at its top, as `apply_chat_template(..., **variables)` would pass it.
+
+    TRL passes chat_template_kwargs at each call; set in the template itself, they reach every render
+    (data prep, eval, generate) and stay with the saved model, so it is exported as it was trained.
+    A `{% set %}` at the top wins over a variable passed at call time.
+
+    Example:
+        >>> with_template_variables("{{ enable_thinking }}", {"enable_thinking": False})
+        '{%- set enable_thinking = false %}\\n{{ enable_thinking }}'
+    """
+    if not variables:
+        return template
+    lines = [f"{{%- set {name} = {_jinja_literal(value)} %}}" for name, value in variables.items()]
+    return "\n".join([*lines, template])
+
+
+def _jinja_literal(value: Any) -> str:
+    """A JSON scalar as a Jinja literal: true/false/none, numbers, double-quoted strings."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
 
 
 def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
