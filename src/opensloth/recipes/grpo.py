@@ -288,6 +288,22 @@ def rollout_batch_note(cfg: GRPORunConfig) -> str | None:
             f"pass --rollout-batch-size {n // group}.")
 
 
+def sampling_note(cfg: GRPORunConfig) -> str | None:
+    """What the loss assumes when the sampler's distribution is not softmax(logits / temperature) over the
+    full vocabulary (--top-k, --top-p, --min-p, --repetition-penalty), as TRL's loss also does; None otherwise."""
+    g = cfg.grpo
+    changed = [name for name, on in (("--top-k", g.top_k), ("--top-p", g.top_p < 1), ("--min-p", g.min_p > 0),
+                                     ("--repetition-penalty", g.repetition_penalty != 1)) if on]
+    if not changed:
+        return None
+    correction = ("; with the vllm engine, its truncated importance weights correct this in part"
+                  if g.rollout_engine != "hf" and g.vllm_importance_sampling else "")
+    verb = "reshapes" if len(changed) == 1 else "reshape"
+    return (f"{', '.join(changed)} {verb} the sampling distribution, but the loss's log-probs are "
+            f"softmax(logits / temperature) over the full vocabulary (as in TRL): the update is off-policy by "
+            f"that difference{correction} (docs/GRPO_TRAINING.md)")
+
+
 def plan_rows(cfg: GRPORunConfig, world_size: int) -> list[Any]:
     """The plan's rows for GRPO: the global batch in prompts and completions, a note, the updates per rollout."""
     from opensloth.recipes import PlanRow
@@ -299,6 +315,9 @@ def plan_rows(cfg: GRPORunConfig, world_size: int) -> list[Any]:
     note = rollout_batch_note(cfg)
     if note:
         rows.append(PlanRow("note", note, "yellow"))
+    note = sampling_note(cfg)
+    if note:
+        rows.append(PlanRow("sampling", note, "yellow"))
     updates = updates_per_rollout(cfg, world_size)
     rows.append(PlanRow("updates", "1 optimizer step per rollout (on-policy)" if updates == 1 else
                         f"{plural(updates, 'optimizer step')} per rollout (after the first, off-policy: "
@@ -483,6 +502,9 @@ class GRPORecipe:
                 temperature=g.temperature,
                 top_p=g.top_p,
                 min_p=g.min_p,
+                top_k=g.top_k,
+                repetition_penalty=g.repetition_penalty,
+                stop_strings=g.stop_strings,
             )
         gen_time = time.perf_counter() - step_start
 
