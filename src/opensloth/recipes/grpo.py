@@ -57,7 +57,9 @@ Deviations from the papers (and from TRL), stated so nobody has to discover them
   - The KL term is the k3 estimator added per token inside the aggregation (as TRL and DeepSeekMath
     do), not a KL penalty folded into the reward as in PPO-RLHF.
   - Log-probs for the loss are taken at the sampling temperature (logits / temperature, as TRL),
-    so rho compares the same distributions that generated the completions.
+    so rho compares the same distributions that generated the completions, unless --top-k, --top-p,
+    --min-p or --repetition-penalty reshape the sampler's (as in TRL, the loss does not model them;
+    the plan says so: docs/GRPO_TRAINING.md "Sampling options").
   - Per-step sampling is from each worker's shard, reshuffled each pass over it; the global batch
     is the union of the workers' draws.
 """
