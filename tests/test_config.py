@@ -178,3 +178,70 @@ def test_cli_validation_error_exit_code_and_single_message():
     assert result.exit_code == 2
     assert "Invalid value for --learning-rate" in result.output
     assert "Traceback" not in result.output
+
+
+# -- sampling options and generation_kwargs (issue 20) --------------------------------------------
+
+
+def test_sampling_options_from_the_cli_yaml_and_generation_kwargs(tmp_path: Path):
+    from opensloth.config import GRPOConfig, overrides_from_cli
+
+    values = overrides_from_cli("grpo", {"top_k": 20, "repetition_penalty": 1.05, "stop_strings": "</answer>, END"})
+    g = resolve_config("grpo", None, {"model": "m", **values}).grpo
+    assert (g.top_k, g.repetition_penalty, g.stop_strings) == (20, 1.05, ["</answer>", "END"])
+    defaults = GRPOConfig()
+    assert (defaults.top_k, defaults.repetition_penalty, defaults.stop_strings, defaults.generation_kwargs) == \
+        (0, 1.0, [], None)  # all off
+    assert GRPOConfig(top_k=None).top_k == 0  # TRL's / transformers' other "off"
+    # TRL's generation_kwargs, a mapping in YAML: each key sets its option ("stop" is vLLM's name).
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text('grpo:\n  generation_kwargs: {top_k: 5, stop: "\\n\\n", repetition_penalty: 1.2}\n')
+    g = resolve_config("grpo", cfg_file, {"model": "m"}).grpo
+    assert (g.top_k, g.stop_strings, g.repetition_penalty) == (5, ["\n\n"], 1.2)
+    # The dumped config reads back to the same options (both spellings agree there).
+    dumped = tmp_path / "dump.yaml"
+    dump_config(resolve_config("grpo", cfg_file, {"model": "m"}), dumped)
+    assert resolve_config("grpo", dumped, {}).grpo == g
+    # A JSON object on the command line.
+    g = resolve_config("grpo", None, {"model": "m", "generation_kwargs": '{"stop_strings": ["a", "b"], "top_p": 0.9}'}).grpo
+    assert (g.stop_strings, g.top_p) == (["a", "b"], 0.9)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"generation_kwargs": '{"num_beams": 4}'}, "--generation-kwargs key 'num_beams' is not supported"),
+    ({"generation_kwargs": '{"seed": 1}'}, "sampling is seeded by --seed"),
+    ({"generation_kwargs": '{"max_tokens": 9}'}, "use --max-new-tokens"),
+    ({"generation_kwargs": '{"top_k": 5}', "top_k": 6}, "--top-k is set twice"),
+    ({"generation_kwargs": '{"top_k": -1}'}, "Invalid value for --top-k"),
+    ({"generation_kwargs": '{"top_k": 5'}, "--generation-kwargs is not JSON"),
+    ({"generation_kwargs": "[1, 2]"}, "must be a mapping"),
+    ({"repetition_penalty": 0}, "Invalid value for --repetition-penalty"),
+    ({"stop_strings": ["ok", ""]}, "a stop string cannot be empty"),
+])
+def test_sampling_options_refused_with_the_reason(overrides, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config("grpo", None, {"model": "m", **overrides})
+
+
+def test_unsupported_generation_kwargs_refused_in_a_dry_run(tmp_path):
+    result = CliRunner().invoke(app, ["grpo", "--model", "m", "--dataset", "d.jsonl", "--output-dir",
+                                      str(tmp_path / "out"), "--dry-run", "--generation-kwargs",
+                                      '{"suppress_tokens": [1]}'])
+    assert result.exit_code == 2, result.output
+    assert "--generation-kwargs key 'suppress_tokens' is not supported" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_plan_says_what_the_loss_assumes_when_sampling_is_reshaped(tmp_path):
+    def plan(*flags):
+        result = CliRunner().invoke(app, ["grpo", "--model", "m", "--dataset", "d.jsonl", "--task", "math",
+                                          "--output-dir", str(tmp_path / "out"), "--dry-run", *flags],
+                                    env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    assert "reshape" not in plan("--stop-strings", "</answer>")  # a stop string leaves each token's distribution
+    out = plan("--top-k", "20", "--repetition-penalty", "1.1", "--rollout-engine", "hf")
+    assert "--top-k, --repetition-penalty reshape the sampling distribution" in out
+    assert "softmax(logits / temperature) over the full vocabulary" in out and "importance weights" not in out
+    assert "truncated importance weights correct this in part" in plan("--top-p", "0.9", "--rollout-engine", "vllm")

@@ -445,3 +445,142 @@ def test_lora_merged_for_sampling_leaves_a_tied_lm_head_alone(model_and_tokenize
             merged = peft_model(ids).logits.log_softmax(-1)
     assert merged_layers == model.config.num_hidden_layers  # the q_proj layers; not lm_head
     assert (merged - unmerged).abs().max() < 1e-5
+
+
+# -- top_k, repetition_penalty and stop strings against transformers (issue 20) ------------------
+
+
+def _untie_random_head(model):
+    """A random lm_head of its own: the tied tiny model repeats its last input token under greedy
+    decoding (x . x wins), so a repetition penalty or a stop string would have nothing to change."""
+    weight = model.get_output_embeddings().weight
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) / 2)
+    model.config.tie_word_embeddings = False
+    return model
+
+
+def _stock_generate(model, tok, prompt, max_new_tokens, **kw):
+    """transformers' own generate, stock processors and criteria, on one unpadded prompt: its new tokens."""
+    from transformers import GenerationConfig
+
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok, model),
+                           pad_token_id=tok.pad_token_id, top_k=None, top_p=None, temperature=None, **kw)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg, tokenizer=tok)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("top_k,penalty", [(5, 1.0), (1, 1.0), (40, 1.3), (0, 0.7), (300, 2.0)])
+def test_repetition_penalty_and_top_k_equal_transformers_processors(model_and_tokenizer, top_k, penalty):
+    """apply_repetition_penalty then filter_logits is exactly generate's processor chain for the same
+    options (repetition penalty first, then temperature, top-k, top-p, min-p)."""
+    from transformers import GenerationConfig
+
+    from opensloth.rollout.hf import apply_repetition_penalty, seen_tokens
+
+    model, _ = model_and_tokenizer
+    cfg = GenerationConfig(do_sample=True, temperature=0.8, top_k=top_k, top_p=0.95, min_p=0.02,
+                           repetition_penalty=penalty)
+    processors = model._get_logits_processor(generation_config=cfg, input_ids_seq_length=6, encoder_input_ids=None,
+                                             prefix_allowed_tokens_fn=None, logits_processor=None, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 300, generator=gen) * 3
+    logits[0, :5] = 10.0  # ties at the top
+    input_ids = torch.randint(0, 300, (16, 6), generator=gen)
+    input_ids[1] = 7  # one row repeats a single token
+    theirs = processors(input_ids, logits.clone())
+    seen = seen_tokens(input_ids, torch.ones_like(input_ids), 300)
+    ours = filter_logits(apply_repetition_penalty(logits, seen, penalty), temperature=0.8, top_p=0.95, min_p=0.02,
+                         top_k=top_k)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1), rtol=0, atol=1e-7)
+    if 0 < top_k < 300:
+        assert (~torch.isinf(ours)).sum(-1).max() <= max(top_k, 5)  # top-k cut (row 0's 5-way tie survives)
+
+
+def test_seen_tokens_ignores_padding():
+    from opensloth.rollout.hf import seen_tokens
+
+    ids = torch.tensor([[0, 0, 3, 4], [5, 6, 0, 7]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    seen = seen_tokens(ids, mask, 8)
+    assert seen[0].nonzero().flatten().tolist() == [3, 4]  # the pad id 0 is not counted
+    assert seen[1].nonzero().flatten().tolist() == [0, 5, 6, 7]  # a real 0 is
+
+
+def test_repetition_penalty_greedy_equals_stock_generate_and_ignores_padding(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    _untie_random_head(model)
+    lean = HFRolloutEngine(model, tok, decoder="lean")
+    ref = HFRolloutEngine(model, tok, decoder="generate")
+    penalised = {}
+    for i, prompt in enumerate(PROMPTS):
+        want = _stock_generate(model, tok, prompt, 24, repetition_penalty=1.3)
+        for engine in (lean, ref):
+            alone = engine.generate([prompt], group_size=2, max_new_tokens=24, greedy=True, repetition_penalty=1.3)
+            assert _valid_prefix(alone, 0) == _valid_prefix(alone, 1) == want, (i, engine.decoder)
+        penalised[i] = want
+    plain = lean.generate([PROMPTS[0]], group_size=1, max_new_tokens=24, greedy=True)
+    assert _valid_prefix(plain, 0) != penalised[0]  # the penalty changed the greedy completion
+    # In a left-padded batch each row gives its unpadded completion (stock generate would also penalise
+    # the pad id there), on both decoders.
+    for engine in (lean, ref):
+        together = engine.generate(PROMPTS, group_size=1, max_new_tokens=24, greedy=True, repetition_penalty=1.3)
+        assert together.prompt_mask[2].sum() == 1  # "x" is heavily left-padded
+        assert [_valid_prefix(together, i) for i in range(len(PROMPTS))] == [penalised[i] for i in range(3)]
+
+
+def test_top_k_sampling_draws_from_the_k_likeliest(model_and_tokenizer):
+    """Lean top-k sampling: only the k likeliest first tokens occur, with the filtered probabilities."""
+    model, tok = model_and_tokenizer
+    _untie_random_head(model)
+    n, k = 3000, 4
+    lean = HFRolloutEngine(model, tok, decoder="lean")
+    batch = lean.generate([PROMPTS[0]], group_size=n, max_new_tokens=1, temperature=0.9, top_k=k, seed=0)
+    with torch.no_grad():
+        logits = model(batch.prompt_ids[:1]).logits[0, -1].float()
+    expected = filter_logits(logits[None], temperature=0.9, top_k=k)[0].softmax(-1)
+    assert set(batch.completion_ids[:, 0].tolist()) <= set(logits.topk(k).indices.tolist())
+    empirical = torch.bincount(batch.completion_ids[:, 0], minlength=expected.numel()).float() / n
+    assert (empirical - expected).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 sigma
+    # The generate path takes top_k too (GenerationConfig), so both decoders sample from it.
+    cfg = HFRolloutEngine(model, tok, decoder="generate").generation_config(
+        max_new_tokens=1, temperature=0.9, top_p=1.0, min_p=0.0, top_k=k, greedy=False)
+    assert cfg.top_k == k
+
+
+def _a_stop_string(tok, tokens: list[int]) -> tuple[str, int]:
+    """Two consecutive single-character ASCII tokens of a completion, as text, that occur nowhere before them:
+    (the string, the position of the token that completes it)."""
+    text = [tok.decode([t]) for t in tokens]
+    for j in range(3, len(tokens)):
+        pair = text[j - 1] + text[j]
+        if len(pair) == 2 and pair.isascii() and pair not in "".join(text[: j]):
+            return pair, j
+    raise AssertionError(f"no usable stop string in {text}")
+
+
+def test_stop_strings_end_completions_as_stock_generate_does(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    _untie_random_head(model)
+    prompt = PROMPTS[0]
+    free = _stock_generate(model, tok, prompt, 24)
+    stop, end = _a_stop_string(tok, free)
+    want = _stock_generate(model, tok, prompt, 24, stop_strings=[stop])
+    assert want[: end + 1] == free[: end + 1]  # stock generate stopped at the token completing it ...
+    assert all(t == tok.pad_token_id for t in want[end + 1:])  # ... and padded after it
+    for decoder in ("lean", "generate"):
+        engine = HFRolloutEngine(model, tok, decoder=decoder)
+        batch = engine.generate([prompt, PROMPTS[2]], group_size=2, max_new_tokens=24, greedy=True,
+                                stop_strings=["never-generated", stop])
+        for row in (0, 1):
+            assert _valid_prefix(batch, row) == free[: end + 1], decoder  # mask: up to and including that token
+            assert batch.completion_mask[row].tolist() == [1] * (end + 1) + [0] * (batch.num_completion_tokens - end - 1)
+            assert batch.completions_text[row].endswith(stop)  # kept in the text, as generate's decode keeps it
+        assert not batch.is_truncated[:2].any() and batch.is_eos_terminated[:2].all()  # ended, not truncated
+        # The padded second prompt runs on (or ends) independently of the first.
+        other = engine.generate([PROMPTS[2]], group_size=1, max_new_tokens=24, greedy=True,
+                                stop_strings=["never-generated", stop])
+        assert _valid_prefix(batch, 2) == _valid_prefix(other, 0)
+        assert bool(batch.is_truncated[2]) == bool(other.is_truncated[0])

@@ -212,6 +212,51 @@ def test_sampling_groups_seeds_and_sampler_log_probs(lora_setup):
     assert (batch.sampler_log_probs[~mask] == 0).all()
 
 
+def _a_stop_string(tokenizer, tokens: list[int]) -> tuple[str, int]:
+    """Two consecutive single-character ASCII tokens of a completion, as text, that occur nowhere before
+    them: (the string, the position of the token that completes it)."""
+    text = [tokenizer.decode([t]) for t in tokens]
+    for j in range(2, len(tokens)):
+        pair = text[j - 1] + text[j]
+        if len(pair) == 2 and pair.isascii() and pair not in "".join(text[:j]):
+            return pair, j
+    raise AssertionError(f"no usable stop string in {text}")
+
+
+@needs_vllm
+def test_top_k_repetition_penalty_and_stop_strings_as_the_hf_engine(lora_setup):
+    """Issue 20: the options reach SamplingParams and mean what they mean in the hf engine."""
+    from opensloth.rollout.hf import filter_logits
+
+    policy, tokenizer, hf, engine = lora_setup
+    prompts = _prompts(tokenizer)
+    # Repetition penalty (prompt + completion tokens, also when greedy): the same greedy completions.
+    plain = hf.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True)
+    penalised_hf = hf.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True, repetition_penalty=1.5)
+    assert penalised_hf.completion_ids.tolist() != plain.completion_ids.tolist(), "the penalty changed nothing"
+    _assert_same_greedy(penalised_hf, engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True,
+                                                      repetition_penalty=1.5))
+    # Stop strings: the row ends at the token completing it, kept, not truncated; the same as hf.
+    free = plain.completion_ids[0][plain.completion_mask[0].bool()].tolist()
+    stop, end = _a_stop_string(tokenizer, free)
+    stopped_hf = hf.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True, stop_strings=[stop])
+    stopped = engine.generate(prompts, group_size=1, max_new_tokens=MAX_NEW, greedy=True, stop_strings=[stop])
+    _assert_same_greedy(stopped_hf, stopped)
+    assert stopped.completion_mask[0].sum() == end + 1 and not stopped.is_truncated[0]
+    assert stopped.completions_text[0].endswith(stop)
+    assert (stopped.sampler_log_probs[0, end + 1:] == 0).all()
+    # top_k: only the k likeliest first tokens, and the sampler's log-probs are those of the top-k
+    # distribution (processed_logprobs), not the trainer's full-vocabulary ones.
+    k, n = 3, 64
+    batch = engine.generate(prompts[:1], group_size=n, max_new_tokens=1, temperature=0.9, top_k=k, seed=5)
+    with torch.no_grad():
+        logits = policy(batch.prompt_ids[:1]).logits[0, -1].float()
+    first = batch.completion_ids[:, 0]
+    assert set(first.tolist()) <= set(logits.topk(k).indices.tolist()) and len(set(first.tolist())) > 1
+    expected = filter_logits(logits[None], temperature=0.9, top_k=k)[0].log_softmax(-1)[first]
+    torch.testing.assert_close(batch.sampler_log_probs[:, 0], expected, atol=1e-3, rtol=0)
+
+
 @needs_vllm
 def test_string_prompts_and_bad_arguments(lora_setup):
     _, tokenizer, _, engine = lora_setup

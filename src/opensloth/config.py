@@ -41,6 +41,17 @@ SFT_FORMATS = ("chat", "prompt-completion", "text", "openmath-reasoning")
 GRPO_FORMATS = ("dapo-math", "gsm8k", "question-answer", "prompt-answer")
 
 
+# generation_kwargs keys (TRL: passed to GenerationConfig or vLLM's SamplingParams) -> the option each sets:
+# the ones both rollout engines apply. Others are refused by name (REFUSED_GENERATION_KWARGS says why).
+GENERATION_KWARGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "stop_strings": "stop_strings", "stop": "stop_strings"}
+REFUSED_GENERATION_KWARGS = {
+    "seed": "sampling is seeded by --seed (each worker its own stream)",
+    "max_new_tokens": "use --max-new-tokens", "max_tokens": "use --max-new-tokens",
+    "do_sample": "GRPO rollouts always sample", "n": "use --group-size", "num_return_sequences": "use --group-size",
+}
+
+
 def _flags(*flags: str) -> dict:
     """Extra CLI spellings of a field (short aliases, TRL names)."""
     return {"flags": list(flags)}
@@ -263,6 +274,66 @@ class GRPOConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     min_p: float = Field(0.0, ge=0, lt=1, description="Min-p sampling threshold (0: off).")
+    # -- more sampling options, TRL's names (issue 20); generation_kwargs folds into them ---------------
+    top_k: Optional[int] = Field(0, ge=0, description="Sample from the k likeliest tokens only (0: off, as TRL).")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Divide the logit of every token already in the prompt or the completion (multiply "
+        "it when negative) by this before sampling, as transformers and vLLM do (1.0: off; > 1 repeats less)."
+    )
+    stop_strings: list[str] = Field(
+        default_factory=list,
+        description="Comma-separated strings that end a completion, kept in it, like EOS (not truncated). "
+        "Strings with commas or newlines: YAML, or --generation-kwargs '{\"stop\": [\"\\n\\n\"]}'.",
+    )
+    generation_kwargs: Optional[dict[str, Any]] = Field(
+        None,
+        description="TRL's generation_kwargs: a mapping in YAML, a JSON object on the command line. Only keys "
+        "both rollout engines honour: " + ", ".join(GENERATION_KWARGS) + " (stop = stop_strings); each sets "
+        "its option, and setting one both ways with different values is refused.",
+    )
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_none_is_off(cls, value: Optional[int]) -> int:
+        return value or 0  # None is TRL's and transformers' other spelling of off
+
+    @field_validator("stop_strings")
+    @classmethod
+    def _check_stop_strings(cls, value: list[str]) -> list[str]:
+        if any(not text for text in value):
+            raise ValueError("a stop string cannot be empty")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_generation_kwargs(cls, data: Any) -> Any:
+        """Check generation_kwargs' keys and set the options they name (validated as those options)."""
+        if not isinstance(data, dict) or data.get("generation_kwargs") is None:
+            return data
+        kwargs = data["generation_kwargs"]
+        if isinstance(kwargs, str):  # the command line's JSON
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--generation-kwargs is not JSON ({exc}); write an object like "
+                                 "'{\"top_k\": 20, \"stop\": [\"</answer>\"]}'") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError("--generation-kwargs must be a mapping of option: value (a JSON object on the command line)")
+        data = {**data, "generation_kwargs": kwargs}
+        for key, value in kwargs.items():
+            if key not in GENERATION_KWARGS:
+                hint = REFUSED_GENERATION_KWARGS.get(key, "OpenSloth passes only what both engines (hf and vllm) apply")
+                raise ValueError(f"--generation-kwargs key {key!r} is not supported: {hint}. Supported keys: "
+                                 f"{', '.join(GENERATION_KWARGS)}")
+            field = GENERATION_KWARGS[key]
+            if field == "stop_strings" and isinstance(value, str):
+                value = [value]
+            if field in data and data[field] != value:
+                raise ValueError(f"{flag_name(field)} is set twice, to {data[field]!r} and by --generation-kwargs "
+                                 f"{key!r} to {value!r}: set it once")
+            data[field] = value
+        return data
+
     max_new_tokens: int = Field(
         256, gt=0, description="Completion length limit.", json_schema_extra=_flags("--max-completion-length")
     )

@@ -57,7 +57,9 @@ Deviations from the papers (and from TRL), stated so nobody has to discover them
   - The KL term is the k3 estimator added per token inside the aggregation (as TRL and DeepSeekMath
     do), not a KL penalty folded into the reward as in PPO-RLHF.
   - Log-probs for the loss are taken at the sampling temperature (logits / temperature, as TRL),
-    so rho compares the same distributions that generated the completions.
+    so rho compares the same distributions that generated the completions, unless --top-k, --top-p,
+    --min-p or --repetition-penalty reshape the sampler's (as in TRL, the loss does not model them;
+    the plan says so: docs/GRPO_TRAINING.md "Sampling options").
   - Per-step sampling is from each worker's shard, reshuffled each pass over it; the global batch
     is the union of the workers' draws.
 """
@@ -300,6 +302,22 @@ def rollout_batch_note(cfg: GRPORunConfig) -> str | None:
             f"pass --rollout-batch-size {n // group}.")
 
 
+def sampling_note(cfg: GRPORunConfig) -> str | None:
+    """What the loss assumes when the sampler's distribution is not softmax(logits / temperature) over the
+    full vocabulary (--top-k, --top-p, --min-p, --repetition-penalty), as TRL's loss also does; None otherwise."""
+    g = cfg.grpo
+    changed = [name for name, on in (("--top-k", g.top_k), ("--top-p", g.top_p < 1), ("--min-p", g.min_p > 0),
+                                     ("--repetition-penalty", g.repetition_penalty != 1)) if on]
+    if not changed:
+        return None
+    correction = ("; with the vllm engine, its truncated importance weights correct this in part"
+                  if g.rollout_engine != "hf" and g.vllm_importance_sampling else "")
+    verb = "reshapes" if len(changed) == 1 else "reshape"
+    return (f"{', '.join(changed)} {verb} the sampling distribution, but the loss's log-probs are "
+            f"softmax(logits / temperature) over the full vocabulary (as in TRL): the update is off-policy by "
+            f"that difference{correction} (docs/GRPO_TRAINING.md)")
+
+
 def plan_rows(cfg: GRPORunConfig, world_size: int) -> list[Any]:
     """The plan's rows for GRPO: the global batch in prompts and completions, a note, the updates per rollout."""
     from opensloth.recipes import PlanRow
@@ -311,6 +329,9 @@ def plan_rows(cfg: GRPORunConfig, world_size: int) -> list[Any]:
     note = rollout_batch_note(cfg)
     if note:
         rows.append(PlanRow("note", note, "yellow"))
+    note = sampling_note(cfg)
+    if note:
+        rows.append(PlanRow("sampling", note, "yellow"))
     updates = updates_per_rollout(cfg, world_size)
     rows.append(PlanRow("updates", "1 optimizer step per rollout (on-policy)" if updates == 1 else
                         f"{plural(updates, 'optimizer step')} per rollout (after the first, off-policy: "
@@ -497,6 +518,9 @@ class GRPORecipe:
                 temperature=g.temperature,
                 top_p=g.top_p,
                 min_p=g.min_p,
+                top_k=g.top_k,
+                repetition_penalty=g.repetition_penalty,
+                stop_strings=g.stop_strings,
             )
         gen_time = time.perf_counter() - step_start
 

@@ -31,10 +31,13 @@ class RolloutBatch:
     Attributes:
         prompt_ids: (B, P) int64, left-padded with the pad id.
         prompt_mask: (B, P) int64, 1 on real prompt tokens.
-        completion_ids: (B, T) int64, right-padded with the pad id after the first EOS.
-        completion_mask: (B, T) int64, 1 up to and including the first EOS, 0 after.
-        completions_text: B strings, decoded up to the first EOS without special tokens.
-        is_truncated: (B,) bool, True where no EOS came within max_new_tokens.
+        completion_ids: (B, T) int64, right-padded with the pad id after the completion's end: its
+            first EOS, or the token that completed a stop string (`stop_strings`), whichever is first.
+        completion_mask: (B, T) int64, 1 up to and including that end token, 0 after.
+        completions_text: B strings, decoded up to and including the end token without special
+            tokens (so a stop string stays in the text, as with transformers' generate).
+        is_truncated: (B,) bool, True where neither an EOS nor a stop string came within
+            max_new_tokens (a stop string ends a completion as EOS does: not truncated).
         prompt_index: (B,) int64, the prompt each row answers (0 .. N-1, each repeated G times).
         sampler_log_probs: (B, T) float32 log-probs of the sampled tokens as the sampler computed
             them (for truncated importance sampling), or None when the engine does not report
@@ -62,7 +65,8 @@ class RolloutBatch:
 
     @property
     def is_eos_terminated(self) -> torch.Tensor:
-        """(B,) bool, True where the completion ended with EOS (the complement of is_truncated)."""
+        """(B,) bool, True where the completion ended with EOS or a stop string (the complement of
+        is_truncated)."""
         return ~self.is_truncated
 
     @property
@@ -98,6 +102,9 @@ class RolloutEngine(ABC):
         temperature: float = 1.0,
         top_p: float = 1.0,
         min_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop_strings: Sequence[str] = (),
         seed: int | None = None,
         greedy: bool = False,
     ) -> RolloutBatch:
@@ -110,6 +117,12 @@ class RolloutEngine(ABC):
             temperature: sampling temperature (ignored when greedy).
             top_p: nucleus sampling threshold (1.0 = off).
             min_p: min-p threshold relative to the top token (0.0 = off).
+            top_k: keep only the k likeliest tokens (0 = off).
+            repetition_penalty: divide positive logits (multiply negative ones) of every token already in
+                the prompt or the completion so far by this (1.0 = off); applied before temperature and
+                the filters, and also when greedy, as transformers does.
+            stop_strings: strings that end a completion at the token that completes one (kept in the
+                completion); the prompt never completes one.
             seed: makes the sampling reproducible; None uses the global random state.
             greedy: argmax decoding (evaluation).
 
@@ -124,22 +137,28 @@ class RolloutEngine(ABC):
         """Release what the engine holds beyond the policy (no-op when it holds nothing)."""
 
 
-def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask up to and including each row's first EOS; flag rows without one.
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: Sequence[int],
+                             stop_ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask up to and including each row's end (its first EOS, or an earlier stop-string end); flag rows
+    without one.
 
     Args:
         completion_ids: (B, T) generated tokens.
         eos_ids: token ids that end a completion.
+        stop_ends: (B,) int64, the position of the token that completed a stop string, T where none did;
+            None: no stop strings.
 
     Returns:
-        completion_mask: (B, T) int64, 1 at positions <= the first EOS (everywhere if none).
-        is_truncated: (B,) bool, True where the row has no EOS.
+        completion_mask: (B, T) int64, 1 at positions <= the end (everywhere if none).
+        is_truncated: (B,) bool, True where the row has no EOS and no stop string.
     """
     T = completion_ids.shape[1]
     is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_ids), device=completion_ids.device))  # (B, T)
     has_eos = is_eos.any(dim=1)  # (B,)
     # argmax of a bool row is its first True; rows without EOS keep every token.
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
+    end = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
+    if stop_ends is not None:
+        end = torch.minimum(end, stop_ends.to(end.device))
     positions = torch.arange(T, device=completion_ids.device).unsqueeze(0)  # (1, T)
-    completion_mask = (positions <= first_eos.unsqueeze(1)).long()
-    return completion_mask, ~has_eos
+    completion_mask = (positions <= end.unsqueeze(1)).long()
+    return completion_mask, end >= T

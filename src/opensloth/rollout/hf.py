@@ -6,8 +6,9 @@ adapter active and no weight sync is ever needed. Two decoders produce the same 
     lean      (default on the CPU) our own loop: each prompt is prefilled ONCE, its KV cache is
               repeated for the G completions of its group into buffers allocated once for the
               whole completion (`PreallocatedLayer`), then one batched forward per new token with
-              our own sampling (`filter_logits`: the same operations, in the same order, as
-              transformers' temperature / top-p / min-p warpers, full vocabulary), with each LoRA
+              our own sampling (`apply_repetition_penalty` then `filter_logits`: the same operations, in
+              the same order, as transformers' repetition-penalty processor and temperature / top-k /
+              top-p / min-p warpers; stop strings by transformers' StopStringCriteria), with each LoRA
               layer merged into one matmul for the rollout (`lora_merged_for_sampling`).
               generate() prefills every prompt G times and runs a chain of Python logits
               processors and stopping criteria per token; on the Qwen2.5-0.5B-shaped CPU workload
@@ -22,7 +23,14 @@ adapter active and no weight sync is ever needed. Two decoders produce the same 
 Every sampling parameter is set explicitly on both paths: a hub model's generation_config
 (Qwen2.5-Instruct ships top_k=20, repetition_penalty=1.05) would otherwise reshape the
 distribution the completions are drawn from, and the policy-gradient log-probs would no longer
-describe it.
+describe it. Only what the caller asks for (--top-k, --repetition-penalty, --stop-strings) is applied.
+
+Two choices differ from stock transformers, on both decoders, so that a row's completion never
+depends on how the other prompts of its batch are padded: the repetition penalty counts a row's real
+tokens (prompt and completion so far), not its left padding (stock `generate` also penalises the pad
+id, which is Qwen's <|endoftext|>, a stop token); and stop strings are looked for in the completion
+only (stock `generate` also matches one that starts in the prompt). vLLM does both the same way. On
+an unpadded prompt that does not end inside a stop string, both decoders give stock generate's tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
+from transformers.generation import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from opensloth.rollout.base import Prompt, RolloutBatch, RolloutEngine, completion_mask_from_eos
 
@@ -86,16 +101,17 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: int =
 
 
 def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> torch.Tensor:
+                  min_p: float = 0.0, top_k: int | None = 0) -> torch.Tensor:
     """The sampling distribution's logits: removed tokens at -inf, the rest divided by the temperature.
 
-    The same operations, in the same order, as transformers' TemperatureLogitsWarper,
-    TopPLogitsWarper and MinPLogitsWarper (what `generate` applies with do_sample, top_k=0 and
+    The same operations, in the same order, as transformers' TemperatureLogitsWarper, TopKLogitsWarper,
+    TopPLogitsWarper and MinPLogitsWarper (what `generate` applies with do_sample and
     min_tokens_to_keep=1), so both decoders sample from one distribution.
 
     Args:
-        logits: (B, V) float32 next-token logits.
+        logits: (B, V) float32 next-token logits (after any repetition penalty).
         temperature: divides the logits (1.0 leaves them as they are).
+        top_k: keep the k likeliest tokens, and every token tied with the k-th (0 or None = off).
         top_p: keep the smallest set of likeliest tokens whose probability reaches top_p (1.0 = off);
             the likeliest token is always kept.
         min_p: drop tokens whose probability is below min_p x the top token's (0.0 = off).
@@ -104,6 +120,9 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_p: floa
         (B, V) float32 filtered logits; softmax of them is the distribution sampled from.
     """
     scores = logits / temperature if temperature != 1.0 else logits
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         sorted_scores, sorted_index = torch.sort(scores, descending=False)  # (B, V) ascending
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
@@ -120,7 +139,7 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_p: floa
 
 
 def sample_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float = 1.0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> torch.Tensor:
+                  min_p: float = 0.0, top_k: int | None = 0) -> torch.Tensor:
     """Next tokens (B,) int64: argmax when greedy, else one draw from softmax(filter_logits(logits)).
 
     The draw inverts the cumulative distribution with one uniform number per row, where
@@ -134,12 +153,91 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float = 1.
     """
     if greedy:
         return logits.argmax(dim=-1)
-    scores = filter_logits(logits, temperature=temperature, top_p=top_p, min_p=min_p)  # (B, V)
+    scores = filter_logits(logits, temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k)  # (B, V)
     weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # (B, V) unnormalised probabilities, 0 if filtered
     cdf = weights.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
     total = cdf[:, -1:]  # (B, 1) >= 1: the likeliest token has weight 1
     u = (1.0 - torch.rand(total.shape, dtype=torch.float64, device=cdf.device)) * total  # (B, 1) in (0, total]
     return torch.searchsorted(cdf, u).squeeze(1)  # first i with cdf[i] >= u
+
+
+def seen_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: which tokens occur among each row's real (mask 1) tokens.
+
+    Args:
+        ids: (B, L) token ids; mask: (B, L) 1 on real tokens, 0 on padding.
+    """
+    counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.long, device=ids.device)
+    return counts.scatter_add_(1, ids, mask.long()) > 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: each seen token's logit is divided by the penalty
+    when positive and multiplied by it when negative (so penalty > 1 makes it less likely).
+
+    Args:
+        logits: (B, V) float32 next-token logits.
+        seen: (B, V) bool, the tokens of each row's prompt and completion so far (`seen_tokens`).
+        penalty: > 0; 1.0 leaves the logits as they are.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+class RepetitionPenaltyOverRealTokens(LogitsProcessor):
+    """`apply_repetition_penalty` as a logits processor for `generate`, counting the prompts' real tokens
+    only (stock RepetitionPenaltyLogitsProcessor also counts the left padding).
+
+    `generate` runs custom processors after its own ones and before the temperature / top-k / top-p /
+    min-p warpers: the place its own repetition penalty takes.
+
+    Args:
+        penalty: the repetition penalty.
+        prompt_mask: (B, P) 1 on real prompt tokens; every generated position counts.
+    """
+
+    def __init__(self, penalty: float, prompt_mask: torch.Tensor):
+        self.penalty, self.prompt_mask = penalty, prompt_mask
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        P = self.prompt_mask.shape[1]
+        mask = torch.cat([self.prompt_mask.to(input_ids.device), torch.ones_like(input_ids[:, P:])], dim=1)
+        return apply_repetition_penalty(scores, seen_tokens(input_ids, mask, scores.shape[-1]), self.penalty)
+
+
+class CompletionStopStrings(StoppingCriteria):
+    """transformers' StopStringCriteria over the completion only: True for the rows whose last token
+    completes a stop string that lies wholly in the completion.
+
+    Args:
+        criteria: a StopStringCriteria for the stop strings (built once per tokenizer and strings: it
+            indexes the whole vocabulary).
+        prompt_length: P, the columns of `input_ids` before the completion (0: input_ids is the completion).
+    """
+
+    def __init__(self, criteria: StopStringCriteria, prompt_length: int = 0):
+        self.criteria, self.prompt_length = criteria, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs) -> torch.BoolTensor:
+        return self.criteria(input_ids[:, self.prompt_length:], scores)
+
+
+def stop_string_ends(completion_ids: torch.Tensor, stop: CompletionStopStrings) -> torch.Tensor:
+    """(B,) int64: each row's first position whose token completes a stop string, T where none does.
+
+    Args:
+        completion_ids: (B, T) generated tokens; stop: the criteria with prompt_length 0.
+    """
+    B, T = completion_ids.shape
+    ends = torch.full((B,), T, dtype=torch.long)
+    for t in range(T):
+        hit = stop(completion_ids[:, : t + 1]).cpu() & (ends == T)  # (B,)
+        ends[hit] = t
+        if bool((ends < T).all()):
+            break
+    return ends
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -301,6 +399,7 @@ class HFRolloutEngine(RolloutEngine):
         self.min_new_tokens = 0
         # Seconds of the last lean generate() call: {"prefill_time": ..., "decode_time": ...} ({} with generate).
         self.last_timings: dict[str, float] = {}
+        self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
 
     def _choose_decoder(self, asked: str) -> str:
         if asked == "generate" or (asked == "auto" and self.device.type == "cuda"):
@@ -321,13 +420,27 @@ class HFRolloutEngine(RolloutEngine):
             raise ValueError("prompts must be all strings or all token-id lists, not a mix")
         return [[int(t) for t in p] for p in prompts]
 
+    def stop_criteria(self, stop_strings: Sequence[str], prompt_length: int = 0) -> CompletionStopStrings | None:
+        """The stop-string criteria for these strings (None for none); the vocabulary is indexed once."""
+        key = tuple(stop_strings)
+        if not key:
+            return None
+        if key not in self._stop_criteria:
+            self._stop_criteria[key] = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(key))
+        return CompletionStopStrings(self._stop_criteria[key], prompt_length)
+
     def generation_config(self, *, max_new_tokens: int, temperature: float, top_p: float, min_p: float,
-                          greedy: bool) -> GenerationConfig:
-        """Every knob that shapes the sampling distribution, set so that nothing is inherited."""
+                          greedy: bool, top_k: int | None = 0, repetition_penalty: float = 1.0) -> GenerationConfig:
+        """Every knob that shapes the sampling distribution, set so that nothing is inherited.
+
+        The repetition penalty (`repetition_penalty`) and stop strings are not in it: `_decode_generate`
+        passes them as our own processor and criteria (see the module docstring).
+        """
+        del repetition_penalty  # applied by RepetitionPenaltyOverRealTokens, in the same place
         sampling = {} if greedy else {
             "temperature": temperature,
             "top_p": top_p,
-            "top_k": 0,  # off: the loss's log-probs are over the full vocabulary
+            "top_k": top_k or 0,  # 0 = off: the full vocabulary unless --top-k asks otherwise
             "min_p": min_p if min_p and min_p > 0 else None,
         }
         return GenerationConfig(
@@ -336,7 +449,8 @@ class HFRolloutEngine(RolloutEngine):
             max_new_tokens=max_new_tokens,
             min_new_tokens=self.min_new_tokens,
             num_beams=1,
-            repetition_penalty=1.0,
+            repetition_penalty=1.0,  # ours, if asked for, comes as a logits processor
+            stop_strings=None,
             no_repeat_ngram_size=0,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
@@ -355,6 +469,9 @@ class HFRolloutEngine(RolloutEngine):
         temperature: float = 1.0,
         top_p: float = 1.0,
         min_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop_strings: Sequence[str] = (),
         seed: int | None = None,
         greedy: bool = False,
     ) -> RolloutBatch:
@@ -366,7 +483,8 @@ class HFRolloutEngine(RolloutEngine):
         multiple_of = 64 if self.static_cache and not lean else 1
         prompt_ids, prompt_mask = left_pad(prompt_lists, self.pad_id, multiple_of=multiple_of)  # (N, P)
         self.last_timings = {}
-        sampling = {"greedy": greedy, "temperature": temperature, "top_p": top_p, "min_p": min_p}
+        sampling = {"greedy": greedy, "temperature": temperature, "top_p": top_p, "min_p": min_p, "top_k": top_k}
+        ends = {"repetition_penalty": repetition_penalty, "stop_strings": tuple(stop_strings)}
 
         was_training = self.model.training
         self.model.eval()  # no dropout; gradient checkpointing is inactive, so the KV cache is used
@@ -377,14 +495,17 @@ class HFRolloutEngine(RolloutEngine):
                 if seed is not None:
                     torch.manual_seed(seed)
                 if lean:
-                    completion_ids = self._decode_lean(prompt_ids, prompt_mask, group_size, max_new_tokens, sampling)
+                    completion_ids = self._decode_lean(prompt_ids, prompt_mask, group_size, max_new_tokens, sampling,
+                                                       **ends)
                 else:
                     completion_ids = self._decode_generate(prompt_ids, prompt_mask, group_size, max_new_tokens,
-                                                           sampling)
+                                                           sampling, **ends)
         finally:
             self.model.train(was_training)
 
-        completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_ids)
+        stop = self.stop_criteria(stop_strings)
+        stop_ends = stop_string_ends(completion_ids, stop) if stop is not None else None  # (B,)
+        completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_ids, stop_ends)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_id)
         lengths = completion_mask.sum(dim=1)  # (B,)
         # T = the longest completion: columns past it are padding in every row, and the update
@@ -407,16 +528,26 @@ class HFRolloutEngine(RolloutEngine):
         )
 
     def _decode_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
-                         max_new_tokens: int, sampling: dict) -> torch.Tensor:
+                         max_new_tokens: int, sampling: dict, repetition_penalty: float = 1.0,
+                         stop_strings: Sequence[str] = ()) -> torch.Tensor:
         """transformers' generate over the N x G repeated prompts: (N, P) prompts -> (B, T') tokens on the CPU."""
         gen_cfg = self.generation_config(max_new_tokens=max_new_tokens, **sampling)
         ids = prompt_ids.repeat_interleave(group_size, dim=0).to(self.device)  # (B, P)
         mask = prompt_mask.repeat_interleave(group_size, dim=0).to(self.device)  # (B, P)
-        sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)  # (B, P + T')
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyOverRealTokens(repetition_penalty, mask))
+        criteria = StoppingCriteriaList()
+        stop = self.stop_criteria(stop_strings, prompt_length=ids.shape[1])
+        if stop is not None:
+            criteria.append(stop)
+        sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                        logits_processor=processors, stopping_criteria=criteria)  # (B, P + T')
         return sequences[:, ids.shape[1]:].cpu()
 
     def _decode_lean(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
-                     max_new_tokens: int, sampling: dict) -> torch.Tensor:
+                     max_new_tokens: int, sampling: dict, repetition_penalty: float = 1.0,
+                     stop_strings: Sequence[str] = ()) -> torch.Tensor:
         """Prefill each prompt once, repeat its cache G times, decode with our own sampling.
 
         Args:
@@ -424,7 +555,7 @@ class HFRolloutEngine(RolloutEngine):
 
         Returns:
             (B, T') int64 tokens on the CPU, B = N x G, T' <= max_new_tokens; a row that has emitted
-            an EOS emits the pad id afterwards (as generate does).
+            an EOS, or completed a stop string, emits the pad id afterwards (as generate does).
         """
         model, device, G = self.model, self.device, group_size
         N, P = prompt_ids.shape
@@ -454,15 +585,26 @@ class HFRolloutEngine(RolloutEngine):
         pad = torch.tensor(self.pad_id, device=device)
         tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = self.stop_criteria(stop_strings)  # over tokens[:, :t + 1], the completion so far
+        # Repetition penalty: which tokens each row holds (real prompt tokens, then each sampled one).
+        seen = (seen_tokens(ids, mask, logits.shape[-1]).repeat_interleave(G, dim=0)
+                if repetition_penalty != 1.0 else None)  # (B, V)
+        rows = torch.arange(B, device=device)
         # "All done?" costs a host sync: every step on the CPU (free), every 8 steps on an accelerator.
         check_every = 1 if device.type == "cpu" else 8
         steps = max_new_tokens
         for t in range(max_new_tokens):
             if t < self.min_new_tokens:
                 logits[:, eos] = float("-inf")  # as transformers' MinNewTokensLengthLogitsProcessor
+            if seen is not None:  # a processor: before the warpers, and when greedy too, as in transformers
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             token = torch.where(finished, pad, sample_tokens(logits, **sampling))  # (B,)
             tokens[:, t] = token
+            if seen is not None:
+                seen[rows, token] = True
             finished |= torch.isin(token, eos)
+            if stop is not None:
+                finished |= stop(tokens[:, : t + 1])
             if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
                 steps = t + 1
                 break

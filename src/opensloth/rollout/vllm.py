@@ -26,10 +26,19 @@ share of the NUMA node's RAM the whole process may use, including what training 
 so a small fraction fails. On the CPU the default therefore sizes the KV cache explicitly
 (`kv_cache_memory_bytes`) for max_num_seqs sequences of max_model_len tokens.
 
-Log-probs are vLLM's `processed_logprobs` (after temperature, top-p and min-p), as TRL does, so
-they describe the distribution that actually sampled; with top_p = 1 and min_p = 0 that equals
-log_softmax(logits / temperature), which is what the trainer computes. Greedy decoding reports
-log_softmax(logits).
+Log-probs are vLLM's `processed_logprobs` (after the repetition penalty, temperature, min-p, top-k
+and top-p), as TRL does, so they describe the distribution that actually sampled; with all of them off
+that equals log_softmax(logits / temperature), which is what the trainer computes. Greedy decoding
+reports log_softmax(logits).
+
+Sampling options as the hf engine's: vLLM's repetition penalty, like ours, counts the prompt's and the
+completion's tokens (vllm/model_executor/layers/utils.py `apply_penalties`: prompt mask | output mask)
+and is applied before the temperature, also when greedy. vLLM applies min-p before top-k / top-p, where
+transformers applies it last: with top-k alone the two agree (min-p compares each probability with the
+top one, which renormalising does not change); with top-p and min-p both on they can differ. Stop
+strings are vLLM's `stop`, checked on the detokenised completion (so detokenisation is on only when
+there are stop strings); the token that completes one is kept, like the hf engine's, and the row is
+not truncated.
 
 Glossary: B = prompts x G sequences, P = longest prompt, T = longest completion, G = group size.
 """
@@ -306,6 +315,9 @@ class VLLMRolloutEngine(RolloutEngine):
         temperature: float = 1.0,
         top_p: float = 1.0,
         min_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop_strings: Sequence[str] = (),
         seed: int | None = None,
         greedy: bool = False,
     ) -> RolloutBatch:
@@ -326,15 +338,17 @@ class VLLMRolloutEngine(RolloutEngine):
                 n=group_size,
                 temperature=0.0 if greedy else temperature,
                 top_p=1.0 if greedy else top_p,
-                top_k=0,  # off, as in the hf engine: the loss's log-probs are over the full vocabulary
+                top_k=0 if greedy else (top_k or 0),  # 0 = off: the full vocabulary unless asked
                 min_p=0.0 if greedy else min_p,
-                repetition_penalty=1.0,
+                repetition_penalty=repetition_penalty,  # applies when greedy too, as in the hf engine
+                stop=list(stop_strings) or None,
+                include_stop_str_in_output=True,
                 # vLLM seeds the G children seed, seed+1, ...: space prompts G apart.
                 seed=None if seed is None else seed + i * group_size,
                 max_tokens=max_new_tokens,
                 stop_token_ids=list(self.eos_ids),
                 logprobs=0,  # the sampled token's log-prob only
-                detokenize=False,  # decoded below, cut at the first EOS like the hf engine
+                detokenize=bool(stop_strings),  # vLLM checks stop strings on text; we decode below either way
             )
 
         outputs = self.llm.generate(
@@ -345,10 +359,13 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         completions: list[list[int]] = []
         log_probs: list[list[float]] = []
+        stopped_by_string: list[bool] = []
         for out in outputs:  # one per prompt, in order
             for sample in sorted(out.outputs, key=lambda o: o.index):  # G, in sample order
                 completions.append(list(sample.token_ids))
                 log_probs.append([next(iter(d.values())).logprob for d in sample.logprobs])
+                # vLLM's stop_reason is the matched string (an int for a stop token id); its last token completed it.
+                stopped_by_string.append(sample.finish_reason == "stop" and isinstance(sample.stop_reason, str))
 
         ids, mask = left_pad(prompt_lists, self.pad_id)  # (N, P)
         B, T = len(completions), max(1, max(len(c) for c in completions))
@@ -357,7 +374,8 @@ class VLLMRolloutEngine(RolloutEngine):
         for row, (tokens, lps) in enumerate(zip(completions, log_probs)):
             completion_ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
             sampler_log_probs[row, : len(lps)] = torch.as_tensor(lps, dtype=torch.float32)
-        completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_ids)  # (B, T), (B,)
+        stop_ends = torch.tensor([len(tokens) - 1 if hit else T for tokens, hit in zip(completions, stopped_by_string)])
+        completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_ids, stop_ends)  # (B, T), (B,)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_id)
         sampler_log_probs = sampler_log_probs.masked_fill(completion_mask == 0, 0.0)
         lengths = completion_mask.sum(dim=1).tolist()
