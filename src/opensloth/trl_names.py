@@ -266,13 +266,13 @@ FIELDS: dict[str, TRLField] = {f.name: f for f in [
              "prompts; the plan prints the optimizer steps per rollout.", "rollout_batch_size"),
     _same("temperature"),
     _same("top_p"),
-    _refused("top_k", "not available in this version."),
+    _same("top_k", "0 or null: off, as TRL"),
     _convert("min_p", "min_p", "null (TRL's default) is off: 0.", lambda value: {"min_p": 0.0},
              trl_value=lambda value: value is None),
-    _refused("generation_kwargs", "not available in this version."),
+    _same("generation_kwargs", "only what both engines honour (sampling options, stop strings); others are refused by name (docs/GRPO_TRAINING.md)"),
     _same("chat_template_kwargs", "set at the top of the chat template, so eval, generate and the saved model "
           "render with them too; text prompts then go through the template"),
-    _refused("repetition_penalty", "not available in this version."),
+    _same("repetition_penalty", "over the prompt and completion tokens, as transformers and vLLM"),
     _default("cache_implementation", None, "the rollout engine manages its own KV cache."),
     _convert("use_vllm", "rollout_engine", "true: --rollout-engine vllm; false: hf (TRL's transformers "
              "generation).", _only("use_vllm", {True: {"rollout_engine": "vllm"}, False: {"rollout_engine": "hf"}},
