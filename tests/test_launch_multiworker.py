@@ -271,8 +271,12 @@ def test_grpo_two_workers_train_and_rank0_saves(tiny_model_dir, cache_dir, tmp_p
     result = os_train(["grpo", "--model", str(tiny_model_dir), "--dataset", str(prompts), "--task", "math",
                        "--cache-dir", str(cache_dir), "--output-dir", str(out), "--devices", "cpu:2",
                        "--max-steps", "2", "--rollout-batch-size", "4", "--group-size", "2",
-                       "--max-new-tokens", "8", "--report-to", "none", "--lora-r", "4"], tag)
+                       "--max-new-tokens", "8", "--report-to", "none", "--lora-r", "4", "--log-completions"], tag)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # --log-completions (TRL's): every completion of each logged step, both workers' (4 prompts x 2), by rank 0.
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1] * 8 + [2] * 8
+    assert all(len({json.dumps(r["prompt"]) for r in logged if r["step"] == s}) == 4 for s in (1, 2))
     assert "2 prompts per worker" in " ".join(result.stdout.replace("│", " ").split())  # the plan may wrap it
     assert "[rank1]" not in result.stdout + result.stderr
     assert [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]

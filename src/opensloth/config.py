@@ -354,6 +354,10 @@ class GRPOConfig(Section):
         True, description="Correct the vLLM/train log-prob mismatch with truncated importance sampling."
     )
     vllm_importance_sampling_cap: float = Field(3.0, gt=0, description="Cap on the importance-sampling ratio.")
+    log_completions: bool = Field(
+        False, description="Append every completion of each logged step, from every worker, to completions.jsonl "
+        "(and to wandb as a table), as TRL's log_completions. Off: rank 0's, every --print-sample-every steps.",
+    )
     logprob_chunk_size: int = Field(
         1024, gt=0, description="Tokens per chunk when computing log-probs (memory vs speed)."
     )

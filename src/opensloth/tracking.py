@@ -95,6 +95,18 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
 
+    def log_table(self, step: int, name: str, records: list[dict[str, Any]]) -> None:
+        """Send `records` (one dict per row, same keys) to wandb as a table called `name`; a no-op without
+        wandb (metrics.jsonl and TensorBoard keep scalars; the caller writes the rows to its own file)."""
+        if not self.is_main or self._wandb is None or not records:
+            return
+        import wandb
+
+        columns = list(records[0])
+        rows = [[json.dumps(r.get(c), default=str) if isinstance(r.get(c), (dict, list)) else r.get(c)
+                 for c in columns] for r in records]
+        self._wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -328,8 +328,8 @@ FIELDS: dict[str, TRLField] = {f.name: f for f in [
     _default("off_policy_mask_threshold", None, "off-policy sequences are not masked."),
     _refused("use_bias_correction_kl", "not available in this version: the KL here is k3 without the "
              "importance-ratio factor (TRL 1.16's default multiplies by it).", "beta"),
-    _refused("log_completions", "not available in this version; --print-sample-every prints a group now and "
-             "then."),
+    _same("log_completions", "every completion of each logged step, from every worker, to completions.jsonl "
+          "and wandb"),
     _default("log_multimodal", True, "text only."),
     _default("num_completions_to_print", None, "see --print-sample-every."),
     _default("log_unique_prompts", False, "see --print-sample-every."),

@@ -581,14 +581,19 @@ class GRPORecipe:
         metrics.update(self.reduce_logged(scores.logged))  # what rewards passed to log_metric
         metrics.update(self.check_alarms(step, metrics))
         self.set_trainer_state(step)
-        if cfg.logging.print_sample_every and step % cfg.logging.print_sample_every == 0 and self.ctx.is_main:
-            self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
-            self.log_completions(step, rows, rollout, scores, advantages)
         last = step == self.total_steps
         evaluate = t.eval_steps > 0 and (step % t.eval_steps == 0 or last)
+        logged = evaluate or step % t.logging_steps == 0 or last
+        sample = bool(cfg.logging.print_sample_every) and step % cfg.logging.print_sample_every == 0
+        if sample and self.ctx.is_main:
+            self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
+        if g.log_completions and logged:  # TRL's log_completions: every worker's completions, each logged step
+            self.log_completions(step, rows, rollout, scores, advantages, every_worker=True)
+        elif sample:
+            self.log_completions(step, rows, rollout, scores, advantages)
         if evaluate:
             metrics.update(self.evaluate())
-        if evaluate or step % t.logging_steps == 0 or last:
+        if logged:
             self.metrics_logger.log(step, metrics)
         return metrics
 
@@ -706,21 +711,32 @@ class GRPORecipe:
             "run the same command with --resume."
         )
 
-    def log_completions(self, step: int, rows: Any, rollout: Any, scores: Any, advantages: torch.Tensor) -> None:
-        """Append this worker's completions of the step to completions.jsonl (rank 0): prompt, completion,
-        each reward, the total, the advantage and the columns rewards added with log_extra."""
+    def log_completions(self, step: int, rows: Any, rollout: Any, scores: Any, advantages: torch.Tensor,
+                        every_worker: bool = False) -> None:
+        """Append the step's completions to completions.jsonl: prompt, completion, each reward, the total,
+        the advantage and the columns rewards added with log_extra. Rank 0's own, or with `every_worker`
+        (--log-completions; every worker must call it then) all of them, also sent to wandb as a table."""
         import json
 
         g = self.cfg.grpo
-        path = self.cfg.training.output_dir / COMPLETIONS_FILE
-        with open(path, "a") as fh:
-            for i, text in enumerate(rollout.completions_text):
-                record = {"step": step, "prompt": rows[i // g.group_size]["prompt"], "completion": text,
-                          "rewards": {name: values[i] for name, values in scores.per_reward.items()},
-                          "reward": scores.total[i], "advantage": float(advantages[i])}
-                if scores.extra:
-                    record["extra"] = {c: (v[i] if i < len(v) else None) for c, v in scores.extra.items()}
-                fh.write(json.dumps(record, default=str) + "\n")
+        records = []
+        for i, text in enumerate(rollout.completions_text):
+            record = {"step": step, "prompt": rows[i // g.group_size]["prompt"], "completion": text,
+                      "rewards": {name: values[i] for name, values in scores.per_reward.items()},
+                      "reward": float(scores.total[i]), "advantage": float(advantages[i])}
+            if scores.extra:
+                record["extra"] = {c: (v[i] if i < len(v) else None) for c, v in scores.extra.items()}
+            records.append(record)
+        if every_worker:
+            from opensloth.distributed import all_gather_objects
+
+            records = [record for part in all_gather_objects(records) for record in part]
+        if not self.ctx.is_main:
+            return
+        with open(self.cfg.training.output_dir / COMPLETIONS_FILE, "a") as fh:
+            fh.writelines(json.dumps(record, default=str) + "\n" for record in records)
+        if every_worker:
+            self.metrics_logger.log_table(step, "completions", records)
 
     def update(self, batch: Batch) -> dict[str, float]:
         """Phases 6 and 7 on this worker's share of a rollout batch: old and reference log-probs, then
