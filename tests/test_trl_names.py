@@ -94,7 +94,8 @@ def test_trl_names_map_onto_ours(tmp_path):
     ({"sync_ref_model": True}, "TRL option sync_ref_model: True is not supported; only TRL's default False"),
     ({"adam_beta2": 0.95}, "TRL option adam_beta2: 0.95 is not supported"),
     ({"optim": "adafactor"}, "TRL option optim: 'adafactor' is not supported here"),
-    ({"steps_per_generation": 4}, "TRL option steps_per_generation is not supported (here: rollout_batch_size)"),
+    ({"steps_per_generation": 4, "rollout_batch_size": 4}, "give one of them"),
+    ({"steps_per_generation": 4, "generation_batch_size": 16}, "give one (as TRL requires)"),
     ({"vllm_mode": "server"}, "no vLLM server mode"),
     ({"generation_batch_size": 30}, "must be a positive multiple of num_generations / --group-size (8)"),
     ({"generation_batch_size": 32, "rollout_batch_size": 4}, "keep one"),
@@ -145,3 +146,23 @@ def test_trl_flag_names_on_the_command_line(tmp_path):
     text = proc.stdout  # the resolved config, as --dry-run prints it
     assert "epochs_per_rollout_batch: 3" in text and "group_size: 4" in text
     assert "vllm_importance_sampling: false" in text
+
+
+def test_steps_per_generation_sets_the_rollout_batch_from_the_worker_count(tmp_path):
+    """TRL's steps_per_generation: per_device_train_batch_size x workers x steps completions per generation,
+    each optimizer step taking per_device_train_batch_size x gradient_accumulation_steps of them per worker."""
+    proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", "grpo",
+                           "--model", "m", "--task", "math", "--devices", "cpu:2", "--per-device-train-batch-size", "4",
+                           "--steps-per-generation", "2", "--group-size", "4", "--dry-run"],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+                          env={**__import__("os").environ, "COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stderr
+    plan = " ".join(proc.stdout.replace("│", " ").split())
+    assert "rollout_batch_size: 4" in proc.stdout  # 4 x 2 workers x 2 / 4
+    assert "4 prompts x 4 completions = 16 completions per step (2 prompts per worker)" in plan
+    assert "2 optimizer steps per rollout" in plan  # as TRL: steps_per_generation / gradient_accumulation_steps
+    proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", "grpo",
+                           "--model", "m", "--task", "math", "--devices", "cpu:2", "--per-device-train-batch-size", "3",
+                           "--steps-per-generation", "1", "--group-size", "4", "--dry-run"],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "not a multiple of --group-size 4" in proc.stderr

@@ -257,6 +257,12 @@ class GRPOConfig(Section):
     rollout_batch_size: int = Field(8, gt=0, description="Prompts per step, across all workers; each makes "
                                     "--group-size completions (CS336's rollout_batch_size and TRL's "
                                     "generation_batch_size count completions: divide them by the group size).")
+    steps_per_generation: Optional[int] = Field(
+        None, gt=0, description="TRL's steps_per_generation: sets --rollout-batch-size to "
+        "per-device-train-batch-size x workers x this / --group-size prompts once the worker count is known "
+        "(then --per-device-train-batch-size x --gradient-accumulation-steps completions per optimizer step give "
+        "this / --gradient-accumulation-steps updates per rollout). Default: off, give --rollout-batch-size.",
+    )
     epochs_per_rollout_batch: int = Field(1, gt=0, description="Passes of updates over each rollout batch.")
     loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"] = Field(
         "grpo_clip", description="Policy-gradient loss: no_baseline, reinforce_with_baseline, grpo_clip."
@@ -440,6 +446,9 @@ class GRPORunConfig(RunConfig):
                 f"--reward-weights has {plural(len(g.reward_weights), 'value')} but --rewards names "
                 f"{plural(len(g.rewards), 'reward')}"
             )
+        if g.steps_per_generation is not None and "rollout_batch_size" in g.model_fields_set:
+            raise ValueError("--steps-per-generation sets --rollout-batch-size from the batch size and the worker "
+                             "count: give one of them")
         return self
 
 

@@ -261,9 +261,8 @@ FIELDS: dict[str, TRLField] = {f.name: f for f in [
     _default("pad_to_multiple_of", "auto", "padding is the rollout engine's."),
     _convert("generation_batch_size", "rollout_batch_size", "completions per step: --rollout-batch-size "
              "(prompts) = generation_batch_size / --group-size, which must divide it.", _generation_batch_size),
-    _refused("steps_per_generation", "give rollout_batch_size: TRL's generation batch is per_device_train_batch_size "
-             "x workers x steps_per_generation completions, i.e. rollout_batch_size = that / num_generations "
-             "prompts; the plan prints the optimizer steps per rollout.", "rollout_batch_size"),
+    _same("steps_per_generation", "sets rollout_batch_size = per_device_train_batch_size x workers x "
+          "steps_per_generation / num_generations prompts, once the worker count is known"),
     _same("temperature"),
     _same("top_p"),
     _same("top_k", "0 or null: off, as TRL"),
@@ -391,6 +390,9 @@ def resolve_deferred(deferred: dict[str, Any], get: Callable[[str], Any]) -> dic
     eval_on_start false is what happens without eval; with --eval-steps a baseline always runs here.
     """
     out: dict[str, Any] = {}
+    if "generation_batch_size" in deferred and get("steps_per_generation") is not None:
+        raise UserError("TRL options generation_batch_size and steps_per_generation both set the generation batch: "
+                        "give one (as TRL requires).")
     if "generation_batch_size" in deferred:
         n, group = deferred["generation_batch_size"], get("group_size")
         if not isinstance(n, int) or n <= 0 or n % group:

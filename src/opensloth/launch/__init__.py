@@ -233,6 +233,7 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
             UserError) when a worker fails, naming its rank and error.
     """
     devices = resolve_devices(cfg.distributed.devices)
+    cfg = load_recipe(cfg.recipe).resolve_for_workers(cfg, len(devices))
     check_batch(cfg, len(devices))
     if len(devices) > 1:
         check_master_port(cfg.distributed.master_port)

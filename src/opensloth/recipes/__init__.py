@@ -6,6 +6,8 @@ recipe's name:
 
     prepare_data(cfg, tokenizer, num_shards) -> PreparedDataset
         the recipe's dataset, prepared once in the parent (or reused from the cache);
+    resolve_for_workers(cfg, world_size) -> cfg
+        cfg with the values that need the worker count (GRPO: --steps-per-generation);
     check_world_size(cfg, world_size) -> None
         raise UserError when the batch cannot be split across this many workers (the launcher
         calls it before anything starts, the recipe again in each worker);

@@ -256,6 +256,25 @@ def prepare_data(cfg: GRPORunConfig, tokenizer: Any, num_shards: int) -> Any:
     return prepare_grpo_dataset(cfg, tokenizer, num_shards)
 
 
+def resolve_for_workers(cfg: GRPORunConfig, world_size: int) -> GRPORunConfig:
+    """cfg with what needs the worker count: --steps-per-generation (TRL's) becomes --rollout-batch-size,
+    per_device_train_batch_size x workers x steps_per_generation completions, divided by the group size."""
+    g = cfg.grpo
+    if g.steps_per_generation is None:
+        return cfg
+    completions = cfg.training.per_device_train_batch_size * world_size * g.steps_per_generation
+    if completions % g.group_size:
+        raise UserError(f"--steps-per-generation {g.steps_per_generation}: --per-device-train-batch-size "
+                        f"{cfg.training.per_device_train_batch_size} x {plural(world_size, 'worker')} x "
+                        f"{g.steps_per_generation} = {completions} completions per step, not a multiple of "
+                        f"--group-size {g.group_size}. Change one of them, or give --rollout-batch-size.")
+    logger.info("--steps-per-generation %d: --rollout-batch-size %d (%d completions per step over %s)",
+                g.steps_per_generation, completions // g.group_size, completions, plural(world_size, "worker"))
+    # Recorded as the rollout batch it gave (config.yaml, the workers): the two cannot both be set.
+    grpo = g.model_copy(update={"rollout_batch_size": completions // g.group_size, "steps_per_generation": None})
+    return cfg.model_copy(update={"grpo": grpo})
+
+
 def check_world_size(cfg: GRPORunConfig, world_size: int) -> None:
     """Each worker generates for an equal share of the step's prompts: the count must divide."""
     if cfg.grpo.rollout_batch_size % world_size:

@@ -66,6 +66,11 @@ def prepare_data(cfg: SFTRunConfig, tokenizer: Any, num_shards: int) -> Any:
     return prepare_sft_dataset(cfg, tokenizer, num_shards)
 
 
+def resolve_for_workers(cfg: SFTRunConfig, world_size: int) -> SFTRunConfig:
+    """Nothing in SFT's config depends on the worker count."""
+    return cfg
+
+
 def check_world_size(cfg: SFTRunConfig, world_size: int) -> None:
     """Any worker count works: the HF Trainer gives each rank its slice of every batch."""
 
