@@ -6,9 +6,21 @@ cost once. Tests must not modify these directories; copy them first if they need
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# A venv with TRL 1.16, our peer in the parity tests (the CI makes .venv-trl; see .ci/run).
+TRL_PYTHON = Path(os.environ.get("OPENSLOTH_TRL_PYTHON", "/work/venvs/bench/bin/python"))
+
+
+@pytest.fixture(scope="session")
+def trl_python() -> Path:
+    """The python of the TRL 1.16 venv ($OPENSLOTH_TRL_PYTHON, else the bench venv); skips without one."""
+    if not TRL_PYTHON.is_file():
+        pytest.skip(f"TRL 1.16 (a venv at {TRL_PYTHON}, or $OPENSLOTH_TRL_PYTHON) is not here")
+    return TRL_PYTHON
 
 
 @pytest.fixture(scope="session")

@@ -245,3 +245,56 @@ def test_plan_says_what_the_loss_assumes_when_sampling_is_reshaped(tmp_path):
     assert "--top-k, --repetition-penalty reshape the sampling distribution" in out
     assert "softmax(logits / temperature) over the full vocabulary" in out and "importance weights" not in out
     assert "truncated importance weights correct this in part" in plan("--top-p", "0.9", "--rollout-engine", "vllm")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--loss-type", "dapo", "--loss-agg", "token_mean"], "--loss-type dapo aggregates as TRL's dapo does"),
+        (["--loss-type", "grpo", "--loss-agg", "seq_mean"], "--loss-type grpo aggregates as TRL's grpo does"),
+        (["--scale-rewards", "batch", "--no-std-normalization"], "--scale-rewards batch contradicts --no-std"),
+        (["--scale-rewards", "none", "--std-normalization"], "--scale-rewards none contradicts --std-normalization"),
+        (["--loss-type", "reinforce_with_baseline", "--importance-sampling-level", "sequence"], "takes no ratio"),
+        (["--loss-type", "no_baseline", "--delta", "1.5"], "--delta uses the clipped loss's ratio"),
+        (["--loss-type", "no_baseline", "--use-bias-correction-kl"], "--use-bias-correction-kl uses"),
+        (["--top-entropy-quantile", "0"], "top_entropy_quantile"),
+        (["--vllm-importance-sampling-mode", "token"], "vllm_importance_sampling_mode"),
+    ],
+)
+def test_trl_loss_options_refuse_contradictions(flags, message, tmp_path):
+    from opensloth.cli.train import app
+
+    result = CliRunner().invoke(app, ["grpo", "--model", "m", "--dataset", "d.jsonl", "--output-dir",
+                                      str(tmp_path / "out"), "--dry-run", *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output.replace("\n", " ") and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "scaling"),
+    [([], "group"), (["--no-std-normalization"], "none"), (["--scale-rewards", "batch"], "batch"),
+     (["--scale-rewards", "none", "--no-std-normalization"], "none"), (["--scale-rewards", "group"], "group")],
+)
+def test_scale_rewards_and_std_normalization_agree(flags, scaling):
+    """--std-normalization keeps working; it maps onto TRL's --scale-rewards (group / none)."""
+    overrides = {"model": "m"}
+    for flag, value in zip(flags, [*flags[1:], None]):
+        if flag == "--no-std-normalization":
+            overrides["std_normalization"] = False
+        elif flag == "--scale-rewards":
+            overrides["scale_rewards"] = value
+    assert resolve_config("grpo", None, overrides).grpo.reward_scaling == scaling
+
+
+def test_trl_loss_types_and_options_parse_from_the_cli(tmp_path):
+    from opensloth.cli.train import app
+
+    result = CliRunner().invoke(app, [
+        "grpo", "--model", "m", "--dataset", "d.jsonl", "--output-dir", str(tmp_path / "out"), "--dry-run", "--task", "math",
+        "--loss-type", "dapo", "--scale-rewards", "batch", "--importance-sampling-level", "sequence", "--delta", "1.5",
+        "--mask-truncated-completions", "--top-entropy-quantile", "0.2", "--use-bias-correction-kl",
+        "--vllm-importance-sampling-mode", "sequence_mask", "--vllm-importance-sampling-clip-max", "2.5",
+        "--vllm-importance-sampling-clip-min", "0.5"])
+    assert result.exit_code == 0, result.output
+    for text in ("dapo", "sequence_mask", "2.5", "0.2"):
+        assert text in result.output

@@ -166,7 +166,8 @@ def test_each_loss_says_what_it_needs():
     """The recipe asks these specs instead of comparing --loss-type names."""
     specs = {name: (loss.signal, loss.uses_old_log_probs) for name, loss in core.POLICY_LOSS_REGISTRY.items()}
     assert specs == {"no_baseline": ("rewards", False), "reinforce_with_baseline": ("advantages", False),
-                     "grpo_clip": ("advantages", True)}
+                     "grpo_clip": ("advantages", True), "grpo": ("advantages", True), "bnpo": ("advantages", True),
+                     "dr_grpo": ("advantages", True), "dapo": ("advantages", True)}
     # The two REINFORCE losses are one function: they differ only in the signal the recipe passes.
     assert get_policy_loss_fn("no_baseline") is get_policy_loss_fn("reinforce_with_baseline")
     with pytest.raises(ValueError, match="signal must be 'advantages' or 'rewards'"):
@@ -547,3 +548,109 @@ def test_shared_prompts_give_the_row_log_probs_and_gradients_with_one_prompt_for
     model.gradient_checkpointing_enable()
     _, _, _, seen = run(share=True)
     assert seen == [(2 * G, longest)]
+
+
+# -- TRL 1.16's loss-side options (their parity with TRL itself: tests/test_grpo_loss_parity.py) --------------
+
+
+def test_trl_loss_types_are_the_clipped_loss_with_their_own_aggregation():
+    aggregations = {name: loss.aggregation for name, loss in core.POLICY_LOSS_REGISTRY.items()}
+    assert aggregations == {"no_baseline": None, "reinforce_with_baseline": None, "grpo_clip": None,
+                            "grpo": "seq_mean", "bnpo": "local_token_mean", "dr_grpo": "constant",
+                            "dapo": "rollout_token_mean"}
+    assert all(get_policy_loss_fn(name) is get_policy_loss_fn("grpo_clip") for name in ("grpo", "bnpo", "dr_grpo", "dapo"))
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        register_policy_loss("typo", aggregation="mean")
+
+
+def test_bnpo_and_dapo_aggregations_by_hand():
+    """bnpo: a micro-batch's own token mean / micro-batches; dapo: tokens / the rollout's tokens per update."""
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    counts = {"num_sequences": 8.0, "num_tokens": 20.0, "max_new_tokens": 3}
+    local = core.aggregate_loss(loss, mask, "local_token_mean", num_micro_batches=2.0, **counts)
+    torch.testing.assert_close(local, torch.tensor(10.0 / 4 / 2), **TOL)
+    rollout = core.aggregate_loss(loss, mask, "rollout_token_mean", rollout_tokens_per_update=25.0, **counts)
+    torch.testing.assert_close(rollout, torch.tensor(10.0 / 25), **TOL)
+    with pytest.raises(ValueError, match="rollout_tokens_per_update"):
+        core.aggregate_loss(loss, mask, "rollout_token_mean", **counts)
+
+
+def test_sequence_level_ratio_is_exp_of_the_mean_log_ratio():
+    """GSPO: rho_i = exp(mean_t log-ratio over the sequence's tokens), clipped, the same on each of its tokens."""
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[0.3, 0.0, 0.6], [-0.9, 0.3, 5.0]])  # row 1: the last token is padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, meta = core.compute_grpo_clip_loss(new, old, adv, epsilon_low=0.2, epsilon_high=0.28, mask=mask,
+                                             importance_sampling_level="sequence")
+    rho0, rho1 = math.exp(0.3), math.exp(-0.3)  # 1.35 > 1.28 (clipped high), 0.74 < 0.8 (clipped low)
+    expected = torch.tensor([[-min(rho0, 1.28)] * 3, [max(rho1, 0.8)] * 3])
+    torch.testing.assert_close(loss, expected, **TOL)
+    torch.testing.assert_close(meta["clip"], torch.ones(2, 3), **TOL)
+    with pytest.raises(ValueError, match="needs the completion mask"):
+        core.compute_grpo_clip_loss(new, old, adv, importance_sampling_level="sequence")
+
+
+def test_delta_caps_the_unclipped_ratio_for_negative_advantages():
+    """Two-sided clipping: with A < 0 and rho = e (far above 1 + eps), the loss is -delta * A, not -e * A."""
+    new = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    loss, meta = core.compute_grpo_clip_loss(new, torch.zeros(1, 2), torch.tensor([-2.0]), epsilon_low=0.2,
+                                             delta=1.5)
+    torch.testing.assert_close(loss, torch.tensor([[3.0, 3.0]]), **TOL)
+    loss.sum().backward()
+    torch.testing.assert_close(new.grad, torch.zeros(1, 2), **TOL)  # capped: no gradient, as TRL's clamp
+    torch.testing.assert_close(meta["ratio"], torch.full((1, 2), math.e), **TOL)  # before the cap (KL correction)
+    uncapped, _ = core.compute_grpo_clip_loss(new.detach(), torch.zeros(1, 2), torch.tensor([-2.0]))
+    torch.testing.assert_close(uncapped, torch.full((1, 2), 2 * math.e), **TOL)
+
+
+def test_high_entropy_mask_keeps_the_top_quantile_of_completion_tokens():
+    entropies = torch.tensor([[0.1, 0.9, 0.5, 7.0], [0.3, 0.7, 0.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])  # 7.0 is padding: never kept, never in the pool
+    # top 50% of the 7 tokens: threshold = quantile([0, .1, .2, .3, .5, .7, .9], 0.5) = 0.3
+    keep = core.compute_high_entropy_mask(entropies, mask, 0.5)
+    assert keep.tolist() == [[False, True, True, False], [True, True, False, False]]
+    pooled = core.compute_high_entropy_mask(entropies, mask, 0.5, pool=torch.tensor([0.7, 0.7]))  # threshold 0.7
+    assert pooled.tolist() == [[False, True, False, False], [False, True, False, False]]
+    assert not core.compute_high_entropy_mask(entropies, torch.zeros_like(mask), 0.5).any()
+
+
+def test_mask_truncated_completions_zeroes_the_rows_without_eos():
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    out = core.mask_truncated_completions(mask, torch.tensor([False, True]))
+    assert out.tolist() == [[0, 0, 0], [1, 1, 0]] and out.dtype == mask.dtype
+
+
+def test_vllm_importance_sampling_modes_by_hand():
+    """TRL's four modes: per token or per sequence (sum of log-ratios), truncate (clamp) or mask (drop to 0)."""
+    log2 = math.log(2.0)
+    old = torch.tensor([[log2, 0.0, -log2], [0.0, 0.5 * log2, 9.0]])
+    sampler = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # row 1's last token is padding: weight 1 (token), ignored (sequence)
+    w = {mode: core.compute_vllm_is_weights(old, sampler, mask, mode, clip_max=1.5, clip_min=0.6)
+         for mode in core.VLLM_IS_MODES}
+    r2 = math.sqrt(2.0)
+    torch.testing.assert_close(w["token_truncate"], torch.tensor([[1.5, 1.0, 0.6], [1.0, r2, 1.0]]), **TOL)
+    torch.testing.assert_close(w["token_mask"], torch.tensor([[0.0, 1.0, 0.0], [1.0, r2, 1.0]]), **TOL)
+    torch.testing.assert_close(w["sequence_truncate"], torch.tensor([[1.0], [r2]]), **TOL)  # exp(0), exp(log2 / 2)
+    torch.testing.assert_close(w["sequence_mask"], torch.tensor([[1.0], [r2]]), **TOL)
+    high = core.compute_vllm_is_weights(old, sampler, mask, "sequence_mask", clip_max=1.2)
+    torch.testing.assert_close(high, torch.tensor([[1.0], [0.0]]), **TOL)
+    # token_truncate without a lower bound is the truncated IS the recipe used before the modes existed
+    torch.testing.assert_close(core.compute_vllm_is_weights(old, sampler, mask, "token_truncate", 3.0)[mask.bool()],
+                               compute_truncated_is_weights(old, sampler, 3.0)[mask.bool()], **TOL)
+    with pytest.raises(ValueError, match="token_truncate, token_mask"):
+        core.compute_vllm_is_weights(old, sampler, mask, "token", 3.0)
+
+
+def test_batch_scaled_advantages_divide_by_the_given_std():
+    rewards = torch.tensor([1.0, 0.0, 3.0, 3.0])
+    adv, _, _ = compute_group_advantages(rewards, 2, scale_std=2.0, eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([0.25, -0.25, 0.0, 0.0]), **TOL)
+
+
+def test_policy_loss_token_mask_drops_only_the_policy_term():
+    loss, _ = compute_policy_loss("grpo_clip", torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1.0]),
+                                  token_mask=torch.tensor([[True, False]]))
+    torch.testing.assert_close(loss, torch.tensor([[-1.0, 0.0]]), **TOL)

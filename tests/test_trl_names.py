@@ -19,7 +19,6 @@ from opensloth.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "trl_grpo_fields.json"
-BENCH_PYTHON = Path("/work/venvs/bench/bin/python")
 TRL = json.loads(FIXTURE.read_text())
 OURS = set(field_index(GRPORunConfig))
 
@@ -47,12 +46,11 @@ def test_each_status_is_consistent_with_our_options():
             assert field.reason, field.name
 
 
-@pytest.mark.skipif(not BENCH_PYTHON.is_file(), reason="TRL 1.16 (the bench venv /work/venvs/bench) is not here")
-def test_fixture_is_trl_1_16s_own_field_list():
+def test_fixture_is_trl_1_16s_own_field_list(trl_python):
     code = ("import dataclasses, inspect, json, trl; from trl import GRPOConfig, GRPOTrainer; "
             "print(json.dumps([trl.__version__, [f.name for f in dataclasses.fields(GRPOConfig)], "
             "[p for p in inspect.signature(GRPOTrainer.__init__).parameters if p != 'self']]))")
-    proc = subprocess.run([str(BENCH_PYTHON), "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    proc = subprocess.run([str(trl_python), "-c", code], capture_output=True, text=True, timeout=300, check=True)
     version, fields, trainer = json.loads(proc.stdout.strip().splitlines()[-1])
     assert version == TRL["trl_version"]
     assert fields == [f["name"] for f in TRL["GRPOConfig"]]
@@ -78,12 +76,23 @@ def test_trl_names_map_onto_ours(tmp_path):
         "vllm_gpu_memory_utilization": 0.5, "vllm_importance_sampling_correction": False, "min_p": None,
         "adam_beta1": 0.9, "push_to_hub": False, "eval_strategy": "no", "warmup_steps": 0.1, "optim": "adamw_torch",
         "training": {"per_device_train_batch_size": 4}, "grpo": {"epsilon": 0.3},
+        "loss_type": "bnpo", "scale_rewards": False, "importance_sampling_level": "sequence", "delta": 1.5,
+        "mask_truncated_completions": True, "top_entropy_quantile": 0.2, "use_bias_correction_kl": True,
+        "vllm_importance_sampling_mode": "sequence_mask", "vllm_importance_sampling_clip_min": 0.5,
+        "vllm_importance_sampling_clip_max": 2.0,
     }), {"model": "m"})
     g = cfg.grpo
     assert (g.group_size, g.max_new_tokens, g.rollout_batch_size, g.epochs_per_rollout_batch) == (4, 64, 8, 2)
     assert (g.rollout_engine, g.vllm_memory_utilization, g.vllm_importance_sampling, g.min_p) == ("hf", 0.5, False, 0.0)
     assert (cfg.model.gradient_checkpointing, cfg.model.dtype, cfg.logging.report_to) == ("off", "bfloat16", ["none"])
     assert (cfg.training.warmup_ratio, cfg.training.eval_steps, g.epsilon) == (0.1, 0, 0.3)
+    assert (g.loss_type, g.reward_scaling, g.importance_sampling_level, g.delta) == ("bnpo", "none", "sequence", 1.5)
+    assert (g.mask_truncated_completions, g.top_entropy_quantile, g.use_bias_correction_kl) == (True, 0.2, True)
+    assert (g.vllm_importance_sampling_mode, g.vllm_importance_sampling_clip_min, g.vllm_importance_sampling_cap) == \
+        ("sequence_mask", 0.5, 2.0)
+    for trl_value, ours in ((True, "group"), ("batch", "batch")):  # TRL's bool spellings of scale_rewards
+        assert resolve_config("grpo", write_yaml(tmp_path, {"scale_rewards": trl_value}),
+                              {"model": "m"}).grpo.reward_scaling == ours
     # Our own spellings of the shared names still mean what they meant.
     ours = resolve_config("grpo", write_yaml(tmp_path, {"gradient_checkpointing": "auto", "report_to": ["tensorboard"]}),
                           {"model": "m"})
@@ -124,6 +133,8 @@ def test_a_grpo_config_in_trl_names_trains(tiny_model_dir, tmp_path):
         "bf16": False, "gradient_checkpointing": False, "seed": 0, "num_generations": 4,
         "max_completion_length": 8, "generation_batch_size": 8, "num_iterations": 1, "beta": 0.0,
         "epsilon": 0.2, "temperature": 1.0, "use_vllm": False, "push_to_hub": False, "save_strategy": "no",
+        "loss_type": "dapo", "scale_rewards": "batch", "importance_sampling_level": "sequence",
+        "mask_truncated_completions": True, "vllm_importance_sampling_mode": "sequence_mask",
     })
     proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", "grpo",
                            "--config", str(config), "--model", str(tiny_model_dir), "--dataset", str(data),
@@ -134,6 +145,7 @@ def test_a_grpo_config_in_trl_names_trains(tiny_model_dir, tmp_path):
     assert "2 prompts x 4 completions = 8 completions per step" in plan  # generation_batch_size 8 / 4
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["grpo"]["group_size"] == 4 and saved["grpo"]["max_new_tokens"] == 8
+    assert (saved["grpo"]["loss_type"], saved["grpo"]["scale_rewards"]) == ("dapo", "batch")
     assert (tmp_path / "out" / "adapter_config.json").is_file()
 
 

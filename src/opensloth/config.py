@@ -264,16 +264,48 @@ class GRPOConfig(Section):
         "this / --gradient-accumulation-steps updates per rollout). Default: off, give --rollout-batch-size.",
     )
     epochs_per_rollout_batch: int = Field(1, gt=0, description="Passes of updates over each rollout batch.")
-    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"] = Field(
-        "grpo_clip", description="Policy-gradient loss: no_baseline, reinforce_with_baseline, grpo_clip."
+    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo_clip", description="Policy-gradient loss: no_baseline, reinforce_with_baseline, grpo_clip (aggregated "
+        "by --loss-agg), or TRL's grpo, bnpo, dr_grpo, dapo (the clipped loss with TRL 1.16's own aggregation; "
+        "docs/GRPO_TRAINING.md)."
     )
     loss_agg: Literal["seq_mean", "token_mean", "constant"] = Field(
         "token_mean",
-        description="seq_mean (GRPO), token_mean (DAPO, TRL's default), constant (Dr. GRPO: / max new tokens).",
+        description="seq_mean (GRPO), token_mean (the step's token mean), constant (Dr. GRPO: / max new tokens). "
+        "Only for --loss-type no_baseline, reinforce_with_baseline and grpo_clip: TRL's loss types fix their own.",
     )
     epsilon: float = Field(0.2, gt=0, description="Lower clip range: rho >= 1 - epsilon.")
     epsilon_high: Optional[float] = Field(None, gt=0, description="Upper clip range (default: --epsilon).")
     beta: float = Field(0.04, ge=0, description="KL weight to the reference policy (0 skips the reference).")
+    # TRL 1.16 GRPOConfig's loss-side options (docs/GRPO_TRAINING.md gives each one's formula).
+    scale_rewards: Optional[Literal["group", "batch", "none"]] = Field(
+        None, description="Advantage scaling (TRL's): group (/ group std), batch (/ std of every reward of the "
+        "step), none. Default: group, or none with --no-std-normalization.",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="The clipped losses' ratio: per token, or per sequence (GSPO: exp of the mean "
+        "log-ratio over the sequence's tokens).",
+    )
+    delta: Optional[float] = Field(
+        None, gt=0, description="Two-sided clipping: cap the ratio of the unclipped term at delta "
+        "(TRL recommends > 1 + --epsilon-high). Default: off.",
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions that hit --max-new-tokens without EOS out of the loss (TRL's).",
+    )
+    top_entropy_quantile: float = Field(
+        1.0, gt=0, le=1, description="Keep the policy loss only on the top q of completion tokens by entropy "
+        "(per micro-batch, over every worker; 1 keeps all).",
+    )
+    use_bias_correction_kl: bool = Field(
+        False, description="Multiply the KL term by the clipped loss's ratio rho (TRL's; TRL 1.16 defaults to on).",
+    )
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        Field("token_truncate", description="vLLM correction (TRL's modes): per token or per sequence; truncate "
+              "clamps the ratio into [min, cap], mask drops what lies outside. TRL's default is sequence_mask."))
+    vllm_importance_sampling_clip_min: Optional[float] = Field(
+        None, ge=0, description="Lower bound of the vLLM importance-sampling ratio (default: none).",
+    )
     std_normalization: bool = Field(True, description="Divide advantages by the group std (off: Dr. GRPO).")
     advantage_eps: float = Field(1e-4, gt=0, description="Added to the group std before dividing.")
     filter_zero_std: bool = Field(False, description="Drop groups whose rewards are all equal (DAPO).")
@@ -297,6 +329,11 @@ class GRPOConfig(Section):
         "both rollout engines honour: " + ", ".join(GENERATION_KWARGS) + " (stop = stop_strings); each sets "
         "its option, and setting one both ways with different values is refused.",
     )
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_rewards_bools(cls, value: Any) -> Any:
+        return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value  # TRL's
 
     @field_validator("top_k")
     @classmethod
@@ -375,6 +412,13 @@ class GRPOConfig(Section):
             raise ValueError("GRPO compares completions within a group: --group-size must be at least 2")
         return value
 
+    @property
+    def reward_scaling(self) -> str:
+        """The advantage scaling in effect: --scale-rewards, else what --std-normalization says."""
+        if self.scale_rewards is not None:
+            return self.scale_rewards
+        return "group" if self.std_normalization else "none"
+
 
 def recipe_section(base: type[Section], name: str, **changes: dict[str, Any]) -> type[Section]:
     """`base` with some fields' default or description changed for one recipe (checks and flags kept).
@@ -446,6 +490,10 @@ class GRPORunConfig(RunConfig):
                 f"--reward-weights has {plural(len(g.reward_weights), 'value')} but --rewards names "
                 f"{plural(len(g.rewards), 'reward')}"
             )
+        if g.scale_rewards is not None and "std_normalization" in g.model_fields_set and (
+                g.std_normalization != (g.scale_rewards != "none")):
+            flag = "--std-normalization" if g.std_normalization else "--no-std-normalization"
+            raise ValueError(f"--scale-rewards {g.scale_rewards} contradicts {flag}: pass one of them")
         if g.steps_per_generation is not None and "rollout_batch_size" in g.model_fields_set:
             raise ValueError("--steps-per-generation sets --rollout-batch-size from the batch size and the worker "
                              "count: give one of them")

@@ -292,7 +292,7 @@ FIELDS: dict[str, TRLField] = {f.name: f for f in [
     _same("beta", "default here 0.04 (TRL 1.16: 0.0)"),
     _alias("num_iterations", "epochs_per_rollout_batch"),
     _same("epsilon"),
-    _refused("delta", "not available in this version."),
+    _same("delta", "two-sided clipping of the unclipped term, as TRL"),
     _same("epsilon_high"),
     _default("sapo_temperature_neg", 1.05, NO_LOSS),
     _default("sapo_temperature_pos", 1.0, NO_LOSS),
@@ -300,18 +300,20 @@ FIELDS: dict[str, TRLField] = {f.name: f for f in [
     _default("vespo_lambda_pos", 3.0, NO_LOSS),
     _default("vespo_k_neg", 3.0, NO_LOSS),
     _default("vespo_lambda_neg", 2.0, NO_LOSS),
-    _refused("importance_sampling_level", "not available in this version."),
+    _same("importance_sampling_level", "sequence: GSPO's ratio, the exp of the mean token log-ratio"),
     _same("reward_weights", "one weight per reward: the --task preset's, then --rewards"),
     _default("multi_objective_aggregation", "sum_then_normalize", "the weighted sum of the rewards is "
              "normalised per group, as TRL's default."),
-    _refused("scale_rewards", "not available in this version; --std-normalization is TRL's group (on) or "
-             "none (off).", "std_normalization"),
-    _same("loss_type", "TRL's values are not available in this version: grpo_clip with --loss-agg token_mean is TRL's dapo"),
-    _refused("mask_truncated_completions", "not available in this version."),
+    _same("scale_rewards", "group, batch or none as TRL, and TRL's true / false for group / none; "
+          "--std-normalization / --no-std-normalization still mean group / none"),
+    _same("loss_type", "TRL's grpo, bnpo, dr_grpo and dapo with TRL's own normalisation, and ours: no_baseline, "
+          "reinforce_with_baseline, grpo_clip (aggregated by --loss-agg). Default here grpo_clip with a token mean "
+          "per micro-batch (TRL 1.16: dapo, the token mean over the whole step; docs/GRPO_TRAINING.md)"),
+    _same("mask_truncated_completions", "completions that hit --max-new-tokens without EOS leave the loss"),
     _default("sync_ref_model", False, "the reference is the model (or adapter) training started from."),
     _default("ref_model_mixup_alpha", 0.6, "the reference is the model (or adapter) training started from."),
     _default("ref_model_sync_steps", 512, "the reference is the model (or adapter) training started from."),
-    _refused("top_entropy_quantile", "not available in this version."),
+    _same("top_entropy_quantile", "the quantile over the micro-batch's completion tokens, every worker's"),
     _default("entropy_coef", 0.0, "no entropy bonus is added to the loss."),
     _default("use_adaptive_entropy", False, "no entropy bonus is added to the loss."),
     _default("entropy_coef_min", 0.0, "no entropy bonus is added to the loss."),
@@ -320,13 +322,13 @@ FIELDS: dict[str, TRLField] = {f.name: f for f in [
     _default("entropy_target", 0.2, "no entropy bonus is added to the loss."),
     _default("max_tool_calling_iterations", None, "tool calling in rollouts is not offered."),
     _alias("vllm_importance_sampling_correction", "vllm_importance_sampling"),
-    _refused("vllm_importance_sampling_mode", "not available in this version: the correction here is "
-             "token_truncate (TRL 1.16's default: sequence_mask)."),
+    _same("vllm_importance_sampling_mode", "the four modes as TRL; default here token_truncate (TRL 1.16: "
+          "sequence_mask)"),
     _alias("vllm_importance_sampling_clip_max", "vllm_importance_sampling_cap"),
-    _default("vllm_importance_sampling_clip_min", None, "the ratio is only capped from above."),
+    _same("vllm_importance_sampling_clip_min"),
     _default("off_policy_mask_threshold", None, "off-policy sequences are not masked."),
-    _refused("use_bias_correction_kl", "not available in this version: the KL here is k3 without the "
-             "importance-ratio factor (TRL 1.16's default multiplies by it).", "beta"),
+    _same("use_bias_correction_kl", "default here off: the KL is DeepSeekMath's k3 estimator; TRL 1.16 defaults "
+          "to on (it matters only with beta > 0, and TRL's beta default is 0)"),
     _same("log_completions", "every completion of each logged step, from every worker, to completions.jsonl "
           "and wandb"),
     _default("log_multimodal", True, "text only."),

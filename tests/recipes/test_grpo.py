@@ -135,6 +135,23 @@ def test_micro_batches_give_the_full_batch_update(tiny_model_dir, prompts_file, 
     assert m_one["grad_norm"] == pytest.approx(m_four["grad_norm"], rel=1e-5)
 
 
+def test_trl_loss_options_train_end_to_end(tiny_model_dir, prompts_file, tmp_path):
+    """TRL 1.16's loss-side options through the real CLI (their math against TRL: tests/test_grpo_loss_parity.py):
+    the batch-std advantages, the truncation mask (12 new tokens: the random model rarely stops), the
+    per-micro-batch entropy gather with accumulation, GSPO ratios, two-sided clipping and the rollout-token
+    normaliser over two optimizer steps per rollout."""
+    out = tmp_path / "trl_options"
+    proc = os_train(*grpo_args(tiny_model_dir, prompts_file, out, "--max-steps", "2", "--print-sample-every", "0",
+                               "--loss-type", "dapo", "--scale-rewards", "batch", "--mask-truncated-completions",
+                               "--top-entropy-quantile", "0.5", "--importance-sampling-level", "sequence",
+                               "--delta", "1.5", "--use-bias-correction-kl", "--per-device-train-batch-size", "4",
+                               "--gradient-accumulation-steps", "2"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [r for r in read_metrics(out) if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+
+
 def test_same_seed_same_run(cli_run, tiny_model_dir, prompts_file, tmp_path):
     """A second identical run reproduces the first one's per-step numbers."""
     out = tmp_path / "again"
@@ -361,7 +378,6 @@ def test_a_reward_calling_sys_exit_stops_the_first_step_with_a_message(tiny_mode
 
 USER_REWARDS = Path(__file__).parents[1] / "fixtures" / "user_rewards.py"
 TRL_REFERENCE_RUN = USER_REWARDS.with_name("trl_reference_run.py")
-BENCH_PYTHON = Path("/work/venvs/bench/bin/python")
 # Either completion form: the rewards that read completion_ids, trainer_state, log_metric, log_extra, or are async.
 ANY_FORM_REWARDS = ["token_budget_reward", "progress_reward", "first_word_reward", "async_judge_reward",
                     "record_arguments_reward"]
@@ -472,15 +488,14 @@ def test_trl_text_rewards_run_unchanged_on_plain_text_prompts_and_truncation_rai
     assert (out / "training_curves.png").is_file()
 
 
-@pytest.mark.skipif(not BENCH_PYTHON.is_file(), reason="TRL 1.16 (the bench venv /work/venvs/bench) is not here")
 @pytest.mark.parametrize("run", ["chat_run", "text_run"])
-def test_rewards_receive_what_trl_grpo_trainer_passes_them(run, request, tiny_model_dir, tmp_path):
-    """The same rows through TRL 1.16's GRPOTrainer (one real step, in the bench venv): every argument
+def test_rewards_receive_what_trl_grpo_trainer_passes_them(run, request, tiny_model_dir, trl_python, tmp_path):
+    """The same rows through TRL 1.16's GRPOTrainer (one real step, in the TRL venv): every argument
     has the same name, type and form. Ours adds only `solution`, the documented alias of `answer`."""
     out, _ = request.getfixturevalue(run)
     ours = recorded_arguments(out)[0]
     record = tmp_path / "trl.jsonl"
-    proc = subprocess.run([str(BENCH_PYTHON), str(TRL_REFERENCE_RUN), str(tiny_model_dir),
+    proc = subprocess.run([str(trl_python), str(TRL_REFERENCE_RUN), str(tiny_model_dir),
                            str(out.parent / "data.jsonl"), str(tmp_path / "trl_out")],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**os.environ, "REWARD_RECORD_FILE": str(record), "PYTHONPATH": ""})

@@ -13,8 +13,10 @@ Formulas (per prompt q with G sampled completions o_1..o_G, rewards r_1..r_G):
                    A_i =  r_i - mean(r)                         --no-std-normalization; Dr. GRPO
     zero std       a group whose rewards are all equal (max == min, not std == 0: see below)
     reinforce      l_t = -s log pi(o_t)    s = A (reinforce_with_baseline) or s = r (no_baseline)
-    ratio          rho_t = exp(log pi(o_t) - log pi_old(o_t))
-    grpo_clip      l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)
+    ratio          rho_t = exp(log pi(o_t) - log pi_old(o_t))                 --importance-sampling-level token
+                   rho_i = exp(mean_t (log pi(o_t) - log pi_old(o_t)))       sequence (GSPO), one per sequence
+    grpo_clip      l_t = -min(min(rho_t, delta) A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)   (delta: --delta)
+                   (TRL's grpo, bnpo, dr_grpo and dapo are this loss with a fixed aggregation, see aggregate_loss)
     KL (k3)        kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (>= 0, unbiased for KL)
 
 Gradient accumulation contract (`aggregate_loss`): each micro-batch's loss is divided by counts
@@ -33,6 +35,7 @@ Glossary:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -47,8 +50,12 @@ __all__ = [
     "compute_kl_k3",
     "compute_policy_loss",
     "compute_token_log_probs",
+    "compute_high_entropy_mask",
     "compute_truncated_is_weights",
+    "compute_vllm_is_weights",
     "compute_zero_std_groups",
+    "VLLM_IS_MODES",
+    "mask_truncated_completions",
     "get_policy_loss",
     "get_policy_loss_fn",
     "masked_mean",
@@ -102,19 +109,27 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def compute_group_advantages(
-    rewards: torch.Tensor, group_size: int, normalize_by_std: bool = True, eps: float = 1e-4
+    rewards: torch.Tensor,
+    group_size: int,
+    normalize_by_std: bool = True,
+    eps: float = 1e-4,
+    scale_std: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Group-relative advantages: each reward compared with the other completions of its prompt.
 
-    A_i = (r_i - mean_g) / (std_g + eps) with the unbiased (n - 1) group std (GRPO), or
-    A_i = r_i - mean_g when `normalize_by_std` is False (Dr. GRPO: no per-question scaling).
-    A group whose rewards are all equal gets A = 0 in both cases.
+    A_i = (r_i - mean_g) / (std_g + eps) with the unbiased (n - 1) group std (GRPO; TRL's
+    scale_rewards="group"), A_i = (r_i - mean_g) / (scale_std + eps) with a given std (TRL's
+    scale_rewards="batch": the unbiased std of every reward of the step, on every worker), or
+    A_i = r_i - mean_g when `normalize_by_std` is False (Dr. GRPO, scale_rewards="none").
+    A group whose rewards are all equal gets A = 0 in every case.
 
     Args:
         rewards: (B,) float, B = prompts x G, the G completions of a prompt contiguous.
         group_size: G, at least 2 (a group of one has no baseline and no std).
-        normalize_by_std: divide by the group std + eps.
+        normalize_by_std: divide by a std + eps.
         eps: added to the std before dividing, so zero-std groups stay finite.
+        scale_std: the std to divide by instead of each group's (0-dim tensor or float), e.g. the
+            batch std from `compute_batch_std`; None divides by the group std.
 
     Returns:
         advantages: (B,) float32.
@@ -141,7 +156,8 @@ def compute_group_advantages(
     mean = grouped.mean(dim=1, keepdim=True)  # (B / G, 1)
     std = grouped.std(dim=1, keepdim=True, unbiased=True)  # (B / G, 1)
     centered = grouped - mean
-    advantages = centered / (std + eps) if normalize_by_std else centered
+    divisor = std if scale_std is None else torch.as_tensor(scale_std, dtype=raw.dtype, device=raw.device)
+    advantages = centered / (divisor + eps) if normalize_by_std else centered
     zero_std = compute_zero_std_groups(raw, group_size)  # (B / G,)
     advantages = torch.where(zero_std.unsqueeze(1), torch.zeros_like(advantages), advantages)
     metadata = {
@@ -179,6 +195,8 @@ def compute_zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Ten
 # -- policy-gradient losses --------------------------------------------------------------------
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# `aggregate_loss` modes; the first three are --loss-agg's, the last two TRL's bnpo and dapo.
+AGGREGATION_MODES = ("seq_mean", "token_mean", "constant", "local_token_mean", "rollout_token_mean")
 Signal = Literal["advantages", "rewards"]
 
 
@@ -188,27 +206,30 @@ class PolicyLoss:
 
     Attributes:
         name: the `--loss-type` value.
-        fn: `(log_probs (B,T), old_log_probs (B,T), signal (B,), *, epsilon_low, epsilon_high)
-            -> (per_token_loss (B,T), metadata)`, metadata holding the per-token float masks
-            `clip_low`, `clip_high`, `clip` (B,T).
+        fn: `(log_probs (B,T), old_log_probs (B,T), signal (B,), *, epsilon_low, epsilon_high, mask,
+            importance_sampling_level, delta) -> (per_token_loss (B,T), metadata)`, metadata holding the
+            per-token float masks `clip_low`, `clip_high`, `clip` (B,T).
         signal: what the recipe passes as the per-sequence signal: "advantages" (group-relative A)
             or "rewards" (the raw total reward r, no baseline; --filter-zero-std then means nothing).
         uses_old_log_probs: the loss compares pi with pi_old (a ratio). When False, `old_log_probs`
             is ignored and the recipe never computes it; when True and the batch is updated more
             than once (off-policy), the recipe computes pi_old once per rollout batch.
+        aggregation: the `aggregate_loss` mode the loss always uses (TRL's loss types fix theirs), or
+            None: the user's `--loss-agg`.
     """
 
     name: str
     fn: PolicyLossFn
     signal: Signal
     uses_old_log_probs: bool
+    aggregation: str | None = None
 
 
 POLICY_LOSS_REGISTRY: dict[str, PolicyLoss] = {}
 
 
 def register_policy_loss(
-    name: str, *, signal: Signal = "advantages", uses_old_log_probs: bool = True
+    name: str, *, signal: Signal = "advantages", uses_old_log_probs: bool = True, aggregation: str | None = None
 ) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator: make a per-token policy loss available as `--loss-type <name>` (see `PolicyLoss`).
 
@@ -218,15 +239,18 @@ def register_policy_loss(
     the two agree).
 
     Raises:
-        ValueError: the name is taken, or `signal` is neither "advantages" nor "rewards".
+        ValueError: the name is taken, `signal` is neither "advantages" nor "rewards", or
+            `aggregation` is not one of `AGGREGATION_MODES`.
     """
     if signal not in ("advantages", "rewards"):
         raise ValueError(f"policy loss {name!r}: signal must be 'advantages' or 'rewards', not {signal!r}")
+    if aggregation is not None and aggregation not in AGGREGATION_MODES:
+        raise ValueError(f"policy loss {name!r}: aggregation must be one of {', '.join(AGGREGATION_MODES)}")
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         if name in POLICY_LOSS_REGISTRY:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSS_REGISTRY[name] = PolicyLoss(name, fn, signal, uses_old_log_probs)
+        POLICY_LOSS_REGISTRY[name] = PolicyLoss(name, fn, signal, uses_old_log_probs, aggregation)
         return fn
 
     return decorator
@@ -289,11 +313,18 @@ def compute_grpo_clip_loss(
     *,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
+    mask: torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-style clipped surrogate: l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A).
+    """PPO-style clipped surrogate: l = -min(min(rho, delta) A, clip(rho, 1 - eps_low, 1 + eps_high) A).
 
     With A > 0 the clip binds when rho > 1 + eps_high (`clip_high`); with A < 0 it binds when
-    rho < 1 - eps_low (`clip_low`). A clipped token has zero gradient.
+    rho < 1 - eps_low (`clip_low`). A clipped token has zero gradient. As TRL 1.16's `_compute_loss`:
+    rho is per token (`importance_sampling_level="token"`) or, for "sequence" (GSPO), one per sequence,
+    exp of the mean over its completion tokens of log pi - log pi_old, broadcast over its tokens;
+    `delta` (two-sided clipping) caps the unclipped term's ratio, and the clip masks are taken from
+    the capped ratio.
 
     Args:
         log_probs: (B, T) log pi of the sampled tokens, with gradient.
@@ -301,25 +332,54 @@ def compute_grpo_clip_loss(
         advantages: (B,) group-relative advantages.
         epsilon_low: lower clip range.
         epsilon_high: upper clip range (DAPO's clip-higher); None means `epsilon_low`.
+        mask: (B, T) 1 on completion tokens; needed by the sequence level (the mean's tokens).
+        importance_sampling_level: "token" or "sequence".
+        delta: upper bound on rho in the unclipped term, or None (off).
 
     Returns:
         per_token_loss: (B, T).
         metadata: float masks (B, T) `clip_low`, `clip_high` and `clip` (either), 1 where the
-            clipped term was the one taken; reduce them with `masked_mean`.
+            clipped term was the one taken (reduce them with `masked_mean`), and `ratio` (B, T), rho
+            before the delta cap, with gradient (TRL's KL bias correction multiplies the KL by it).
+
+    Raises:
+        ValueError: an unknown level, or the sequence level without a mask.
     """
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     adv = advantages.unsqueeze(1)  # (B, 1)
-    ratio = torch.exp(log_probs - old_log_probs.detach())  # (B, T)
+    log_ratio = log_probs - old_log_probs.detach()  # (B, T)
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    elif importance_sampling_level == "sequence":
+        if mask is None:
+            raise ValueError("importance_sampling_level='sequence' needs the completion mask")
+        m = mask.to(log_ratio.dtype)
+        log_weights = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+    else:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
+                         "valid choices: token, sequence")
+    ratio = torch.exp(log_weights)  # (B, T) or (B, 1)
+    uncapped_ratio = ratio
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + eps_high)
-    loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
-    clip_low = (ratio < 1.0 - epsilon_low) & (adv < 0)
-    clip_high = (ratio > 1.0 + eps_high) & (adv > 0)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    loss = -torch.minimum(ratio * adv, clipped_ratio * adv).expand_as(log_probs)  # (B, T)
+    clip_low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).expand_as(log_probs)
+    clip_high = ((ratio > 1.0 + eps_high) & (adv > 0)).expand_as(log_probs)
     metadata = {
         "clip_low": clip_low.float(),
         "clip_high": clip_high.float(),
         "clip": (clip_low | clip_high).float(),
+        "ratio": uncapped_ratio.expand_as(log_probs),
     }
     return loss, metadata
+
+
+# TRL 1.16's loss types: the same clipped objective, each with its own aggregation (see aggregate_loss).
+for _name, _aggregation in (("grpo", "seq_mean"), ("bnpo", "local_token_mean"), ("dr_grpo", "constant"),
+                            ("dapo", "rollout_token_mean")):
+    register_policy_loss(_name, signal="advantages", uses_old_log_probs=True, aggregation=_aggregation)(
+        compute_grpo_clip_loss)
 
 
 def compute_policy_loss(
@@ -331,28 +391,127 @@ def compute_policy_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
     importance_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token policy loss of the registered `loss_type`, optionally re-weighted per token.
+    """Per-token policy loss of the registered `loss_type`, optionally masked and re-weighted per token.
 
     Args:
-        loss_type: a name in the registry (`no_baseline`, `reinforce_with_baseline`, `grpo_clip`).
+        loss_type: a name in the registry (`no_baseline`, `reinforce_with_baseline`, `grpo_clip`, and
+            TRL's `grpo`, `bnpo`, `dr_grpo`, `dapo`).
         log_probs: (B, T) current log-probs, with gradient.
         old_log_probs: (B, T) sampling-policy log-probs (pass `log_probs.detach()` when on-policy).
         advantages: (B,) the loss's signal: advantages, or raw rewards where the loss's
             `PolicyLoss.signal` is "rewards" (`no_baseline`).
-        epsilon_low: lower clip range (grpo_clip).
-        epsilon_high: upper clip range (grpo_clip); None means `epsilon_low`.
-        importance_weights: optional (B, T) per-token weights multiplying the loss, e.g.
-            `compute_truncated_is_weights` when the sampler's log-probs differ from ours.
+        epsilon_low: lower clip range (clipped losses).
+        epsilon_high: upper clip range (clipped losses); None means `epsilon_low`.
+        importance_weights: optional (B, T) or (B, 1) weights multiplying the loss, e.g.
+            `compute_vllm_is_weights` when the sampler's log-probs differ from ours.
+        mask: (B, T) completion mask (the sequence-level ratio's tokens).
+        importance_sampling_level: "token" or "sequence" (clipped losses).
+        delta: two-sided clipping bound (clipped losses), or None.
+        token_mask: optional (B, T) bool, the tokens whose policy loss counts (e.g.
+            `compute_high_entropy_mask`); the others get 0 (the KL term, added later, is not masked).
 
     Returns:
         per_token_loss (B, T) and the loss's metadata (per-token clip masks, (B, T) each).
     """
     fn = get_policy_loss_fn(loss_type)
-    loss, metadata = fn(log_probs, old_log_probs, advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    options = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high}
+    if importance_sampling_level != "token" or delta is not None:  # only the clipped losses take these
+        options |= {"mask": mask, "importance_sampling_level": importance_sampling_level, "delta": delta}
+    loss, metadata = fn(log_probs, old_log_probs, advantages, **options)
+    if token_mask is not None:
+        loss = loss * token_mask.to(loss.dtype)
     if importance_weights is not None:
         loss = loss * importance_weights.detach()
     return loss, metadata
+
+
+def compute_high_entropy_mask(
+    entropies: torch.Tensor, mask: torch.Tensor, quantile: float, pool: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The completion tokens whose entropy is at least the `quantile` of the pool's (TRL's get_high_entropy_mask).
+
+    `--top-entropy-quantile q` keeps the top q of the tokens ("Beyond the 80/20 rule"): the
+    threshold is torch.quantile(pool, 1 - q) (linear interpolation), over the entropies of every
+    worker's completion tokens of the micro-batch, as TRL gathers them.
+
+    Args:
+        entropies: (B, T) per-token entropies.
+        mask: (B, T) 1 on completion tokens.
+        quantile: the threshold's quantile in [0, 1] (1 - q).
+        pool: (N,) the entropies the threshold is taken over; None uses `entropies[mask]`.
+
+    Returns:
+        (B, T) bool, True on completion tokens whose entropy >= the threshold (all False when the pool is empty).
+    """
+    values = entropies.detach()[mask.bool()].float() if pool is None else pool.float()
+    if values.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    threshold = torch.quantile(values, quantile)
+    return ((entropies.detach() * mask.to(entropies.dtype)) >= threshold) & mask.bool()
+
+
+def mask_truncated_completions(completion_mask: torch.Tensor, is_eos_terminated: torch.Tensor) -> torch.Tensor:
+    """The completion mask with every truncated completion (no EOS within the limit) zeroed, as TRL's
+    `mask_truncated_completions`: such completions add nothing to the loss and no tokens to its counts.
+
+    Args:
+        completion_mask: (B, T) 1 on completion tokens.
+        is_eos_terminated: (B,) bool, True where the completion ended with EOS.
+
+    Returns:
+        (B, T) mask of the same dtype.
+    """
+    return completion_mask * is_eos_terminated.to(completion_mask.device).unsqueeze(1).to(completion_mask.dtype)
+
+
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def compute_vllm_is_weights(
+    old_log_probs: torch.Tensor,
+    sampler_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    clip_max: float | None,
+    clip_min: float | None = None,
+) -> torch.Tensor:
+    """Importance weights pi_old / pi_sampler for a sampler (vLLM) that is not exactly our policy, as TRL 1.16.
+
+    d_t = (log pi_old - log pi_sampler) * mask (NaN -> 0, so padding and unscored tokens weigh 1). The
+    token modes use w_t = exp(d_t), (B, T); the sequence modes one weight per sequence,
+    w = exp(sum_t d_t), (B, 1). `*_truncate` clamps w into [clip_min, clip_max]; `*_mask` sets w = 0
+    where it lies outside (the token or sequence is dropped). A bound of None is no bound.
+
+    Args:
+        old_log_probs: (B, T) log pi_old from the trainer's forward.
+        sampler_log_probs: (B, T) the engine's log-probs of the same tokens.
+        mask: (B, T) 1 on completion tokens.
+        mode: one of `VLLM_IS_MODES`.
+        clip_max: upper bound C_max, or None.
+        clip_min: lower bound C_min, or None.
+
+    Returns:
+        (B, T) or (B, 1) weights, without gradient.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"unknown vLLM importance-sampling mode {mode!r}; valid choices: {', '.join(VLLM_IS_MODES)}")
+    diff = torch.nan_to_num((old_log_probs.detach() - sampler_log_probs.detach()) * mask, nan=0.0)  # (B, T)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)  # (B, 1)
+    weights = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(weights, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return weights.masked_fill((weights < low) | (weights > high), 0.0)
 
 
 def compute_truncated_is_weights(
@@ -371,6 +530,8 @@ def compute_truncated_is_weights(
 
     Returns:
         (B, T) weights in (0, cap], without gradient.
+
+    The recipe uses `compute_vllm_is_weights`, whose token_truncate mode is this on completion tokens.
     """
     return torch.exp(old_log_probs.detach() - rollout_log_probs.detach()).clamp(max=cap)
 
@@ -418,9 +579,6 @@ def compute_kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch
 
 # -- aggregation -------------------------------------------------------------------------------
 
-AGGREGATION_MODES = ("seq_mean", "token_mean", "constant")
-
-
 def aggregate_loss(
     per_token_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -429,6 +587,8 @@ def aggregate_loss(
     num_sequences: float,
     num_tokens: float,
     max_new_tokens: int,
+    num_micro_batches: float = 1.0,
+    rollout_tokens_per_update: float | None = None,
 ) -> torch.Tensor:
     """Reduce a micro-batch's per-token loss to its share of the optimizer step's loss.
 
@@ -437,9 +597,20 @@ def aggregate_loss(
     micro-batches (and SUM-all-reduced over workers) equal the full-batch gradient exactly.
     Do NOT divide further by gradient-accumulation steps or world size.
 
-        seq_mean    sum_i (sum_t l_it m_it / n_i) / num_sequences   (GRPO; n_i = tokens of seq i)
-        token_mean  sum_it l_it m_it / num_tokens                    (DAPO)
-        constant    sum_it l_it m_it / (num_sequences * max_new_tokens)   (Dr. GRPO)
+        seq_mean            sum_i (sum_t l_it m_it / n_i) / num_sequences   (GRPO, TRL's grpo; n_i = tokens of seq i)
+        token_mean          sum_it l_it m_it / num_tokens                    (the optimizer step's token mean)
+        constant            sum_it l_it m_it / (num_sequences * max_new_tokens)   (Dr. GRPO, TRL's dr_grpo)
+        local_token_mean    (sum_it l_it m_it / sum_it m_it) / num_micro_batches   (TRL's bnpo: each
+                            micro-batch's own token mean, averaged over the step's micro-batches)
+        rollout_token_mean  sum_it l_it m_it / rollout_tokens_per_update     (TRL's dapo: the rollout batch's
+                            tokens on every worker, divided by the optimizer steps one pass over it makes)
+
+    The last two are TRL 1.16's definitions, which depend on how the batch is cut: bnpo normalises by
+    the tokens of one worker's micro-batch (TRL divides by gradient-accumulation steps and DDP averages
+    over workers, so num_micro_batches = GA x workers), dapo by num_items_in_batch, the tokens of the
+    whole generation batch, scaled to one optimizer step. seq_mean and constant divide by the step's
+    global sequence count, which equals TRL's per-micro-batch mean / GA / workers when every
+    micro-batch holds the same number of sequences (TRL's always do).
 
     Args:
         per_token_loss: (b, T) loss of this micro-batch's b sequences.
@@ -448,12 +619,15 @@ def aggregate_loss(
         num_sequences: sequences in the whole optimizer step (all micro-batches, all workers).
         num_tokens: masked tokens in the whole optimizer step (all micro-batches, all workers).
         max_new_tokens: the generation budget (the constant of `constant`).
+        num_micro_batches: micro-batches in the whole optimizer step, all workers (local_token_mean).
+        rollout_tokens_per_update: the rollout batch's masked tokens on all workers divided by the
+            optimizer steps per pass over it (rollout_token_mean).
 
     Returns:
         0-dim loss tensor.
 
     Raises:
-        ValueError: unknown mode.
+        ValueError: unknown mode, or rollout_token_mean without `rollout_tokens_per_update`.
     """
     if mode == "seq_mean":
         per_seq = masked_mean(per_token_loss, mask, dim=1)  # (b,)
@@ -462,6 +636,13 @@ def aggregate_loss(
         return masked_normalize(per_token_loss, mask, num_tokens)
     if mode == "constant":
         return masked_normalize(per_token_loss, mask, num_sequences * max_new_tokens)
+    if mode == "local_token_mean":
+        local_tokens = mask.to(per_token_loss.dtype).sum().clamp(min=1.0)
+        return masked_normalize(per_token_loss, mask, 1.0) / local_tokens / num_micro_batches
+    if mode == "rollout_token_mean":
+        if rollout_tokens_per_update is None:
+            raise ValueError("rollout_token_mean needs rollout_tokens_per_update")
+        return masked_normalize(per_token_loss, mask, max(rollout_tokens_per_update, 1.0))
     raise ValueError(f"unknown loss aggregation {mode!r}; valid choices: {', '.join(AGGREGATION_MODES)}")
 
 

@@ -93,12 +93,14 @@ from opensloth.grpo.core import (
     POLICY_LOSS_REGISTRY,
     aggregate_loss,
     compute_group_advantages,
+    compute_high_entropy_mask,
     compute_kl_k3,
     compute_policy_loss,
     compute_sampler_logprob_diff,
-    compute_truncated_is_weights,
+    compute_vllm_is_weights,
     compute_zero_std_groups,
     get_policy_loss,
+    mask_truncated_completions,
 )
 
 logger = logging.getLogger("opensloth")
@@ -287,10 +289,22 @@ def check_world_size(cfg: GRPORunConfig, world_size: int) -> None:
 def check_loss_options(cfg: GRPORunConfig) -> None:
     """Options the chosen loss cannot honour, from what its registry entry says it needs."""
     g = cfg.grpo
-    if g.filter_zero_std and get_policy_loss(g.loss_type).signal == "rewards":
-        with_advantages = [name for name, loss in POLICY_LOSS_REGISTRY.items() if loss.signal == "advantages"]
+    loss = get_policy_loss(g.loss_type)
+    if g.filter_zero_std and loss.signal == "rewards":
+        with_advantages = [name for name, spec in POLICY_LOSS_REGISTRY.items() if spec.signal == "advantages"]
         raise UserError(f"--filter-zero-std drops groups whose advantage is zero, but --loss-type {g.loss_type} uses "
                         f"raw rewards, not advantages. Use --loss-type {' or '.join(with_advantages)}, or drop the flag.")
+    if loss.aggregation is not None and "loss_agg" in g.model_fields_set:
+        raise UserError(f"--loss-type {g.loss_type} aggregates as TRL's {g.loss_type} does, so --loss-agg "
+                        f"{g.loss_agg} contradicts it: drop --loss-agg, or use --loss-type grpo_clip with it.")
+    if not loss.uses_old_log_probs:
+        ratio_options = {"--importance-sampling-level sequence": g.importance_sampling_level == "sequence",
+                         "--delta": g.delta is not None,
+                         "--use-bias-correction-kl": g.use_bias_correction_kl}
+        for flag, given in ratio_options.items():
+            if given:
+                raise UserError(f"{flag} uses the clipped loss's ratio, but --loss-type {g.loss_type} takes no "
+                                "ratio: use grpo_clip or one of TRL's grpo, bnpo, dr_grpo, dapo.")
 
 
 def check_before_start(cfg: GRPORunConfig) -> None:
@@ -553,16 +567,22 @@ class GRPORecipe:
 
         # 4. Group-relative advantages (groups are contiguous: completions of one prompt); a loss
         #    without a baseline (its spec's signal is "rewards") weighs each sequence by its raw reward.
+        #    --scale-rewards batch divides by the std of every worker's rewards of the step.
+        scaling = g.reward_scaling
         advantages, _, adv_meta = compute_group_advantages(
-            rewards, g.group_size, normalize_by_std=g.std_normalization, eps=g.advantage_eps
+            rewards, g.group_size, normalize_by_std=scaling != "none", eps=g.advantage_eps,
+            scale_std=self.global_reward_std(rewards) if scaling == "batch" else None,
         )
         if self.policy_loss.signal == "rewards":
             advantages = rewards.clone()
 
+        completion_mask = rollout.completion_mask.to(self.ctx.device)
+        if g.mask_truncated_completions:  # completions cut at --max-new-tokens count nowhere in the loss (TRL's)
+            completion_mask = mask_truncated_completions(completion_mask, rollout.is_eos_terminated)
         batch = Batch(
             input_ids=rollout.input_ids.to(self.ctx.device),
             attention_mask=rollout.attention_mask.to(self.ctx.device),
-            completion_mask=rollout.completion_mask.to(self.ctx.device),
+            completion_mask=completion_mask,
             advantages=advantages.to(self.ctx.device),
             sampler_log_probs=(rollout.sampler_log_probs.to(self.ctx.device)
                                if rollout.sampler_log_probs is not None else None),
@@ -781,11 +801,14 @@ class GRPORecipe:
         reference_time = time.perf_counter() - reference_start
         mismatch = self.sampler_mismatch(batch) if batch.sampler_log_probs is not None else {}
 
+        # TRL's dapo normalises by the rollout batch's tokens (every worker's) per optimizer step of a pass.
+        rollout_tokens = all_reduce_scalars([float(batch.completion_mask.sum())], op="sum")[0]
         stats = UpdateStats()
         for _epoch in range(g.epochs_per_rollout_batch):
             order = torch.randperm(len(batch)) if num_minibatches > 1 else torch.arange(len(batch))
             for part in split_evenly(len(batch), num_minibatches):
-                stats.add(self.optimizer_step_on(batch.select(order[part].to(batch.input_ids.device))))
+                stats.add(self.optimizer_step_on(batch.select(order[part].to(batch.input_ids.device)),
+                                                 rollout_tokens_per_update=rollout_tokens / num_minibatches))
         return stats.reduce(with_kl=g.beta > 0) | mismatch | {"reference_time": reference_time}
 
     @torch.no_grad()
@@ -804,47 +827,23 @@ class GRPORecipe:
         if self.cfg.grpo.beta > 0:
             batch.ref_log_probs = self.reference_log_probs(batch)
 
-    def optimizer_step_on(self, minibatch: Batch) -> UpdateStats:
+    def optimizer_step_on(self, minibatch: Batch, rollout_tokens_per_update: float | None = None) -> UpdateStats:
         """One optimizer step on this worker's part of a mini-batch (b sequences, possibly 0).
 
-        Forward and backward per micro-batch, each loss divided by the mini-batch's global counts; then
-        the gradients summed over workers, the global norm clipped, the AdamW step (skipped when the norm
-        is NaN/inf) and the LR step.
+        Forward and backward per micro-batch (`accumulate_gradients`), each loss divided by the mini-batch's
+        global counts; then the gradients summed over workers, the global norm clipped, the AdamW step
+        (skipped when the norm is NaN/inf) and the LR step.
+
+        Args:
+            minibatch: this worker's sequences of the step.
+            rollout_tokens_per_update: the rollout batch's global token count / optimizer steps per pass
+                (the normaliser of TRL's dapo); None: this mini-batch's global token count.
 
         Returns:
             This step's UpdateStats (steps = 1), as this worker's shares of the global values.
         """
-        g, t = self.cfg.grpo, self.cfg.training
-        # Global counts of this optimizer mini-batch: the loss normaliser on every worker.
-        n_seq, n_tok = all_reduce_scalars(
-            [float(len(minibatch)), float(minibatch.completion_mask.sum())], op="sum"
-        )
-        loss_sum, token_sums = 0.0, dict.fromkeys(("kl", "entropy", "clip_low", "clip_high", "clip"), 0.0)
-        for start in range(0, len(minibatch), t.per_device_train_batch_size):
-            micro = minibatch.select(slice(start, start + t.per_device_train_batch_size))
-            log_probs, entropy = self.log_probs(micro, self.model)  # (b, T) each
-            old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
-            is_weights = None
-            if micro.sampler_log_probs is not None and g.vllm_importance_sampling:  # truncated IS (vLLM)
-                is_weights = compute_truncated_is_weights(
-                    micro.old_log_probs, micro.sampler_log_probs, g.vllm_importance_sampling_cap)
-            per_token, clip_meta = compute_policy_loss(
-                g.loss_type, log_probs, old, micro.advantages, epsilon_low=g.epsilon,
-                epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
-                importance_weights=is_weights,
-            )
-            mask = micro.completion_mask
-            if micro.ref_log_probs is not None:
-                kl = compute_kl_k3(log_probs, micro.ref_log_probs)  # (b, T)
-                per_token = per_token + g.beta * kl
-                token_sums["kl"] += float((kl.detach() * mask).sum())
-            loss = aggregate_loss(per_token, mask, g.loss_agg, num_sequences=n_seq, num_tokens=n_tok,
-                                  max_new_tokens=g.max_new_tokens)
-            loss.backward()
-            loss_sum += loss.item()
-            token_sums["entropy"] += float((entropy.detach() * mask).sum())
-            for key in ("clip_low", "clip_high", "clip"):
-                token_sums[key] += float((clip_meta[key].float() * mask).sum())
+        t = self.cfg.training
+        loss_sum, token_sums, n_tok = self.accumulate_gradients(minibatch, rollout_tokens_per_update)
         # Sum the gradients over workers (each is already its share of the global mean),
         # clip the global norm, step.
         all_reduce_gradients(self.params, op="sum")
@@ -865,6 +864,88 @@ class GRPORecipe:
         tok = max(n_tok, 1.0)  # token sums -> this worker's share of the step's global token means
         return UpdateStats(steps=1, loss=loss_sum, grad_norm=float(grad_norm), nonfinite=float(skipped),
                            **{key: value / tok for key, value in token_sums.items()})
+
+    def accumulate_gradients(self, minibatch: Batch, rollout_tokens_per_update: float | None = None
+                             ) -> tuple[float, dict[str, float], float]:
+        """Forward and backward of every micro-batch of this worker's part of a mini-batch, leaving the
+        summed gradients in `.grad` (not yet all-reduced over workers).
+
+        The per-token loss is the registered loss with --importance-sampling-level and --delta, kept on the
+        top --top-entropy-quantile tokens, weighted by the vLLM importance ratio, plus beta x KL (times rho
+        with --use-bias-correction-kl); it is
+        reduced by the loss's own aggregation (TRL's loss types) or --loss-agg, with the mini-batch's global
+        counts. With --top-entropy-quantile < 1 every worker runs as many micro-batches as the largest
+        share (an empty one only joins the entropy gather), since the threshold is taken over all of them.
+
+        Returns:
+            This worker's share of the loss, its token sums (kl, entropy, clip_low, clip_high, clip) and
+            the mini-batch's global token count.
+        """
+        g, t = self.cfg.grpo, self.cfg.training
+        aggregation = self.policy_loss.aggregation or g.loss_agg
+        bs = t.per_device_train_batch_size
+        # Global counts of this optimizer mini-batch: the loss normalisers on every worker.
+        n_seq, n_tok, n_micro = all_reduce_scalars(
+            [float(len(minibatch)), float(minibatch.completion_mask.sum()), float(math.ceil(len(minibatch) / bs))],
+            op="sum")
+        num_micro_local = math.ceil(len(minibatch) / bs)
+        by_entropy = g.top_entropy_quantile < 1.0
+        if by_entropy:  # the entropy gather is a collective: the same number of micro-batches everywhere
+            num_micro_local = int(all_reduce_scalars([float(num_micro_local)], op="max")[0])
+        loss_sum, token_sums = 0.0, dict.fromkeys(("kl", "entropy", "clip_low", "clip_high", "clip"), 0.0)
+        for index in range(num_micro_local):
+            micro = minibatch.select(slice(index * bs, (index + 1) * bs))
+            if not len(micro):
+                self.gather_entropies(None)
+                continue
+            log_probs, entropy = self.log_probs(micro, self.model)  # (b, T) each
+            mask = micro.completion_mask
+            old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
+            is_weights = None
+            if micro.sampler_log_probs is not None and g.vllm_importance_sampling:  # vLLM sampler correction
+                is_weights = compute_vllm_is_weights(
+                    micro.old_log_probs, micro.sampler_log_probs, mask, g.vllm_importance_sampling_mode,
+                    g.vllm_importance_sampling_cap, g.vllm_importance_sampling_clip_min)
+            entropy_mask = None
+            if by_entropy:
+                entropy_mask = compute_high_entropy_mask(entropy, mask, 1.0 - g.top_entropy_quantile,
+                                                         pool=self.gather_entropies(entropy[mask.bool()]))
+            per_token, clip_meta = compute_policy_loss(
+                g.loss_type, log_probs, old, micro.advantages, epsilon_low=g.epsilon,
+                epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
+                importance_weights=is_weights, mask=mask, importance_sampling_level=g.importance_sampling_level,
+                delta=g.delta, token_mask=entropy_mask,
+            )
+            if micro.ref_log_probs is not None:
+                kl = compute_kl_k3(log_probs, micro.ref_log_probs)  # (b, T)
+                if g.use_bias_correction_kl:  # TRL's: the KL of tokens sampled from pi_old, importance-weighted
+                    kl = kl * clip_meta["ratio"]
+                per_token = per_token + g.beta * kl
+                token_sums["kl"] += float((kl.detach() * mask).sum())
+            loss = aggregate_loss(per_token, mask, aggregation, num_sequences=n_seq, num_tokens=n_tok,
+                                  max_new_tokens=g.max_new_tokens, num_micro_batches=n_micro,
+                                  rollout_tokens_per_update=rollout_tokens_per_update)
+            loss.backward()
+            loss_sum += loss.item()
+            token_sums["entropy"] += float((entropy.detach() * mask).sum())
+            for key in ("clip_low", "clip_high", "clip"):
+                token_sums[key] += float((clip_meta[key].float() * mask).sum())
+        return loss_sum, token_sums, n_tok
+
+    def gather_entropies(self, local: torch.Tensor | None) -> torch.Tensor:
+        """Every worker's completion-token entropies of the current micro-batch, (N,) (one collective)."""
+        from opensloth.distributed import all_gather_objects
+
+        parts = all_gather_objects(None if local is None else local.detach().float().cpu())
+        pool = torch.cat([p for p in parts if p is not None] or [torch.zeros(0)])
+        return pool if local is None else pool.to(local.device)
+
+    def global_reward_std(self, rewards: torch.Tensor) -> torch.Tensor:
+        """The unbiased std of every worker's rewards of the step (TRL's scale_rewards="batch"), 0-dim."""
+        total, count = all_reduce_scalars([float(rewards.double().sum()), float(rewards.numel())], op="sum")
+        mean = total / count
+        squares = all_reduce_scalars([float(((rewards.double() - mean) ** 2).sum())], op="sum")[0]
+        return torch.tensor(math.sqrt(squares / max(count - 1.0, 1.0)), dtype=torch.float32)
 
     def skip_nonfinite_update(self, grad_norm: float) -> None:
         """Drop the gradients of an update whose global norm is NaN/inf, leaving the weights and the

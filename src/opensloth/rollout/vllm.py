@@ -4,7 +4,7 @@ Same output contract as the `hf` engine (`opensloth.rollout.base.RolloutBatch`):
 prompt ids followed by right-padded completion ids, masks, decoded completions, EOS flags, plus
 the sampler's own per-token log-probs (`sampler_log_probs`), which the recipe compares with the
 trainer's to log `rollout/logprob_diff_mean`/`_max` and to weight the loss with truncated
-importance sampling (`opensloth.grpo.core.compute_truncated_is_weights`).
+importance sampling (`opensloth.grpo.core.compute_vllm_is_weights`, --vllm-importance-sampling-mode).
 
 Weight sync ("live LoRA"). The engine holds its own copy of the base weights, loaded once from
 the base model's directory. Before a generation, if any trainable parameter changed since the
