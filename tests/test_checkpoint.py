@@ -243,9 +243,11 @@ def test_rng_roundtrip():
 
 
 def test_stop_signal_sets_flag_then_second_sigint_raises():
-    with ck.StopSignal() as stop:
+    from opensloth import rundir
+
+    with rundir.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested and ck.stop_requested(stop)
+        assert stop.requested and rundir.stop_requested(stop)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -177,7 +177,7 @@ def test_a_second_run_into_a_live_dir_is_refused_and_a_stale_lock_is_taken_over(
 RACER = """
 import sys, time
 from opensloth.errors import UserError
-from opensloth.launch.rundir import RunLock
+from opensloth.rundir import RunLock
 out, start = sys.argv[1], float(sys.argv[2])
 while time.time() < start:
     pass

@@ -53,6 +53,26 @@ def test_tensorboard_shows_each_step_once_after_a_resume_or_an_overwrite(tmp_pat
     assert scalars() == [(1, 1001.0), (2, 1002.0)]
 
 
+def test_restart_keeps_the_steps_a_resume_continues_from(tmp_path):
+    """restart=True: a resume from checkpoint-2 keeps steps 1..2 and sets the old file aside (it has steps
+    3..4, trained again now); a fresh run (start_step 1) starts the file anew; without restart rows append."""
+    with MetricsLogger(tmp_path, report_to=["none"]) as logger:
+        for step in range(1, 5):
+            logger.log(step, {"loss": float(step)})
+    with MetricsLogger(tmp_path, report_to=["none"], start_step=3, restart=True) as logger:
+        logger.log(3, {"loss": 30.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    replaced = tmp_path / "metrics.replaced-at-step-2.jsonl"
+    assert [json.loads(line)["step"] for line in replaced.read_text().splitlines()] == [1, 2, 3, 4]
+    with MetricsLogger(tmp_path, report_to=["none"], start_step=4, restart=True) as logger:
+        logger.log(4, {"loss": 40.0})  # nothing superseded: no second replaced file, rows kept
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert not (tmp_path / "metrics.replaced-at-step-3.jsonl").exists()
+    with MetricsLogger(tmp_path, report_to=["none"], restart=True) as logger:
+        logger.log(1, {"loss": 7.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 7.0)]
+
+
 def test_non_main_rank_writes_nothing(tmp_path):
     logger = MetricsLogger(tmp_path / "out", report_to=["tensorboard"], is_main=False)
     logger.log(1, {"loss": 1.0})

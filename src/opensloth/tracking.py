@@ -51,11 +51,16 @@ class MetricsLogger:
         start_step: the first step this run logs (N + 1 when resumed from checkpoint-N, else 1).
             TensorBoard drops the events the same directory holds from that step on, which an
             earlier run (killed after its last checkpoint, or overwritten) wrote and this run
-            writes again; metrics.jsonl gets the same treatment from `checkpoint.restart_metrics`.
+            writes again.
+        restart: this run (re)starts the directory's metrics.jsonl: a fresh run (`start_step` 1, into an
+            --overwrite dir) starts the file anew; a run resumed from checkpoint-N keeps the rows of steps
+            1..N and, when the file also has later steps (which it now trains again; the curves would show
+            two step N+1), moves the whole previous file to metrics.replaced-at-step-<N>.jsonl. Without it
+            rows are appended to what the file holds.
     """
 
     def __init__(self, output_dir: str | Path, report_to: Iterable[str] = ("tensorboard",),
-                 run_name: str | None = None, is_main: bool = True, start_step: int = 1):
+                 run_name: str | None = None, is_main: bool = True, start_step: int = 1, restart: bool = False):
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.run_name = run_name or self.output_dir.name
@@ -66,6 +71,8 @@ class MetricsLogger:
             return
         report_to = set(report_to) - {"none"}
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if restart:
+            _restart_metrics_file(self.output_dir / METRICS_FILE, start_step)
         # Line-buffered so the file is readable while training; closed in close().
         self._file = open(self.output_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115
         if "tensorboard" in report_to:
@@ -123,6 +130,31 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _restart_metrics_file(path: Path, start_step: int) -> None:
+    """Keep the rows of steps before `start_step` in metrics.jsonl (none for a fresh run); see MetricsLogger."""
+    if not path.is_file():
+        return
+    if start_step <= 1:
+        path.unlink()
+        return
+    resumed_step = start_step - 1
+    kept, superseded = [], False
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a torn last line of a killed run
+        if step <= resumed_step:
+            kept.append(line + "\n")
+        else:
+            superseded = True
+    if superseded:
+        os.replace(path, path.with_name(f"metrics.replaced-at-step-{resumed_step}.jsonl"))
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def _to_python(value: Any) -> Any:

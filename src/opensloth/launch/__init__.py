@@ -89,7 +89,7 @@ def check_output_dir(cfg: RunConfig) -> None:
     out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a directory. Choose another --output-dir.")
-    from opensloth.launch.rundir import LOCK_FILE
+    from opensloth.rundir import LOCK_FILE
 
     holds = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
     if holds and not (t.overwrite or t.resume or t.resume_from):
@@ -237,13 +237,14 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     check_batch(cfg, len(devices))
     if len(devices) > 1:
         check_master_port(cfg.distributed.master_port)
-    from opensloth.launch.rundir import check_unlocked
+    from opensloth.rundir import check_unlocked
 
     check_unlocked(cfg.training.output_dir)  # a live run there: say so, not "not empty"
     check_output_dir(cfg)
     cfg = with_trained_system_prompt(cfg)
     # Fail fast (before data prep and model loading): bad --resume-from, rewards, unwritable output dir.
-    from opensloth.checkpoint import check_writable, resolve_resume
+    from opensloth.checkpoint import resolve_resume
+    from opensloth.rundir import check_writable
 
     if cfg.training.resume_from is not None:
         resolve_resume(cfg.training.output_dir, False, cfg.training.resume_from)
@@ -255,7 +256,7 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
     check_writable(cfg.training.output_dir)
 
     from opensloth.distributed import setup_logging
-    from opensloth.launch.rundir import RunLock, check_resume
+    from opensloth.rundir import RunLock, check_resume
 
     # One live run per output dir, from here until every worker has exited. Taken before anything is
     # written; the checks that read the dir run again under the lock (another run may have just finished).

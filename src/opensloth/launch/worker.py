@@ -85,7 +85,8 @@ def run_recipe(cfg: RunConfig, ctx: WorkerContext) -> None:
     try:
         recipe.run(cfg, ctx)
     except Exception as exc:
-        from opensloth.checkpoint import is_disk_full, training_disk_full_error
+        from opensloth.errors import is_disk_full
+        from opensloth.rundir import training_disk_full_error
 
         if isinstance(exc, UserError) or not is_disk_full(exc):
             raise
@@ -134,7 +135,7 @@ def check_torchrun_job(cfg: RunConfig, prepared: Path) -> None:
     """
     from opensloth.data import check_shards, load_prepared
     from opensloth.launch import check_output_dir
-    from opensloth.launch.rundir import RunLock, check_resume
+    from opensloth.rundir import RunLock, check_resume
 
     global _TORCHRUN_LOCK
     check_shards(load_prepared(prepared), int(os.environ.get("WORLD_SIZE", 1)))

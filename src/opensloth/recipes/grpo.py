@@ -77,15 +77,7 @@ from typing import Any
 
 import torch
 
-from opensloth.checkpoint import (
-    StopSignal,
-    load_checkpoint,
-    record_run_config,
-    resolve_resume,
-    save_checkpoint,
-    stop_requested,
-    stopped_message,
-)
+from opensloth.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from opensloth.config import GRPORunConfig
 from opensloth.distributed import WorkerContext, all_reduce_gradients, all_reduce_scalars, reduce_metrics
 from opensloth.errors import TrainingStopped, UserError, plural
@@ -102,6 +94,7 @@ from opensloth.grpo.core import (
     get_policy_loss,
     mask_truncated_completions,
 )
+from opensloth.rundir import StopSignal, record_run_config, stop_requested, stopped_message
 
 logger = logging.getLogger("opensloth")
 
@@ -491,7 +484,7 @@ class GRPORecipe:
         if ctx.is_main:
             record_run_config(cfg, resume_from)
         self.metrics_logger = MetricsLogger(t.output_dir, cfg.logging.report_to, cfg.logging.run_name, ctx.is_main,
-                                            start_step=self.start_step)
+                                            start_step=self.start_step, restart=True)
         logger.info("GRPO: %s, %s x %s per step, %s per step", plural(self.total_steps, "step"),
                     plural(g.rollout_batch_size, "prompt"), plural(g.group_size, "completion"),
                     plural(self.updates_per_rollout, "optimizer update"))

@@ -33,21 +33,23 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from opensloth.checkpoint import (
-    StopSignal,
     checkpoint_step,
-    is_disk_full,
-    record_run_config,
     resolve_resume,
     save_final_model,
     sft_checkpoint_callback,
-    stopped_message,
     tensor_bytes,
-    training_disk_full_error,
 )
 from opensloth.config import SFTRunConfig
 from opensloth.distributed import WorkerContext
-from opensloth.errors import TrainingStopped, plural
+from opensloth.errors import TrainingStopped, is_disk_full, plural
 from opensloth.models import load_model_and_tokenizer, unwrap_model
+from opensloth.rundir import (
+    StopSignal,
+    record_run_config,
+    stop_requested,
+    stopped_message,
+    training_disk_full_error,
+)
 from opensloth.tracking import MetricsLogger, TrainingProgress
 
 logger = logging.getLogger("opensloth")
@@ -125,7 +127,7 @@ class SFTRecipe:
             record_run_config(cfg, self.resume_from)
         resumed_step = (checkpoint_step(self.resume_from) or 0) if self.resume_from is not None else 0
         self.metrics = MetricsLogger(self.output_dir, cfg.logging.report_to, cfg.logging.run_name, self.ctx.is_main,
-                                     start_step=resumed_step + 1)
+                                     start_step=resumed_step + 1, restart=True)
         self.log_callback.metrics = self.metrics
         if self.ctx.is_main:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -199,7 +201,7 @@ class SFTRecipe:
         )
         callbacks = [
             self.log_callback,
-            sft_checkpoint_callback(self.stop, t.save_total_limit),
+            sft_checkpoint_callback(lambda: stop_requested(self.stop), t.save_total_limit),
         ]
         trainer = sft_trainer_class(self.ctx.device)(
             model=self.model,

@@ -1,21 +1,26 @@
-"""The output dir of a run: one live run at a time, and what a --resume may continue.
+"""The run directory (--output-dir) over a run's life: everything a run does to it except the checkpoints.
 
-`RunLock(output_dir)`: `output_dir/.opensloth.lock`, held with `fcntl.flock` by the launcher for
-the whole run (its workers are its children and die with it) and released at exit, as pip and
-git lock their state directories. The file records the owner's pid, host and start time, so a
-second run into the same dir is refused naming them. The kernel drops a flock when its holder
-dies, so a lock left by a killed run (its file still there, naming a dead pid) is simply taken
-over, with a note.
+In the order a run meets them:
 
-`check_resume(cfg)`: what a --resume / --resume-from may do with what the dir holds, decided
-before anything is written:
-- a finished run (its final model in the dir) is not trained over: without a checkpoint it is
-  refused with the ways to train further; with one, only a longer run (--max-steps or
-  --num-train-epochs raised) continues from it;
-- options that change the shape of what was saved (model, recipe, full fine-tune or LoRA, rank,
-  alpha, target modules) are refused, listing the changes; other changed options (learning rate,
-  group size, ...) are listed in a warning, and the run records them in config.yaml (the config
-  it replaces is kept: see `opensloth.checkpoint.record_run_config`).
+- `check_unlocked`, `check_writable`, `check_resume`: the launcher's checks before anything is
+  written. A live run holding the dir is refused naming its pid; a dir that cannot be written is
+  refused; a --resume may not train over a finished model or load a checkpoint whose shape
+  changed (model, recipe, full fine-tune or LoRA, rank, alpha, target modules); other changed
+  options are listed in a warning, and config.yaml records them.
+- `RunLock(output_dir)`: `output_dir/.opensloth.lock`, held with `fcntl.flock` by the launcher for
+  the whole run (its workers are its children and die with it) and released at exit, as pip and
+  git lock their state directories. The file records the owner's pid, host and start time. The
+  kernel drops a flock when its holder dies, so a lock left by a killed run is taken over, with a note.
+- `record_run_config`: config.yaml, written once the run has loaded everything (a failed start
+  leaves the dir as it was); a resume with changed options keeps the one it replaces as
+  config.until-step-<N>.yaml (metrics.jsonl is restarted by `tracking.MetricsLogger(restart=True)`).
+- `StopSignal` / `stop_requested` / `stopped_message`: Ctrl-C or SIGTERM becomes a flag the
+  training loop polls (agreed across workers), so the loop saves a checkpoint at a step boundary
+  and exits; a second Ctrl-C interrupts at once.
+- `training_disk_full_error`: a write during training that hit a full disk, as one message
+  naming what failed, where, and which checkpoint is intact (the message itself: `errors.disk_full_error`).
+
+Checkpoints themselves (save, load, seal, rotate, pick the one to resume) are `opensloth.checkpoint`.
 """
 
 from __future__ import annotations
@@ -23,16 +28,42 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
+import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import torch.distributed as dist
 import yaml
 
-from opensloth.config import RunConfig
-from opensloth.errors import UserError
+from opensloth.checkpoint import (
+    CHECKPOINTS_SUBDIR,
+    checkpoint_step,
+    discard_unsealed_checkpoint,
+    find_latest_checkpoint,
+    last_checkpoint_sentence,
+)
+from opensloth.config import RunConfig, config_to_yaml
+from opensloth.errors import (
+    UserError,
+    disk_full_error,
+    disk_full_reason,
+    exception_chain,
+    format_size,
+    free_bytes,
+)
+
+logger = logging.getLogger("opensloth")
+
+# ------------------------------------------------------------------------------------------------
+# The lock: one live run per output dir
+# ------------------------------------------------------------------------------------------------
+
 
 LOCK_FILE = ".opensloth.lock"
 
@@ -200,6 +231,36 @@ class RunLock:
 
 
 # ------------------------------------------------------------------------------------------------
+# Before anything is written: can the run write here?
+# ------------------------------------------------------------------------------------------------
+
+
+def check_writable(output_dir: Path, option: str = "--output-dir") -> None:
+    """Prove a file can be written in `output_dir` (created for the probe, then removed), before any long work.
+
+    Raises:
+        UserError: the directory (or a parent) cannot be created or written (read-only, no permission).
+    """
+    path = Path(output_dir).absolute()
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {output_dir} is not writable ({reason}). Choose a directory you can write to."
+                        ) from None
+    finally:
+        # Leave no empty directories behind if a later check fails; the run creates them again.
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+# ------------------------------------------------------------------------------------------------
 # What a --resume may continue
 # ------------------------------------------------------------------------------------------------
 
@@ -269,8 +330,6 @@ def check_resume(cfg: RunConfig) -> list[str]:
     Raises:
         UserError: a finished run with nothing to resume, or changed shape options.
     """
-    from opensloth.checkpoint import CHECKPOINTS_SUBDIR, find_latest_checkpoint, previous_config_name
-
     t = cfg.training
     if not (t.resume or t.resume_from):
         return []
@@ -315,3 +374,117 @@ def check_resume(cfg: RunConfig) -> list[str]:
     return [f"Warning: {flag} with changed options: {describe_changes(changes)}. The resumed run uses the new "
             f"values; config.yaml will record them and the previous one is kept as {out / kept} "
             f"(checkpoints: {out / CHECKPOINTS_SUBDIR})."]
+
+
+# ------------------------------------------------------------------------------------------------
+# config.yaml: what the run used, written once training starts
+# ------------------------------------------------------------------------------------------------
+
+
+def previous_config_name(ckpt: Path) -> str:
+    """Where a resume keeps the config it replaces: config.until-step-<N>.yaml (N = the checkpoint's step)."""
+    return f"config.until-step-{checkpoint_step(Path(ckpt)) or 0}.yaml"
+
+
+def record_run_config(cfg: Any, resumed_from: Path | None) -> Path:
+    """Write output_dir/config.yaml (atomically) once the run has loaded everything and starts training.
+
+    Written this late so a start that fails (bad model, bad --target-modules, a checkpoint that does not
+    fit) leaves the output dir as it was. A resume with changed options keeps the config it replaces as
+    config.until-step-<N>.yaml: config.yaml is what the latest run used, the old one what trained steps 1..N.
+    """
+    out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # (the launcher made it; a recipe called directly may not have)
+    path = out / "config.yaml"
+    text = config_to_yaml(cfg)
+    if resumed_from is not None and path.is_file() and path.read_text() != text:
+        os.replace(path, out / previous_config_name(resumed_from))
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM: finish the step, save, exit
+# ------------------------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """First SIGINT/SIGTERM sets `.requested` (the loop saves and stops); a second SIGINT raises.
+
+    Use as a context manager around the training loop; the old handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Got %s: saving a checkpoint after this step, then stopping "
+                       "(Ctrl-C again to stop at once).", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def stop_requested(stop: StopSignal) -> bool:
+    """True on every worker if any worker got a stop signal (one small collective when distributed).
+
+    The agreed answer is also stored in `stop.requested`, so every worker knows afterwards that
+    the run stopped early, not only the one the signal reached.
+    """
+    flag = bool(stop.requested)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        flag = bool(tensor.item() > 0)
+    if flag:  # (never reset: a signal may arrive while the collective runs)
+        stop.requested = True
+    return flag
+
+
+def stopped_message(output_dir: Path, step: int, total_steps: int) -> str:
+    """What a run stopped by Ctrl-C/SIGTERM tells the user: where it stopped and how to go on."""
+    latest = find_latest_checkpoint(Path(output_dir))
+    where = f"the checkpoint is {latest}" if latest is not None else "no checkpoint was written"
+    return (f"Stopped at step {step} of {total_steps}; {where}. The final model was not written: "
+            f"continue with --resume (the same command plus --resume).")
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk during training
+# ------------------------------------------------------------------------------------------------
+
+
+def training_disk_full_error(exc: BaseException, output_dir: Path, needed: int | None = None) -> UserError:
+    """A write during training (an SFT checkpoint, metrics.jsonl, ...) that hit a full disk: one message.
+
+    An unsealed SFT checkpoint (the HF Trainer writes in place) is removed first; the message names it,
+    or else the file that failed.
+    """
+    unsealed = discard_unsealed_checkpoint(output_dir)
+    if unsealed is not None:
+        what, path = unsealed.name, unsealed.parent
+    else:
+        failed = next((getattr(e, "filename", None) for e in exception_chain(exc) if getattr(e, "filename", None)), None)
+        what, path = ("a file", Path(failed)) if failed else ("the run's files", Path(output_dir))
+    if needed is not None:
+        return disk_full_error(exc, what, path, needed, last_checkpoint_sentence(output_dir))
+    return UserError(f"{disk_full_reason(exc)} while writing {what} to {path} ({format_size(free_bytes(path))} free there). "
+                     + last_checkpoint_sentence(output_dir))
