@@ -31,9 +31,9 @@ from opensloth.data.rows import (
     data_progress,
     detect_source_format,
     format_rows,
+    format_train_and_eval,
     seeded_order,
     split_eval,
-    training_order,
 )
 from opensloth.data.sources import is_prepared_dir, load_source, row_name
 from opensloth.data.stats import PrepStats, PromptLengthStats
@@ -101,13 +101,7 @@ def build_grpo(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, 
     """
     d, g = cfg.data, cfg.grpo
     stats = PrepStats(rows_in=len(source))
-    order = training_order(cfg, source, stats)
-    rows = format_rows(source, order, fmt, format_grpo_prompt, system, d.skip_bad_rows,
-                       f"--dataset {d.dataset}", stats, d.dataset)
-    eval_rows = None
-    if eval_source is not None:
-        eval_rows = format_rows(eval_source, list(range(len(eval_source))), fmt, format_grpo_prompt, system,
-                                d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
+    rows, eval_rows = format_train_and_eval(cfg, source, eval_source, fmt, format_grpo_prompt, system, stats)
     if not rows:
         raise UserError("No usable GRPO rows are left after dropping malformed ones. Check --dataset and --format.")
     rewards = run_reward_names(cfg)

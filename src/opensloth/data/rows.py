@@ -103,6 +103,19 @@ def format_rows(source, order: list[int], fmt: str, fn, system_prompt: str | Non
     return out
 
 
+def format_train_and_eval(cfg: RunConfig, source, eval_source, fmt: str, fn, system_prompt: str | None,
+                          stats: PrepStats) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]] | None]:
+    """Both recipes' first step: the --dataset rows in the seeded training order and the --eval-dataset rows
+    (None without one) in file order, each formatted by `fn` (see `format_rows`)."""
+    d = cfg.data
+    rows = format_rows(source, training_order(cfg, source, stats), fmt, fn, system_prompt, d.skip_bad_rows,
+                       f"--dataset {d.dataset}", stats, d.dataset)
+    if eval_source is None:
+        return rows, None
+    return rows, format_rows(eval_source, list(range(len(eval_source))), fmt, fn, system_prompt, d.skip_bad_rows,
+                             f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
+
+
 def split_eval(n: int, ratio: float) -> int:
     """How many of n rows the --eval-split-ratio holds out (at least 1 when ratio > 0, never all)."""
     if ratio <= 0 or n < 2:

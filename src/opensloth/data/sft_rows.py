@@ -26,7 +26,7 @@ from typing import Any
 
 from opensloth.config import RunConfig
 from opensloth.data.formats import format_sft_row
-from opensloth.data.rows import TOKENIZE_CHUNK, data_progress, format_rows, split_eval, training_order
+from opensloth.data.rows import TOKENIZE_CHUNK, data_progress, format_train_and_eval, split_eval
 from opensloth.data.stats import PrepStats, SFTTokenStats
 from opensloth.data.templates import render
 from opensloth.errors import UserError, plural
@@ -154,13 +154,7 @@ def build_sft(cfg: RunConfig, tokenizer: Any, template: str, fmt: str, source, e
 
     d = cfg.data
     stats = PrepStats(rows_in=len(source))
-    order = training_order(cfg, source, stats)
-    rows = format_rows(source, order, fmt, format_sft_row, system, d.skip_bad_rows,
-                       f"--dataset {d.dataset}", stats, d.dataset)
-    eval_rows = None
-    if eval_source is not None:
-        eval_rows = format_rows(eval_source, list(range(len(eval_source))), fmt, format_sft_row, system,
-                                d.skip_bad_rows, f"--eval-dataset {d.eval_dataset}", stats, d.eval_dataset)
+    rows, eval_rows = format_train_and_eval(cfg, source, eval_source, fmt, format_sft_row, system, stats)
     # --no-assistant-only-loss trains on every token: no masks to locate (mask all 1).
     only_assistant = cfg.sft.assistant_only_loss
     train, stats.sft = tokenize_sft(tokenizer, template, [r for _, r in rows], fmt, d.max_seq_length, only_assistant)
