@@ -230,9 +230,23 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def rollout_env(env: dict[str, str], train_world: int, rollout_world: int, link_port: int,
+                rollout_index: Optional[int]) -> dict[str, str]:
+    """`env` plus what --rollout-devices adds (opensloth.rollout.workers): the link's port and sizes, and
+    for a rollout worker its index (its job rank is train_world + index)."""
+    from opensloth.rollout.workers import LINK_PORT_ENV, ROLLOUT_RANK_ENV, ROLLOUT_WORLD_ENV, TRAIN_WORLD_ENV
+
+    env = dict(env, **{LINK_PORT_ENV: str(link_port), TRAIN_WORLD_ENV: str(train_world),
+                       ROLLOUT_WORLD_ENV: str(rollout_world)})
+    if rollout_index is not None:
+        env[ROLLOUT_RANK_ENV] = str(rollout_index)
+        env["WORLD_SIZE"] = str(train_world)  # the trainers' group, which a rollout worker does not join
+    return env
+
+
 def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: list[Device],
                 launcher: str = "process", master_port: Optional[int] = None,
-                finish_timeout: float = 600.0) -> None:
+                finish_timeout: float = 600.0, rollout_devices: Optional[list[Device]] = None) -> None:
     """Run one worker per device to completion; raise WorkerFailed as soon as one fails.
 
     Args:
@@ -243,10 +257,14 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
         launcher: "process" (child processes, rank-prefixed output) or "tmux" (one pane each).
         master_port: rendezvous port; default a free one.
         finish_timeout: seconds the others may take to exit after the first worker exited cleanly.
+        rollout_devices: --rollout-devices, one entry per rollout worker (job ranks after the trainers'),
+            watched like the training workers.
     """
     if launcher == "tmux":
         return run_workers_tmux(recipe, config_path, prepared_path, devices, master_port)
-    world_size, port = len(devices), master_port or free_port()
+    train_world, rollouts = len(devices), list(rollout_devices or [])
+    world_size, port = train_world + len(rollouts), master_port or free_port()
+    link_port = free_port() if rollouts else 0
     errors_dir = Path(tempfile.mkdtemp(prefix="opensloth-workers-"))
     workers: list[Worker] = []
     exits: "collections.deque[tuple[int, int]]" = collections.deque()
@@ -257,11 +275,15 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
     if in_main:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        for rank, device in enumerate(devices):
+        for rank, device in enumerate(devices + rollouts):
             error_file = errors_dir / f"rank{rank}.json"
+            env = worker_env(rank, train_world, device, port, error_file)
+            if rollouts:
+                env = rollout_env(env, train_world, len(rollouts), link_port,
+                                  rank - train_world if rank >= train_world else None)
             proc = subprocess.Popen(
                 worker_command(recipe, config_path, prepared_path),
-                env=worker_env(rank, world_size, device, port, error_file),
+                env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
