@@ -67,6 +67,7 @@ class Worker:
     error_file: Path
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     reader: Optional[threading.Thread] = None
+    role: str = "worker"  # or "rollout worker" (--rollout-devices)
 
 
 def free_port() -> int:
@@ -176,14 +177,15 @@ def stop_gracefully(procs: list[subprocess.Popen], timeout: Optional[float]) -> 
         stop_all(procs, grace=0.0)
 
 
-def describe_failure(rank: int, returncode: int, error_file: Path) -> tuple[str, bool]:
-    """(one-line description of why `rank` failed, whether it was a user error)."""
+def describe_failure(rank: int, returncode: int, error_file: Path, role: str = "worker") -> tuple[str, bool]:
+    """(one-line description of why `rank` failed, whether it was a user error); `role`: "worker", or
+    "rollout worker" for a --rollout-devices rank."""
     if error_file.is_file():
         try:
             record = json.loads(error_file.read_text())
             if record.get("user_error"):
                 return record["message"], True
-            return f"worker rank {rank} failed: {record['type']}: {record['message']}", False
+            return f"{role} rank {rank} failed: {record['type']}: {record['message']}", False
         except (OSError, ValueError, KeyError):
             pass
     if returncode > 128 and returncode - 128 in signal.valid_signals():  # a shell's report (tmux)
@@ -191,8 +193,8 @@ def describe_failure(rank: int, returncode: int, error_file: Path) -> tuple[str,
     if returncode < 0:
         name = signal.Signals(-returncode).name
         hint = " (the out-of-memory killer sends SIGKILL)" if name == "SIGKILL" else ""
-        return f"worker rank {rank} was killed by {name}{hint}", False
-    return f"worker rank {rank} exited with status {returncode}", False
+        return f"{role} rank {rank} was killed by {name}{hint}", False
+    return f"{role} rank {rank} exited with status {returncode}", False
 
 
 def _stopped_message(error_file: Path) -> Optional[str]:
@@ -204,7 +206,8 @@ def _stopped_message(error_file: Path) -> Optional[str]:
     return record.get("message") if record.get("type") == "TrainingStopped" else None
 
 
-def worker_exit_error(rank: int, returncode: int, error_file: Path, aftermath: str) -> Exception:
+def worker_exit_error(rank: int, returncode: int, error_file: Path, aftermath: str,
+                      role: str = "worker") -> Exception:
     """What the launcher raises when `rank` exited non-zero (both launchers use it).
 
     TrainingStopped when the worker stopped on Ctrl-C/SIGTERM after saving a checkpoint (exit 130);
@@ -214,7 +217,7 @@ def worker_exit_error(rank: int, returncode: int, error_file: Path, aftermath: s
     stopped = _stopped_message(error_file) if returncode == 130 else None
     if stopped is not None:
         return TrainingStopped(stopped)
-    message, user_error = describe_failure(rank, returncode, error_file)
+    message, user_error = describe_failure(rank, returncode, error_file, role)
     return UserError(message) if user_error else WorkerFailed(f"{message}. {aftermath}")
 
 
@@ -287,7 +290,7 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            worker = Worker(rank, proc, error_file)
+            worker = Worker(rank, proc, error_file, role="rollout worker" if rank >= train_world else "worker")
             worker.reader = threading.Thread(target=_pump, args=(worker, rank == 0, lock), daemon=True)
             worker.reader.start()
             workers.append(worker)
@@ -338,7 +341,7 @@ def _fail(workers: list[Worker], rank: int, code: int, lock: threading.Lock) -> 
     stop_all([w.proc for w in workers])
     worker = workers[rank]
     # TrainingStopped: SIGTERM reached the workers (not us), and they saved and stopped.
-    error = worker_exit_error(rank, code, worker.error_file, "The other workers were stopped.")
+    error = worker_exit_error(rank, code, worker.error_file, "The other workers were stopped.", worker.role)
     if rank != 0 and worker.tail and not isinstance(error, TrainingStopped):
         with lock:
             sys.stderr.write("\n".join(worker.tail) + "\n")

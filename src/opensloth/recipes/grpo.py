@@ -200,7 +200,9 @@ class Produced:
         adv_meta: `compute_group_advantages`' metadata (0-dim tensors).
         generation_time, reward_time: seconds; engine_timings: the engine's own (prefill/decode).
         version: the policy version (the GRPO step whose update made it) that generated it, and
-            rollout_idle_fraction: the share of the rollout worker's time spent waiting; both set by a rollout worker.
+            rollout_idle_fraction: the share of the rollout worker's time spent waiting, and rng_state: the
+            torch RNG state after generating (the trainer adopts it, so a checkpoint resumes the stream);
+            all three set by a rollout worker.
     """
 
     rows: Any
@@ -214,6 +216,7 @@ class Produced:
     engine_timings: dict[str, float]
     version: int = -1
     rollout_idle_fraction: float = 0.0
+    rng_state: torch.Tensor | None = None
 
 
 @dataclass

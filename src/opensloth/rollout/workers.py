@@ -24,9 +24,13 @@ to every rollout worker (isend: the trainer only waits for it before the next sy
 bytes are logged (rollout/weight_sync_seconds, rollout/weight_sync_bytes).
 
 Randomness. Each training rank sends its torch RNG state once, at start; the rollout worker generates
-for rank r from that stream. Since the training step itself draws no random numbers (no dropout),
-the colocated run's generator sees exactly this stream, so K = 0 reproduces it (CPU; a CUDA rollout
-device draws from its own CUDA generator, not shared).
+for rank r from that stream and sends the state after generating back with the batch, which the
+trainer adopts (so its checkpoints hold it, and --resume hands it back). When the training step draws
+no random numbers (--lora-dropout 0, no dropout in the model), the colocated run's generator sees
+exactly this stream, so K = 0 reproduces it, also across a --resume (CPU; a CUDA rollout device
+draws from its own CUDA generator, which is not shared). With dropout the trainer's draws come from
+the same stream but no longer interleave with generation as in the colocated run: the run is
+statistically the same, not bit-for-bit.
 
 Off-policy correction (K >= 1): the rollout worker also computes the log-probs of the sampled tokens
 under its (behaviour) policy; the trainer treats them as a separate sampler's log-probs, i.e. the
@@ -152,6 +156,9 @@ class TrainerLink:
             raise RuntimeError(f"rollout rank {self.source} sent a batch of version {produced.version} for step "
                                f"{step}: {staleness} versions old, more than --max-staleness {self.k}")
         self.staleness = float(staleness)
+        # The generator where the colocated run's would be after generating: what a checkpoint saves, so
+        # --resume continues the stream (the rollout worker gets it back at start).
+        torch.set_rng_state(produced.rng_state)
         self.staleness_sum += staleness
         self.steps += 1
         return produced
@@ -227,7 +234,7 @@ def run_rollout_worker(cfg: Any, prepared: Any, device: torch.device) -> None:
                               completion_mask=ro.completion_mask.to(device), advantages=produced.advantages)
                 with torch.no_grad():
                     ro.sampler_log_probs = producers[r].log_probs(batch, first.model, with_entropy=False)[0].cpu()
-            produced.version = version
+            produced.version, produced.rng_state = version, rng[r]
             now = time.perf_counter()
             produced.rollout_idle_fraction = idle / max(now - cycle_start, 1e-9)
             cycle_start, idle = now, 0.0
