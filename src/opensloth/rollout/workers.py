@@ -186,7 +186,25 @@ class TrainerLink:
 
 
 def run_rollout_worker(cfg: Any, prepared: Any, device: torch.device) -> None:
-    """A rollout worker's life: weights and RNG states in, one batch per step and served rank out."""
+    """A rollout worker's life: weights and RNG states in, one batch per step and served rank out.
+
+    Ctrl-C / SIGTERM (the launcher stopping the job) does not stop it at once: the training workers
+    finish their step (which may still need a batch or send weights) and save a checkpoint; when they
+    have exited, the link breaks and this worker leaves quietly.
+    """
+    import signal
+
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    try:
+        _serve(cfg, prepared, device)
+    except Exception:
+        if not stopping:
+            raise
+
+
+def _serve(cfg: Any, prepared: Any, device: torch.device) -> None:
     from opensloth.recipes.grpo import Batch, GRPORecipe
 
     j = int(os.environ[ROLLOUT_RANK_ENV])
