@@ -180,3 +180,49 @@ def test_a_killed_rollout_worker_ends_the_job(tiny_model_dir, prompts, tmp_path)
     assert "Error: rollout worker rank 1 was killed by SIGKILL" in err, err[-3000:]
     time.sleep(0.5)
     assert tagged_processes(tag) == []
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_with_rollout_workers(tiny_model_dir, prompts, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "stopped"
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
+    args = grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu", "--rollout-devices", "cpu:1",
+                     "--max-staleness", "1")
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *args, "--max-steps", "500"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # what the launcher does on Ctrl-C too
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "continue with --resume" in err, err[-3000:]
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    saved = int(checkpoint.name.split("-")[1])
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
+    result = os_train([*args, "--max-steps", str(saved + 2), "--resume"], tag)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = [m for m in rows(out / "metrics.jsonl") if m["step"] > saved]
+    # The restored version generates the first batch (fresh), the next is one version behind.
+    assert [(m["step"], m["rollout/staleness"]) for m in resumed] == [(saved + 1, 0.0), (saved + 2, 1.0)]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert tagged_processes(tag) == []
+
+
+def test_a_dead_training_worker_stops_the_rollout_workers(tiny_model_dir, prompts, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "trainer_died"
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": "",
+                              "OPENSLOTH_FAULT_INJECT": "rank=0,step=2,kind=kill"})
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", CLI, *grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu",
+                                                                   "--max-steps", "4", "--rollout-devices", "cpu:1")],
+                            env=env, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2 and time.monotonic() - start < 60
+    assert "Error: worker rank 0 was killed by SIGKILL" in result.stderr, result.stderr[-3000:]
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
