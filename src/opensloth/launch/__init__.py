@@ -205,6 +205,10 @@ def print_plan(cfg: RunConfig, devices: list[Device], prepared: Any = None) -> N
     shown = "cpu" if devices[0] == "cpu" else "GPU " + ",".join(map(str, devices))
     table.add_row("devices", f"{shown} ({plural(world, 'worker')}, "
                   f"{'in this process' if devices == ['cpu'] else cfg.distributed.launcher + ' launcher'})")
+    rollout = getattr(getattr(cfg, "grpo", None), "rollout_devices", None)
+    if rollout:
+        table.add_row("rollout", f"{rollout} (rollout workers: generate, score and compute advantages; "
+                      f"--max-staleness {cfg.grpo.max_staleness})")
     table.add_row("model", cfg.model.model)
     if prepared is None:
         table.add_row("data", cache_status(cfg))

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from opensloth.distributed import WorkerContext
+from opensloth.errors import UserError
 
 LINK_PORT_ENV = "OPENSLOTH_LINK_PORT"
 TRAIN_WORLD_ENV = "OPENSLOTH_TRAIN_WORLD"
@@ -110,6 +111,9 @@ class TrainerLink:
 
     def __init__(self, cfg: Any, ctx: WorkerContext, params: list[torch.nn.Parameter], *, start_step: int,
                  total_steps: int) -> None:
+        if TRAIN_WORLD_ENV not in os.environ:
+            raise UserError("--rollout-devices needs the os-train launcher, which starts the rollout workers; "
+                            "under torchrun leave it unset.")
         self.cfg, self.ctx, self.params = cfg, ctx, params
         self.timeout = cfg.distributed.collective_timeout
         self.train_world = int(os.environ[TRAIN_WORLD_ENV])
@@ -167,8 +171,7 @@ class TrainerLink:
         """After step `step`'s optimizer steps: rank 0 syncs the weights if a later batch needs them;
         returns the link's metrics of the step (the same keys on every worker)."""
         self.sync_seconds, self.sync_bytes = 0.0, 0
-        later = [m for m in range(step + 1, self.total_steps + 1) if needed_version(m, self.start_step, self.k) == step]
-        if self.ctx.rank == 0 and later:
+        if self.ctx.rank == 0 and step + 1 + self.k <= self.total_steps:  # batch step + 1 + K is made from it
             self.send_weights(step)
         busy = max(time.perf_counter() - self.receive_start, 1e-9)
         return {
@@ -253,12 +256,22 @@ def _serve(cfg: Any, prepared: Any, device: torch.device) -> None:
                 with torch.no_grad():
                     ro.sampler_log_probs = producers[r].log_probs(batch, first.model, with_entropy=False)[0].cpu()
             produced.version, produced.rng_state = version, rng[r]
+            _to_cpu(produced)
             now = time.perf_counter()
             produced.rollout_idle_fraction = idle / max(now - cycle_start, 1e-9)
             cycle_start, idle = now, 0.0
             send_start = time.perf_counter()
             send_object(link, produced, r, timeout)
             idle += time.perf_counter() - send_start  # waiting for the trainer to take it
+
+
+def _to_cpu(produced: Any) -> None:
+    """Every tensor of a batch on the CPU, for the gloo link (the trainer moves them to its device)."""
+    for holder in (produced, produced.rollout):
+        for name, value in vars(holder).items():
+            if isinstance(value, torch.Tensor):
+                setattr(holder, name, value.cpu())
+    produced.adv_meta = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in produced.adv_meta.items()}
 
 
 def rollout_rank() -> Optional[int]:
