@@ -105,7 +105,9 @@ def resolve_rollout_devices(cfg: RunConfig, devices: list[Device], gpu_count: Op
         try:
             rollouts = list(resolve_devices(spec, gpu_count))
         except UserError as exc:
-            raise UserError(str(exc).replace("--devices", "--rollout-devices", 1)) from None
+            why = str(exc).split(": ", 1)[1].split(". ")[0]
+            raise UserError(f"--rollout-devices {spec}: {why}. Give visible GPU ids not in --devices, "
+                            "or cpu:N for N rollout processes on the CPU.") from None
         overlap = sorted(set(rollouts) & {d for d in devices if d != "cpu"})
         if overlap:
             raise UserError(f"--rollout-devices {spec} overlaps --devices {cfg.distributed.devices} "
