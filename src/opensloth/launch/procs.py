@@ -235,9 +235,14 @@ def _exit_on_sigterm(signum, frame):
 
 def rollout_env(env: dict[str, str], train_world: int, rollout_world: int, link_port: int,
                 rollout_index: Optional[int]) -> dict[str, str]:
-    """`env` plus what --rollout-devices adds (opensloth.rollout.workers): the link's port and sizes, and
+    """`env` plus what --rollout-devices adds (opensloth.recipes.grpo_rollout): the link's port and sizes, and
     for a rollout worker its index (its job rank is train_world + index)."""
-    from opensloth.rollout.workers import LINK_PORT_ENV, ROLLOUT_RANK_ENV, ROLLOUT_WORLD_ENV, TRAIN_WORLD_ENV
+    from opensloth.recipes.grpo_rollout import (
+        LINK_PORT_ENV,
+        ROLLOUT_RANK_ENV,
+        ROLLOUT_WORLD_ENV,
+        TRAIN_WORLD_ENV,
+    )
 
     env = dict(env, **{LINK_PORT_ENV: str(link_port), TRAIN_WORLD_ENV: str(train_world),
                        ROLLOUT_WORLD_ENV: str(rollout_world)})

@@ -179,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if prepared is None or not prepared.is_dir():
             raise UserError(f"--prepared {prepared}: not a directory. Prepare the data first with "
                             f"`os-train data {args.recipe} ... --output-path DIR --num-workers N` and pass DIR.")
-        from opensloth.rollout.workers import rollout_rank, run_rollout_worker
+        from opensloth.recipes.grpo_rollout import rollout_rank, run_rollout_worker
 
         if rollout_rank() is not None:  # --rollout-devices: this process generates for the trainers
             on_gpu = torch.cuda.is_available() and not cfg.grpo.rollout_devices.startswith("cpu")

@@ -428,7 +428,7 @@ class GRPORecipe:
         self.rewards_checked = False  # until a first step has scored without failure, a failing reward stops the run
         self.ref_model, self.ref_adapter = None, None  # the KL reference, chosen in setup()
         self.share_prompts = False  # set in setup() from the backend
-        self.rollout_link = None  # --rollout-devices: where phases 1-4 come from (opensloth.rollout.workers)
+        self.rollout_link = None  # --rollout-devices: where phases 1-4 come from (opensloth.recipes.grpo_rollout)
         self.stopped = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ class GRPORecipe:
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
         if g.rollout_devices:  # phases 1-4 on the rollout workers, which get the weights from here
-            from opensloth.rollout.workers import TrainerLink
+            from opensloth.recipes.grpo_rollout import TrainerLink
 
             self.rollout_link = TrainerLink(cfg, ctx, self.params, start_step=self.start_step,
                                             total_steps=self.total_steps)
@@ -681,7 +681,7 @@ class GRPORecipe:
         """Phases 1-4 of step `step` for this worker's share: sample, generate, score, advantages.
 
         Run by the training worker itself, or (--rollout-devices) by a rollout worker on the training
-        worker's behalf (`opensloth.rollout.workers`), with the same sampler, engine and rewards.
+        worker's behalf (`opensloth.recipes.grpo_rollout`), with the same sampler, engine and rewards.
         """
         g = self.cfg.grpo
         step_start = time.perf_counter()
