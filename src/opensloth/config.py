@@ -390,6 +390,17 @@ class GRPOConfig(Section):
     rollout_engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Generation engine. auto: vllm on a GPU if installed and usable, else hf."
     )
+    rollout_devices: Optional[str] = Field(
+        None, description="Rollout workers on their own devices (GRPO, hf engine): cpu:N (N CPU processes) or GPU "
+        "ids like 2,3, none of them in --devices. They sample prompts, generate, score and compute advantages "
+        "while the training workers train; weights are sent to them after each optimizer step. Default: off "
+        "(the training workers generate, as always).",
+    )
+    max_staleness: int = Field(
+        0, ge=0, description="With --rollout-devices: how many policy versions a batch may lag. 0: synchronous "
+        "(reproduces the colocated run); K >= 1: the rollout workers generate up to K batches ahead, corrected "
+        "by truncated importance sampling (--vllm-importance-sampling-*).",
+    )
     vllm_memory_utilization: Optional[float] = Field(
         None, gt=0, lt=1, description="vLLM's memory share (GPU memory, or RAM on CPU). Default per device kind."
     )
@@ -404,6 +415,21 @@ class GRPOConfig(Section):
     logprob_chunk_size: int = Field(
         1024, gt=0, description="Tokens per chunk when computing log-probs (memory vs speed)."
     )
+
+    @field_validator("rollout_devices")
+    @classmethod
+    def _check_rollout_devices(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if value.startswith("cpu:"):
+            if value[4:].isdigit() and int(value[4:]) >= 1:
+                return value
+            raise ValueError("cpu:N needs N >= 1 (the number of rollout processes), e.g. cpu:1")
+        ids = value.split(",")
+        if all(i.strip().isdigit() for i in ids) and len(set(i.strip() for i in ids)) == len(ids):
+            return ",".join(i.strip() for i in ids)
+        raise ValueError("expected cpu:N (N >= 1) or distinct GPU ids like 2,3")
 
     @field_validator("group_size")
     @classmethod

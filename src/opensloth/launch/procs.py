@@ -67,6 +67,7 @@ class Worker:
     error_file: Path
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     reader: Optional[threading.Thread] = None
+    role: str = "worker"  # or "rollout worker" (--rollout-devices)
 
 
 def free_port() -> int:
@@ -176,14 +177,15 @@ def stop_gracefully(procs: list[subprocess.Popen], timeout: Optional[float]) -> 
         stop_all(procs, grace=0.0)
 
 
-def describe_failure(rank: int, returncode: int, error_file: Path) -> tuple[str, bool]:
-    """(one-line description of why `rank` failed, whether it was a user error)."""
+def describe_failure(rank: int, returncode: int, error_file: Path, role: str = "worker") -> tuple[str, bool]:
+    """(one-line description of why `rank` failed, whether it was a user error); `role`: "worker", or
+    "rollout worker" for a --rollout-devices rank."""
     if error_file.is_file():
         try:
             record = json.loads(error_file.read_text())
             if record.get("user_error"):
                 return record["message"], True
-            return f"worker rank {rank} failed: {record['type']}: {record['message']}", False
+            return f"{role} rank {rank} failed: {record['type']}: {record['message']}", False
         except (OSError, ValueError, KeyError):
             pass
     if returncode > 128 and returncode - 128 in signal.valid_signals():  # a shell's report (tmux)
@@ -191,8 +193,8 @@ def describe_failure(rank: int, returncode: int, error_file: Path) -> tuple[str,
     if returncode < 0:
         name = signal.Signals(-returncode).name
         hint = " (the out-of-memory killer sends SIGKILL)" if name == "SIGKILL" else ""
-        return f"worker rank {rank} was killed by {name}{hint}", False
-    return f"worker rank {rank} exited with status {returncode}", False
+        return f"{role} rank {rank} was killed by {name}{hint}", False
+    return f"{role} rank {rank} exited with status {returncode}", False
 
 
 def _stopped_message(error_file: Path) -> Optional[str]:
@@ -204,7 +206,8 @@ def _stopped_message(error_file: Path) -> Optional[str]:
     return record.get("message") if record.get("type") == "TrainingStopped" else None
 
 
-def worker_exit_error(rank: int, returncode: int, error_file: Path, aftermath: str) -> Exception:
+def worker_exit_error(rank: int, returncode: int, error_file: Path, aftermath: str,
+                      role: str = "worker") -> Exception:
     """What the launcher raises when `rank` exited non-zero (both launchers use it).
 
     TrainingStopped when the worker stopped on Ctrl-C/SIGTERM after saving a checkpoint (exit 130);
@@ -214,7 +217,7 @@ def worker_exit_error(rank: int, returncode: int, error_file: Path, aftermath: s
     stopped = _stopped_message(error_file) if returncode == 130 else None
     if stopped is not None:
         return TrainingStopped(stopped)
-    message, user_error = describe_failure(rank, returncode, error_file)
+    message, user_error = describe_failure(rank, returncode, error_file, role)
     return UserError(message) if user_error else WorkerFailed(f"{message}. {aftermath}")
 
 
@@ -230,9 +233,28 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def rollout_env(env: dict[str, str], train_world: int, rollout_world: int, link_port: int,
+                rollout_index: Optional[int]) -> dict[str, str]:
+    """`env` plus what --rollout-devices adds (opensloth.recipes.grpo_rollout): the link's port and sizes, and
+    for a rollout worker its index (its job rank is train_world + index)."""
+    from opensloth.recipes.grpo_rollout import (
+        LINK_PORT_ENV,
+        ROLLOUT_RANK_ENV,
+        ROLLOUT_WORLD_ENV,
+        TRAIN_WORLD_ENV,
+    )
+
+    env = dict(env, **{LINK_PORT_ENV: str(link_port), TRAIN_WORLD_ENV: str(train_world),
+                       ROLLOUT_WORLD_ENV: str(rollout_world)})
+    if rollout_index is not None:
+        env[ROLLOUT_RANK_ENV] = str(rollout_index)
+        env["WORLD_SIZE"] = str(train_world)  # the trainers' group, which a rollout worker does not join
+    return env
+
+
 def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: list[Device],
                 launcher: str = "process", master_port: Optional[int] = None,
-                finish_timeout: float = 600.0) -> None:
+                finish_timeout: float = 600.0, rollout_devices: Optional[list[Device]] = None) -> None:
     """Run one worker per device to completion; raise WorkerFailed as soon as one fails.
 
     Args:
@@ -243,10 +265,14 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
         launcher: "process" (child processes, rank-prefixed output) or "tmux" (one pane each).
         master_port: rendezvous port; default a free one.
         finish_timeout: seconds the others may take to exit after the first worker exited cleanly.
+        rollout_devices: --rollout-devices, one entry per rollout worker (job ranks after the trainers'),
+            watched like the training workers.
     """
     if launcher == "tmux":
         return run_workers_tmux(recipe, config_path, prepared_path, devices, master_port)
-    world_size, port = len(devices), master_port or free_port()
+    train_world, rollouts = len(devices), list(rollout_devices or [])
+    world_size, port = train_world + len(rollouts), master_port or free_port()
+    link_port = free_port() if rollouts else 0
     errors_dir = Path(tempfile.mkdtemp(prefix="opensloth-workers-"))
     workers: list[Worker] = []
     exits: "collections.deque[tuple[int, int]]" = collections.deque()
@@ -257,15 +283,19 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
     if in_main:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        for rank, device in enumerate(devices):
+        for rank, device in enumerate(devices + rollouts):
             error_file = errors_dir / f"rank{rank}.json"
+            env = worker_env(rank, train_world, device, port, error_file)
+            if rollouts:
+                env = rollout_env(env, train_world, len(rollouts), link_port,
+                                  rank - train_world if rank >= train_world else None)
             proc = subprocess.Popen(
                 worker_command(recipe, config_path, prepared_path),
-                env=worker_env(rank, world_size, device, port, error_file),
+                env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            worker = Worker(rank, proc, error_file)
+            worker = Worker(rank, proc, error_file, role="rollout worker" if rank >= train_world else "worker")
             worker.reader = threading.Thread(target=_pump, args=(worker, rank == 0, lock), daemon=True)
             worker.reader.start()
             workers.append(worker)
@@ -316,7 +346,7 @@ def _fail(workers: list[Worker], rank: int, code: int, lock: threading.Lock) -> 
     stop_all([w.proc for w in workers])
     worker = workers[rank]
     # TrainingStopped: SIGTERM reached the workers (not us), and they saved and stopped.
-    error = worker_exit_error(rank, code, worker.error_file, "The other workers were stopped.")
+    error = worker_exit_error(rank, code, worker.error_file, "The other workers were stopped.", worker.role)
     if rank != 0 and worker.tail and not isinstance(error, TrainingStopped):
         with lock:
             sys.stderr.write("\n".join(worker.tail) + "\n")

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from opensloth.config import RunConfig, resolve_config
-from opensloth.distributed import WorkerContext, cleanup, init_distributed, setup_logging
+from opensloth.distributed import WorkerContext, cleanup, init_distributed, pick_device, setup_logging
 from opensloth.errors import TrainingStopped, UserError
 from opensloth.launch.procs import ERROR_FILE_ENV, LAUNCHED_ENV, PARENT_PID_ENV
 
@@ -180,10 +180,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         if prepared is None or not prepared.is_dir():
             raise UserError(f"--prepared {prepared}: not a directory. Prepare the data first with "
                             f"`os-train data {args.recipe} ... --output-path DIR --num-workers N` and pass DIR.")
-        if LAUNCHED_ENV not in os.environ:
-            check_torchrun_job(cfg, prepared)
-        ctx = init_distributed(use_cuda_for(cfg), cfg.distributed.collective_timeout, prepared)
-        run_recipe(cfg, ctx)
+        from opensloth.recipes.grpo_rollout import rollout_rank, run_rollout_worker
+
+        if rollout_rank() is not None:  # --rollout-devices: this process generates for the trainers
+            on_gpu = torch.cuda.is_available() and not cfg.grpo.rollout_devices.startswith("cpu")
+            run_rollout_worker(cfg, prepared, pick_device(on_gpu, 0))
+        else:
+            if LAUNCHED_ENV not in os.environ:
+                check_torchrun_job(cfg, prepared)
+            ctx = init_distributed(use_cuda_for(cfg), cfg.distributed.collective_timeout, prepared)
+            run_recipe(cfg, ctx)
     except TrainingStopped as exc:  # every worker saved its share of the checkpoint
         write_error_file(rank, exc)  # the launcher prints the message once
         if rank == 0 and not os.environ.get(ERROR_FILE_ENV):  # torchrun: nobody reads that file

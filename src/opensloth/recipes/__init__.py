@@ -1,4 +1,4 @@
-"""The training recipes, one module each (sft.py, grpo.py), and what the launcher asks of them.
+"""The training recipes, one module each (sft.py, grpo.py; grpo_rollout.py is GRPO's rollout role), and what the launcher asks of them.
 
 A recipe module is the whole of one training method, readable top to bottom. Besides `run`, which
 every worker calls, it answers the launcher (`opensloth.launch`), which never branches on the

@@ -182,6 +182,37 @@ class Batch:
 
 
 @dataclass
+class Produced:
+    """Phases 1-4 of one step on one worker's share (`GRPORecipe.produce`): what the update needs.
+
+    Attributes:
+        rows: the sampled prompt rows (a datasets.Dataset selection).
+        rollout: the engine's RolloutBatch (B = local prompts x G sequences).
+        scores: the reward set's scores of its completions.
+        rewards: (B,) total rewards; advantages: (B,) what the loss weighs each sequence by.
+        adv_meta: `compute_group_advantages`' metadata (0-dim tensors).
+        generation_time, reward_time: seconds; engine_timings: the engine's own (prefill/decode).
+        version: the policy version (the GRPO step whose update made it) that generated it, and
+            rollout_idle_fraction: the share of the rollout worker's time spent waiting, and rng_state: the
+            torch RNG state after generating (the trainer adopts it, so a checkpoint resumes the stream);
+            all three set by a rollout worker.
+    """
+
+    rows: Any
+    rollout: Any
+    scores: Any
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    adv_meta: dict[str, torch.Tensor]
+    generation_time: float
+    reward_time: float
+    engine_timings: dict[str, float]
+    version: int = -1
+    rollout_idle_fraction: float = 0.0
+    rng_state: torch.Tensor | None = None
+
+
+@dataclass
 class UpdateStats:
     """Sums over the optimizer steps of one rollout batch, from this worker; `reduce` makes the logged means.
 
@@ -390,6 +421,7 @@ class GRPORecipe:
         self.rewards_checked = False  # until a first step has scored without failure, a failing reward stops the run
         self.ref_model, self.ref_adapter = None, None  # the KL reference, chosen in setup()
         self.share_prompts = False  # set in setup() from the backend
+        self.rollout_link = None  # --rollout-devices: where phases 1-4 come from (opensloth.recipes.grpo_rollout)
         self.stopped = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -480,6 +512,11 @@ class GRPORecipe:
             for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
+        if g.rollout_devices:  # phases 1-4 on the rollout workers, which get the weights from here
+            from opensloth.recipes.grpo_rollout import TrainerLink
+
+            self.rollout_link = TrainerLink(cfg, ctx, self.params, start_step=self.start_step,
+                                            total_steps=self.total_steps)
         # Everything loaded: only now the first writes into the output dir (a failed start leaves none).
         if ctx.is_main:
             record_run_config(cfg, resume_from)
@@ -488,6 +525,42 @@ class GRPORecipe:
         logger.info("GRPO: %s, %s x %s per step, %s per step", plural(self.total_steps, "step"),
                     plural(g.rollout_batch_size, "prompt"), plural(g.group_size, "completion"),
                     plural(self.updates_per_rollout, "optimizer update"))
+
+    def setup_rollout(self, share_from: GRPORecipe | None = None) -> None:
+        """What `produce` needs, for a rollout worker producing this training rank's share
+        (--rollout-devices): its data shard and sampler, the rewards, the model (same LoRA structure;
+        the weights come from training rank 0) and the engine. Writes nothing."""
+        from opensloth.data import load_prepared
+        from opensloth.models import load_model_and_tokenizer
+        from opensloth.models.loading import resolve_backend
+        from opensloth.rewards import resolve_rewards, set_code_test_timeout
+        from opensloth.rollout import get_rollout_engine
+
+        cfg, ctx, g, t = self.cfg, self.ctx, self.cfg.grpo, self.cfg.training
+        self.data = load_prepared(ctx.prepared_data_path)
+        self.train_rows = self.data.load_shard(ctx.rank)
+        self.sampler = prompt_sampler(len(self.train_rows), self.local_prompts, t.seed + 1000 * ctx.rank)
+        self.total_steps = self._count_steps()
+        if share_from is not None:  # another training rank served by the same rollout worker: one model
+            for name in ("rewards", "model", "tokenizer", "params", "share_prompts", "engine"):
+                setattr(self, name, getattr(share_from, name))
+        else:
+            self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
+            set_code_test_timeout(g.code_test_timeout)
+            self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
+            if self.data.chat_template:
+                self.tokenizer.chat_template = self.data.chat_template
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.share_prompts = resolve_backend(cfg.model.backend, ctx.device) == "hf"
+            self.engine = get_rollout_engine(g.rollout_engine, self.model, self.tokenizer, ctx.device, cfg)
+        from transformers import TrainerState
+
+        self.trainer_state = TrainerState(max_steps=self.total_steps, logging_steps=t.logging_steps,
+                                          eval_steps=t.eval_steps, save_steps=t.save_steps,
+                                          train_batch_size=t.per_device_train_batch_size,
+                                          num_train_epochs=math.ceil(self.total_steps * g.rollout_batch_size
+                                                                     / max(1, self.data.num_rows)),
+                                          is_local_process_zero=ctx.local_rank == 0, is_world_process_zero=ctx.is_main)
 
     def _count_steps(self) -> int:
         t, g = self.cfg.training, self.cfg.grpo
@@ -527,6 +600,83 @@ class GRPORecipe:
     def train_step(self, step: int) -> dict[str, float]:
         """One GRPO step: sample, generate, score, advantages, filter, update, log; returns its metrics."""
         cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.training
+        step_start = time.perf_counter()
+        # 1-4 here, or (--rollout-devices) received from a rollout worker that ran the same `produce`.
+        produced = self.produce(step) if self.rollout_link is None else self.rollout_link.receive(step)
+        rows, rollout, scores, rewards = produced.rows, produced.rollout, produced.scores, produced.rewards
+        advantages, adv_meta = produced.advantages, produced.adv_meta
+        gen_time, reward_time = produced.generation_time, produced.reward_time
+
+        completion_mask = rollout.completion_mask.to(self.ctx.device)
+        if g.mask_truncated_completions:  # completions cut at --max-new-tokens count nowhere in the loss (TRL's)
+            completion_mask = mask_truncated_completions(completion_mask, rollout.is_eos_terminated)
+        batch = Batch(
+            input_ids=rollout.input_ids.to(self.ctx.device),
+            attention_mask=rollout.attention_mask.to(self.ctx.device),
+            completion_mask=completion_mask,
+            advantages=advantages.to(self.ctx.device),
+            sampler_log_probs=(rollout.sampler_log_probs.to(self.ctx.device)
+                               if rollout.sampler_log_probs is not None else None),
+        )
+
+        # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal (the same
+        #    test as frac_reward_zero_std, so the two always agree).
+        num_before = len(batch)
+        if g.filter_zero_std:
+            keep = ~compute_zero_std_groups(rewards, g.group_size)  # (B / G,)
+            batch = batch.select(keep.repeat_interleave(g.group_size).nonzero().squeeze(1).to(self.ctx.device))
+
+        # 6 + 7. Old and reference log-probs, then the policy updates (their metrics come back global).
+        learning_rate = self.scheduler.get_last_lr()[0]  # the rate of this step's first update
+        self.model.train()
+        update_start = time.perf_counter()
+        update_metrics = self.update(batch)
+        update_time = time.perf_counter() - update_start
+        link_metrics = self.rollout_link.after_update(step, produced) if self.rollout_link is not None else {}
+
+        # 8. Log (this worker's metrics averaged over workers, then the global ones), print a sample,
+        #    evaluate now and then.
+        timings = {
+            "step_time": time.perf_counter() - step_start,
+            "generation_time": gen_time,
+            **produced.engine_timings,  # hf lean decoder: prefill_time, decode_time
+            "reward_time": reward_time,
+            "reference_time": update_metrics.pop("reference_time"),  # old + reference log-probs
+            "update_time": update_time,  # reference_time + policy forward + backward + optimizer
+        }
+        local = self.step_metrics(rollout, scores, adv_meta, num_filtered=num_before - len(batch),
+                                  learning_rate=learning_rate, timings=timings)
+        metrics = reduce_metrics(local) | update_metrics
+        if link_metrics:  # the worst worker's (staleness, idle, sync time): every worker has the same keys
+            metrics.update(reduce_metrics(link_metrics, op="max"))
+        # The job's throughput: the sum of the workers' rates (their mean, logged as it is, times the workers).
+        metrics["tokens_per_second"] = metrics["tokens_per_second_per_worker"] * self.ctx.world_size
+        metrics.update(self.reduce_logged(scores.logged))  # what rewards passed to log_metric
+        metrics.update(self.check_alarms(step, metrics))
+        self.set_trainer_state(step)
+        last = step == self.total_steps
+        evaluate = t.eval_steps > 0 and (step % t.eval_steps == 0 or last)
+        logged = evaluate or step % t.logging_steps == 0 or last
+        sample = bool(cfg.logging.print_sample_every) and step % cfg.logging.print_sample_every == 0
+        if sample and self.ctx.is_main:
+            self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
+        if g.log_completions and logged:  # TRL's log_completions: every worker's completions, each logged step
+            self.log_completions(step, rows, rollout, scores, advantages, every_worker=True)
+        elif sample:
+            self.log_completions(step, rows, rollout, scores, advantages)
+        if evaluate:
+            metrics.update(self.evaluate())
+        if logged:
+            self.metrics_logger.log(step, metrics)
+        return metrics
+
+    def produce(self, step: int) -> Produced:
+        """Phases 1-4 of step `step` for this worker's share: sample, generate, score, advantages.
+
+        Run by the training worker itself, or (--rollout-devices) by a rollout worker on the training
+        worker's behalf (`opensloth.recipes.grpo_rollout`), with the same sampler, engine and rewards.
+        """
+        g = self.cfg.grpo
         step_start = time.perf_counter()
         self.set_trainer_state(step - 1)  # what rewards see: the steps done so far, as TRL's global_step
 
@@ -569,65 +719,9 @@ class GRPORecipe:
         if self.policy_loss.signal == "rewards":
             advantages = rewards.clone()
 
-        completion_mask = rollout.completion_mask.to(self.ctx.device)
-        if g.mask_truncated_completions:  # completions cut at --max-new-tokens count nowhere in the loss (TRL's)
-            completion_mask = mask_truncated_completions(completion_mask, rollout.is_eos_terminated)
-        batch = Batch(
-            input_ids=rollout.input_ids.to(self.ctx.device),
-            attention_mask=rollout.attention_mask.to(self.ctx.device),
-            completion_mask=completion_mask,
-            advantages=advantages.to(self.ctx.device),
-            sampler_log_probs=(rollout.sampler_log_probs.to(self.ctx.device)
-                               if rollout.sampler_log_probs is not None else None),
-        )
-
-        # 5. DAPO dynamic-sampling filter: groups with all-equal rewards carry no signal (the same
-        #    test as frac_reward_zero_std, so the two always agree).
-        num_before = len(batch)
-        if g.filter_zero_std:
-            keep = ~compute_zero_std_groups(rewards, g.group_size)  # (B / G,)
-            batch = batch.select(keep.repeat_interleave(g.group_size).nonzero().squeeze(1).to(self.ctx.device))
-
-        # 6 + 7. Old and reference log-probs, then the policy updates (their metrics come back global).
-        learning_rate = self.scheduler.get_last_lr()[0]  # the rate of this step's first update
-        self.model.train()
-        update_start = time.perf_counter()
-        update_metrics = self.update(batch)
-        update_time = time.perf_counter() - update_start
-
-        # 8. Log (this worker's metrics averaged over workers, then the global ones), print a sample,
-        #    evaluate now and then.
-        timings = {
-            "step_time": time.perf_counter() - step_start,
-            "generation_time": gen_time,
-            **getattr(self.engine, "last_timings", {}),  # hf lean decoder: prefill_time, decode_time
-            "reward_time": reward_time,
-            "reference_time": update_metrics.pop("reference_time"),  # old + reference log-probs
-            "update_time": update_time,  # reference_time + policy forward + backward + optimizer
-        }
-        local = self.step_metrics(rollout, scores, adv_meta, num_filtered=num_before - len(batch),
-                                  learning_rate=learning_rate, timings=timings)
-        metrics = reduce_metrics(local) | update_metrics
-        # The job's throughput: the sum of the workers' rates (their mean, logged as it is, times the workers).
-        metrics["tokens_per_second"] = metrics["tokens_per_second_per_worker"] * self.ctx.world_size
-        metrics.update(self.reduce_logged(scores.logged))  # what rewards passed to log_metric
-        metrics.update(self.check_alarms(step, metrics))
-        self.set_trainer_state(step)
-        last = step == self.total_steps
-        evaluate = t.eval_steps > 0 and (step % t.eval_steps == 0 or last)
-        logged = evaluate or step % t.logging_steps == 0 or last
-        sample = bool(cfg.logging.print_sample_every) and step % cfg.logging.print_sample_every == 0
-        if sample and self.ctx.is_main:
-            self.print_sample(rows[0]["prompt_text"], rollout.completions_text[: g.group_size], scores)
-        if g.log_completions and logged:  # TRL's log_completions: every worker's completions, each logged step
-            self.log_completions(step, rows, rollout, scores, advantages, every_worker=True)
-        elif sample:
-            self.log_completions(step, rows, rollout, scores, advantages)
-        if evaluate:
-            metrics.update(self.evaluate())
-        if logged:
-            self.metrics_logger.log(step, metrics)
-        return metrics
+        return Produced(rows=rows, rollout=rollout, scores=scores, rewards=rewards, advantages=advantages,
+                        adv_meta=adv_meta, generation_time=gen_time, reward_time=reward_time,
+                        engine_timings=dict(getattr(self.engine, "last_timings", {})))
 
     def step_metrics(self, rollout: Any, scores: Any, adv_meta: dict[str, torch.Tensor], *, num_filtered: int,
                      learning_rate: float, timings: dict[str, float]) -> dict[str, float]:
@@ -1075,7 +1169,7 @@ class GRPORecipe:
 
     def cleanup(self) -> None:
         """Close the metrics files and the rollout engine (vLLM must shut down before the group does)."""
-        for part in ("metrics_logger", "engine"):
+        for part in ("metrics_logger", "engine", "rollout_link"):
             close = getattr(getattr(self, part, None), "close", None)
             try:
                 if close is not None:

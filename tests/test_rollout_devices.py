@@ -1,0 +1,228 @@
+"""--rollout-devices / --max-staleness (issue 22): rollout workers on their own (here: CPU) processes.
+
+Real `os-train grpo` subprocesses with the tiny model, real gloo, a real SIGKILL. K = 0 must give the
+colocated run's completions and losses (and so must a --resume with rollout workers); K = 1 trains two
+workers from one rollout worker and logs the staleness and correction metrics; a killed rollout worker
+ends the job at once, named, with no process left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from opensloth.config import resolve_config
+from opensloth.errors import UserError
+from opensloth.launch import resolve_rollout_devices
+
+pytestmark = pytest.mark.slow
+
+TAG_ENV = "OPENSLOTH_TEST_TAG"
+CLI = "from opensloth.cli.train import app; app()"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    from opensloth.data.synthetic import make_arithmetic_rows
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_arithmetic_rows(16, seed=0, schema="dapo")))
+    return path
+
+
+def grpo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    # length_penalty separates the completions of a group, so the advantages and the updates are not 0.
+    return ["grpo", "--model", str(model), "--dataset", str(prompts), "--rewards", "length_penalty",
+            "--cache-dir", str(out.parent / "cache"), "--output-dir", str(out), "--rollout-batch-size", "2",
+            "--group-size", "4", "--max-new-tokens", "12", "--report-to", "none", "--lora-r", "4",
+            "--logging-steps", "1", "--seed", "5", "--learning-rate", "0.05", "--log-completions", *extra]
+
+
+def os_train(args: list[str], tag: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
+    return subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tagged_processes(tag: str, needle: str = "") -> list[int]:
+    """Live processes whose environment carries `tag` (and `needle`, when given)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"{TAG_ENV}={tag}".encode() in env and state != "Z" and (
+                not needle or any(v.startswith(needle.encode()) for v in env)):
+            found.append(int(entry.name))
+    return found
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_same_run(a: Path, b: Path, steps: list[int]) -> None:
+    """Same completions and same losses/rewards (to 1e-6) on the given steps."""
+    ma = {r["step"]: r for r in rows(a / "metrics.jsonl")}
+    mb = {r["step"]: r for r in rows(b / "metrics.jsonl")}
+    for step in steps:
+        for key in ("loss", "reward", "reward_std", "kl", "completions/mean_length", "grad_norm"):
+            assert mb[step][key] == pytest.approx(ma[step][key], abs=1e-6), (step, key)
+    ca = [(r["step"], r["completion"]) for r in rows(a / "completions.jsonl") if r["step"] in steps]
+    cb = [(r["step"], r["completion"]) for r in rows(b / "completions.jsonl") if r["step"] in steps]
+    assert ca == cb and len(ca) == 8 * len(steps)
+
+
+def test_bad_rollout_devices_are_refused_before_anything_starts(tiny_model_dir, tmp_path):
+    def refused(devices: list, **options) -> str:
+        cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir), **options})
+        with pytest.raises(UserError) as info:
+            resolve_rollout_devices(cfg, devices, gpu_count=4)
+        return str(info.value)
+
+    assert "overlaps --devices" in refused([0, 1], rollout_devices="1,2", rollout_engine="hf")
+    assert "no GPU with id 7" in refused([0, 1], rollout_devices="7", rollout_engine="hf")
+    assert "rollout-engine vllm" in refused([0], rollout_devices="3", rollout_engine="vllm")
+    assert "may pick vLLM" in refused([0], rollout_devices="3")
+    assert "scale-rewards batch" in refused(["cpu"], rollout_devices="cpu:1", scale_rewards="batch")
+    assert "at most as many" in refused(["cpu"], rollout_devices="cpu:2")
+    assert "needs --rollout-devices" in refused(["cpu"], max_staleness=1)
+    cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir), "rollout_devices": "2,3", "rollout_engine": "hf"})
+    assert resolve_rollout_devices(cfg, [0, 1], gpu_count=4) == [2, 3]
+    # Through the CLI: one Error line, nothing written.
+    out = tmp_path / "out"
+    result = os_train(["grpo", "--model", str(tiny_model_dir), "--devices", "cpu", "--rollout-devices", "cpu:0",
+                       "--output-dir", str(out)], uuid.uuid4().hex)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "Error:" in result.stderr and "N >= 1" in result.stderr and not out.exists()
+
+
+def test_k0_reproduces_the_colocated_run_and_resumes(tiny_model_dir, prompts, tmp_path):
+    tag = uuid.uuid4().hex
+    colocated, remote, resumed = tmp_path / "colocated", tmp_path / "remote", tmp_path / "resumed"
+    result = os_train(grpo_args(tiny_model_dir, prompts, colocated, "--devices", "cpu", "--max-steps", "3"), tag)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = os_train(grpo_args(tiny_model_dir, prompts, remote, "--devices", "cpu", "--max-steps", "3",
+                                "--rollout-devices", "cpu:1", "--save-steps", "1"), tag)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same_run(colocated, remote, [1, 2, 3])
+    metrics = rows(remote / "metrics.jsonl")
+    assert [m["rollout/staleness"] for m in metrics] == [0.0, 0.0, 0.0]
+    assert metrics[0]["rollout/weight_sync_bytes"] > 0 and metrics[-1]["rollout/weight_sync_bytes"] == 0  # none after the last
+    assert sum(m["loss"] != 0 for m in metrics) >= 2  # the comparison is about real updates
+    # --resume with rollout workers from the step-1 checkpoint: the policy version, the sampler's position
+    # and the random stream come back, so steps 2 and 3 are the uninterrupted run's.
+    resumed.mkdir()
+    shutil.copytree(remote / "checkpoints" / "checkpoint-1", resumed / "checkpoints" / "checkpoint-1")
+    shutil.copy(remote / "config.yaml", resumed / "config.yaml")
+    result = os_train(grpo_args(tiny_model_dir, prompts, resumed, "--devices", "cpu", "--max-steps", "3",
+                                "--rollout-devices", "cpu:1", "--resume"), tag)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [m["step"] for m in rows(resumed / "metrics.jsonl")] == [2, 3]
+    assert_same_run(colocated, resumed, [2, 3])
+    assert tagged_processes(tag) == []
+
+
+def test_k1_trains_two_workers_from_one_rollout_worker(tiny_model_dir, prompts, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "k1"
+    result = os_train(grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu:2", "--max-steps", "3",
+                                "--rollout-devices", "cpu:1", "--max-staleness", "1"), tag)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = rows(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    # Batch 1 from version 0 (fresh), batches 2 and 3 one version behind.
+    assert [m["rollout/staleness"] for m in metrics] == [0.0, 1.0, 1.0]
+    assert metrics[-1]["rollout/staleness_mean"] == pytest.approx(2 / 3)
+    assert all(m["rollout/samples_dropped"] == 0 for m in metrics)
+    for key in ("rollout/trainer_idle_fraction", "rollout/rollout_idle_fraction"):
+        assert all(0 <= m[key] <= 1 for m in metrics), key
+    assert metrics[0]["rollout/weight_sync_seconds"] > 0 and metrics[0]["rollout/weight_sync_bytes"] > 0
+    # The behaviour policy's log-probs reach the loss: equal to the trainer's while fresh, apart once stale.
+    assert metrics[0]["rollout/logprob_diff_max"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics[1]["rollout/logprob_diff_max"] > 1e-3
+    assert (out / "adapter_model.safetensors").is_file()
+    assert tagged_processes(tag) == []
+
+
+def test_a_killed_rollout_worker_ends_the_job(tiny_model_dir, prompts, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "killed"
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu",
+                                                                   "--max-steps", "500", "--rollout-devices", "cpu:1")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
+            time.sleep(0.2)
+        (victim,) = tagged_processes(tag, "OPENSLOTH_ROLLOUT_RANK=")
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - killed < 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2
+    assert "Error: rollout worker rank 1 was killed by SIGKILL" in err, err[-3000:]
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_with_rollout_workers(tiny_model_dir, prompts, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "stopped"
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
+    args = grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu", "--rollout-devices", "cpu:1",
+                     "--max-staleness", "1")
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *args, "--max-steps", "500"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # what the launcher does on Ctrl-C too
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "continue with --resume" in err, err[-3000:]
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    saved = int(checkpoint.name.split("-")[1])
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
+    result = os_train([*args, "--max-steps", str(saved + 2), "--resume"], tag)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = [m for m in rows(out / "metrics.jsonl") if m["step"] > saved]
+    # The restored version generates the first batch (fresh), the next is one version behind.
+    assert [(m["step"], m["rollout/staleness"]) for m in resumed] == [(saved + 1, 0.0), (saved + 2, 1.0)]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert tagged_processes(tag) == []
+
+
+def test_a_dead_training_worker_stops_the_rollout_workers(tiny_model_dir, prompts, tmp_path):
+    tag, out = uuid.uuid4().hex, tmp_path / "trainer_died"
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": "",
+                              "OPENSLOTH_FAULT_INJECT": "rank=0,step=2,kind=kill"})
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", CLI, *grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu",
+                                                                   "--max-steps", "4", "--rollout-devices", "cpu:1")],
+                            env=env, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2 and time.monotonic() - start < 60
+    assert "Error: worker rank 0 was killed by SIGKILL" in result.stderr, result.stderr[-3000:]
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
