@@ -336,7 +336,8 @@ def launch_training(cfg: RunConfig, dry_run: bool = False) -> None:
             else:
                 run_workers(cfg.recipe, config_path, prepared.path, devices,
                             launcher=cfg.distributed.launcher, master_port=cfg.distributed.master_port,
-                            finish_timeout=cfg.distributed.collective_timeout + 60, rollout_devices=rollouts)
+                            finish_timeout=cfg.distributed.collective_timeout + 60, rollout_devices=rollouts,
+                            rollouts_overlap=bool(rollouts) and cfg.grpo.max_staleness >= 1)
         if cfg.training.save_merged:
             from opensloth.evaluate import save_merged_after_training
 

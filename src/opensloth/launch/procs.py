@@ -98,8 +98,13 @@ def check_master_port(port: Optional[int]) -> None:
                             "Pick another port, or leave --master-port unset to use a free one.") from None
 
 
-def worker_env(rank: int, world_size: int, device: Device, port: int, error_file: Path) -> dict[str, str]:
-    """The environment of one worker: torchrun's variables plus its pinned device."""
+def worker_env(rank: int, world_size: int, device: Device, port: int, error_file: Path,
+               cpu_sharers: Optional[int] = None) -> dict[str, str]:
+    """The environment of one worker: torchrun's variables plus its pinned device.
+
+    On the CPU the cores are split among `cpu_sharers` processes (default `world_size`): the processes that
+    compute at the same time. More OpenMP threads than cores makes every matmul wait on the others.
+    """
     env = dict(os.environ)
     env.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -109,7 +114,7 @@ def worker_env(rank: int, world_size: int, device: Device, port: int, error_file
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         # Share the cores instead of every worker starting one thread per core.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (cpu_sharers or world_size))))
     else:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = [v.strip() for v in visible.split(",")] if visible else None
@@ -254,7 +259,8 @@ def rollout_env(env: dict[str, str], train_world: int, rollout_world: int, link_
 
 def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: list[Device],
                 launcher: str = "process", master_port: Optional[int] = None,
-                finish_timeout: float = 600.0, rollout_devices: Optional[list[Device]] = None) -> None:
+                finish_timeout: float = 600.0, rollout_devices: Optional[list[Device]] = None,
+                rollouts_overlap: bool = False) -> None:
     """Run one worker per device to completion; raise WorkerFailed as soon as one fails.
 
     Args:
@@ -267,6 +273,8 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
         finish_timeout: seconds the others may take to exit after the first worker exited cleanly.
         rollout_devices: --rollout-devices, one entry per rollout worker (job ranks after the trainers'),
             watched like the training workers.
+        rollouts_overlap: the rollout workers generate while the trainers train (--max-staleness >= 1), so
+            CPU workers split the cores among all of them, not only among the trainers.
     """
     if launcher == "tmux":
         return run_workers_tmux(recipe, config_path, prepared_path, devices, master_port)
@@ -285,7 +293,11 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
     try:
         for rank, device in enumerate(devices + rollouts):
             error_file = errors_dir / f"rank{rank}.json"
-            env = worker_env(rank, train_world, device, port, error_file)
+            # Rollout workers that generate while the trainers train (--max-staleness >= 1) share the cores
+            # with them; at K = 0 they take turns, and each keeps the trainers' thread count (the same
+            # numerics as the colocated run, which K = 0 reproduces).
+            sharers = sum(d == "cpu" for d in devices + rollouts) if rollouts_overlap else None
+            env = worker_env(rank, train_world, device, port, error_file, cpu_sharers=sharers)
             if rollouts:
                 env = rollout_env(env, train_world, len(rollouts), link_port,
                                   rank - train_world if rank >= train_world else None)
