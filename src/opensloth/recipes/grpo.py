@@ -429,9 +429,7 @@ class GRPORecipe:
     def setup(self) -> None:
         """Data, model + tokenizer, reference, optimizer, LR schedule, rollout engine, rewards, logger."""
         from opensloth.data import load_prepared
-        from opensloth.models import load_model_and_tokenizer
-        from opensloth.models.loading import add_reference_adapter, read_adapter_config, resolve_backend
-        from opensloth.rewards import resolve_rewards, set_code_test_timeout
+        from opensloth.models.loading import add_reference_adapter, read_adapter_config
         from opensloth.rollout import get_rollout_engine
         from opensloth.tracking import MetricsLogger
 
@@ -448,18 +446,7 @@ class GRPORecipe:
                             "--max-prompt-length / --prompt-length-percentile or use a larger --dataset.")
         self.sampler = prompt_sampler(len(self.train_rows), self.local_prompts, t.seed + 1000 * ctx.rank)
 
-        # Rewards before the model: a bad --rewards or --reward-module fails fast.
-        self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
-        set_code_test_timeout(g.code_test_timeout)
-
-        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
-        if self.data.chat_template:
-            # Saved with the tokenizer, so eval and generate render prompts as training did.
-            self.tokenizer.chat_template = self.data.chat_template
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # The G rows of a group share their prompt: the log-prob forwards run it once per group
-        # (grpo/forward.py). Only on the hf backend, the one this is tested with.
-        self.share_prompts = resolve_backend(cfg.model.backend, ctx.device) == "hf"
+        self._load_rewards_and_policy()
         # The KL reference is the policy GRPO starts from (DeepSeekMath's pi_ref, verl's initial actor):
         # a fresh LoRA: the base with the adapter disabled (B = 0 at the start, so no copy is needed);
         # a continued adapter (--model an SFT adapter dir): a frozen second copy of that adapter;
@@ -480,17 +467,9 @@ class GRPORecipe:
 
         self.engine = get_rollout_engine(g.rollout_engine, self.model, self.tokenizer, ctx.device, cfg)
 
-        # What TRL passes rewards as `trainer_state`, kept current by train_step.
-        from transformers import TrainerState
-
         from opensloth.tracking import Alarm
 
-        self.trainer_state = TrainerState(max_steps=self.total_steps, logging_steps=t.logging_steps,
-                                          eval_steps=t.eval_steps, save_steps=t.save_steps,
-                                          train_batch_size=t.per_device_train_batch_size,
-                                          num_train_epochs=math.ceil(self.total_steps * g.rollout_batch_size
-                                                                     / max(1, self.data.num_rows)),
-                                          is_local_process_zero=ctx.local_rank == 0, is_world_process_zero=ctx.is_main)
+        self.trainer_state = self._trainer_state()
         self.alarms = {"truncated": Alarm("truncated", ALARM_STEPS), "zero_std": Alarm("zero_std", ALARM_STEPS)}
         self.none_warned: set[str] = set()
         self.marks: list[str] = []
@@ -531,9 +510,6 @@ class GRPORecipe:
         (--rollout-devices): its data shard and sampler, the rewards, the model (same LoRA structure;
         the weights come from training rank 0) and the engine. Writes nothing."""
         from opensloth.data import load_prepared
-        from opensloth.models import load_model_and_tokenizer
-        from opensloth.models.loading import resolve_backend
-        from opensloth.rewards import resolve_rewards, set_code_test_timeout
         from opensloth.rollout import get_rollout_engine
 
         cfg, ctx, g, t = self.cfg, self.ctx, self.cfg.grpo, self.cfg.training
@@ -545,22 +521,39 @@ class GRPORecipe:
             for name in ("rewards", "model", "tokenizer", "params", "share_prompts", "engine"):
                 setattr(self, name, getattr(share_from, name))
         else:
-            self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
-            set_code_test_timeout(g.code_test_timeout)
-            self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
-            if self.data.chat_template:
-                self.tokenizer.chat_template = self.data.chat_template
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
-            self.share_prompts = resolve_backend(cfg.model.backend, ctx.device) == "hf"
+            self._load_rewards_and_policy()
             self.engine = get_rollout_engine(g.rollout_engine, self.model, self.tokenizer, ctx.device, cfg)
+        self.trainer_state = self._trainer_state()
+
+    def _load_rewards_and_policy(self) -> None:
+        """The rewards, then the model and tokenizer (the trained chat template set), its trainable params."""
+        from opensloth.models import load_model_and_tokenizer
+        from opensloth.models.loading import resolve_backend
+        from opensloth.rewards import resolve_rewards, set_code_test_timeout
+
+        cfg, ctx, g = self.cfg, self.ctx, self.cfg.grpo
+        # Rewards before the model: a bad --rewards or --reward-module fails fast.
+        self.rewards = resolve_rewards(g.task, g.rewards, g.reward_weights, g.reward_modules, g.reward_timeout)
+        set_code_test_timeout(g.code_test_timeout)
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.lora, ctx.device)
+        if self.data.chat_template:
+            # Saved with the tokenizer, so eval and generate render prompts as training did.
+            self.tokenizer.chat_template = self.data.chat_template
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # The G rows of a group share their prompt: the log-prob forwards run it once per group
+        # (grpo/forward.py). Only on the hf backend, the one this is tested with.
+        self.share_prompts = resolve_backend(cfg.model.backend, ctx.device) == "hf"
+
+    def _trainer_state(self):
+        """What TRL passes rewards as `trainer_state` (a transformers TrainerState), kept current by train_step."""
         from transformers import TrainerState
 
-        self.trainer_state = TrainerState(max_steps=self.total_steps, logging_steps=t.logging_steps,
-                                          eval_steps=t.eval_steps, save_steps=t.save_steps,
-                                          train_batch_size=t.per_device_train_batch_size,
-                                          num_train_epochs=math.ceil(self.total_steps * g.rollout_batch_size
-                                                                     / max(1, self.data.num_rows)),
-                                          is_local_process_zero=ctx.local_rank == 0, is_world_process_zero=ctx.is_main)
+        t, g, ctx = self.cfg.training, self.cfg.grpo, self.ctx
+        return TrainerState(max_steps=self.total_steps, logging_steps=t.logging_steps, eval_steps=t.eval_steps,
+                            save_steps=t.save_steps, train_batch_size=t.per_device_train_batch_size,
+                            num_train_epochs=math.ceil(self.total_steps * g.rollout_batch_size
+                                                       / max(1, self.data.num_rows)),
+                            is_local_process_zero=ctx.local_rank == 0, is_world_process_zero=ctx.is_main)
 
     def _count_steps(self) -> int:
         t, g = self.cfg.training, self.cfg.grpo
