@@ -23,6 +23,7 @@ import pytest
 from opensloth.config import resolve_config
 from opensloth.errors import UserError
 from opensloth.launch import resolve_rollout_devices
+from opensloth.recipes.grpo_rollout import LOST_AFTER_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +48,8 @@ def grpo_args(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
             "--logging-steps", "1", "--seed", "5", "--learning-rate", "0.05", "--log-completions", *extra]
 
 
-def os_train(args: list[str], tag: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
+def os_train(args: list[str], tag: str, timeout: float = 120, **env_extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""}, **env_extra)
     return subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -226,3 +227,101 @@ def test_a_dead_training_worker_stops_the_rollout_workers(tiny_model_dir, prompt
     assert "Error: worker rank 0 was killed by SIGKILL" in result.stderr, result.stderr[-3000:]
     time.sleep(0.5)
     assert tagged_processes(tag) == []
+
+
+@pytest.mark.parametrize("victim,watcher", [("rollout", "rollout worker rank 1"), ("trainer", "training worker rank 0")])
+def test_a_hung_peer_ends_the_job_within_30_s(tiny_model_dir, prompts, tmp_path, victim, watcher):
+    """SIGSTOP (a process that no longer runs, as a hang holding the interpreter or a lost machine looks):
+    the peers watching its heartbeat end the job, naming it, long before --collective-timeout (600 s)."""
+    tag, out = uuid.uuid4().hex, tmp_path / f"hung_{victim}"
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu",
+                                                                   "--max-steps", "500", "--rollout-devices", "cpu:1")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
+            time.sleep(0.2)
+        rollout = tagged_processes(tag, "OPENSLOTH_ROLLOUT_RANK=")
+        workers = tagged_processes(tag, "OPENSLOTH_ERROR_FILE=")
+        (target,) = rollout if victim == "rollout" else sorted(set(workers) - set(rollout))
+        os.kill(target, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=40)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and took < 30, (took, err[-3000:])
+    assert f"{watcher} stopped answering: no heartbeat for {LOST_AFTER_SECONDS:.0f} s" in err, err[-3000:]
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
+
+
+def test_the_torchrun_two_node_layout_reproduces_the_colocated_run(tiny_model_dir, prompts, tmp_path):
+    """Two torchrun "nodes" on localhost: node 0 rolls out (OPENSLOTH_ROLE=rollout, so torchrun rank 0 is the
+    rollout worker), node 1 trains (torchrun rank 1 becomes training rank 0). At K = 0 it is the colocated run."""
+    import yaml
+
+    from opensloth.launch.procs import free_port
+
+    tag = uuid.uuid4().hex
+    colocated, prepared, out = tmp_path / "colocated", tmp_path / "prepared", tmp_path / "torchrun"
+    threads = {"OMP_NUM_THREADS": "1"}  # the same numerics in every process of both runs
+    result = os_train(grpo_args(tiny_model_dir, prompts, colocated, "--devices", "cpu", "--max-steps", "3"), tag,
+                      **threads)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data_args = grpo_args(tiny_model_dir, prompts, tmp_path / "unused")
+    data_args[0:1] = ["data", "grpo"]
+    result = os_train([*data_args, "--output-path", str(prepared), "--num-workers", "1"], tag)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((colocated / "config.yaml").read_text())
+    config["data"]["dataset"], config["training"]["output_dir"] = str(prepared), str(out)
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(config))
+
+    port = free_port()
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": "", **threads})
+    nodes = []
+    for node_rank, role in ((0, "rollout"), (1, "train")):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "-m", "opensloth.launch.worker", "--recipe", "grpo", "--config", str(tmp_path / "grpo.yaml")]
+        nodes.append(subprocess.Popen(command, env=dict(env, OPENSLOTH_ROLE=role), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert_same_run(colocated, out, [1, 2, 3])
+    assert [m["rollout/staleness"] for m in rows(out / "metrics.jsonl")] == [0.0, 0.0, 0.0]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
+
+
+def test_torchrun_roles_are_checked_before_anything_starts(tiny_model_dir, tmp_path):
+    """OPENSLOTH_ROLE outside a GRPO torchrun job, and --rollout-devices under torchrun, are one Error each."""
+    from opensloth.recipes.grpo_rollout import assign_torchrun_roles
+
+    cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir)})
+    env = {"WORLD_SIZE": "2", "RANK": "0", "OPENSLOTH_ROLE": "rollout"}  # no torchrun agent
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        with pytest.raises(UserError, match="not started by torchrun"):
+            assign_torchrun_roles(cfg)
+        mp.setenv("OPENSLOTH_ROLE", "generator")
+        with pytest.raises(UserError, match="expected train or rollout"):
+            assign_torchrun_roles(cfg)
+        mp.setenv("OPENSLOTH_ROLE", "rollout")
+        mp.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+        sft = resolve_config("sft", None, {"model": str(tiny_model_dir)})
+        with pytest.raises(UserError, match="recipe sft"):
+            assign_torchrun_roles(sft)
+        remote = resolve_config("grpo", None, {"model": str(tiny_model_dir), "rollout_devices": "cpu:1"})
+        with pytest.raises(UserError, match="is for os-train"):
+            assign_torchrun_roles(remote)

@@ -117,19 +117,13 @@ def resolve_rollout_devices(cfg: RunConfig, devices: list[Device], gpu_count: Op
         raise UserError(f"--rollout-devices {spec}: {len(rollouts)} rollout workers for "
                         f"{plural(len(devices), 'training worker')}; each rollout worker serves one or more "
                         "training workers, so give at most as many.")
-    refusals = {
-        grpo.rollout_engine == "vllm": "--rollout-engine vllm runs inside the training workers; the rollout "
-        "workers use the hf engine (pass --rollout-engine hf or auto)",
-        grpo.rollout_engine == "auto" and rollouts[0] != "cpu": "--rollout-engine auto may pick vLLM on a GPU, "
-        "which the rollout workers do not run (pass --rollout-engine hf)",
-        grpo.reward_scaling == "batch": "--scale-rewards batch needs every worker's rewards of the step, which "
-        "no single rollout worker has (use group or none)",
-        cfg.distributed.launcher == "tmux": "--launcher tmux does not start rollout workers (use --launcher "
-        "process)",
-    }
-    for refused, why in refusals.items():
-        if refused:
-            raise UserError(f"--rollout-devices {spec}: {why}.")
+    from opensloth.recipes.grpo_rollout import rollout_refusal
+
+    why = rollout_refusal(cfg, on_gpu=rollouts[0] != "cpu")
+    if why is None and cfg.distributed.launcher == "tmux":
+        why = "--launcher tmux does not start rollout workers (use --launcher process)"
+    if why:
+        raise UserError(f"--rollout-devices {spec}: {why}.")
     return rollouts
 
 

@@ -280,7 +280,10 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
         return run_workers_tmux(recipe, config_path, prepared_path, devices, master_port)
     train_world, rollouts = len(devices), list(rollout_devices or [])
     world_size, port = train_world + len(rollouts), master_port or free_port()
-    link_port = free_port() if rollouts else 0
+    # The rollout link's store (opensloth.recipes.grpo_rollout), served from here: it outlives every worker,
+    # so a worker that finished never takes it away from one still watching its peers' heartbeats.
+    link_store = _serve_link_store() if rollouts else None
+    link_port = link_store.port if link_store is not None else 0
     errors_dir = Path(tempfile.mkdtemp(prefix="opensloth-workers-"))
     workers: list[Worker] = []
     exits: "collections.deque[tuple[int, int]]" = collections.deque()
@@ -351,6 +354,12 @@ def run_workers(recipe: str, config_path: Path, prepared_path: Path, devices: li
         if in_main:
             signal.signal(signal.SIGTERM, previous_term)
         shutil.rmtree(errors_dir, ignore_errors=True)
+
+
+def _serve_link_store():
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _fail(workers: list[Worker], rank: int, code: int, lock: threading.Lock) -> None:

@@ -40,6 +40,7 @@ from opensloth.launch.procs import ERROR_FILE_ENV, LAUNCHED_ENV, PARENT_PID_ENV
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
 _TORCHRUN_LOCK = None  # rank 0's output-dir lock under torchrun (see check_torchrun_job)
+_HEARTBEAT = None  # this process's liveness beat in a job with rollout workers (see start_heartbeat)
 
 
 def parse_fault_spec(spec: str) -> dict[str, str]:
@@ -149,8 +150,32 @@ def check_torchrun_job(cfg: RunConfig, prepared: Path) -> None:
             sys.stderr.write(line + "\n")
 
 
-def _exit(code: int) -> None:
-    """os._exit(code), releasing rank 0's output-dir lock first under torchrun (os._exit runs no finally)."""
+def start_heartbeat() -> None:
+    """In a job with rollout workers: beat, and watch the peers this process depends on (a trainer's
+    rollout worker; a rollout worker's trainers), so a peer that hangs or fails ends this process too
+    (opensloth.recipes.grpo_rollout, "Liveness")."""
+    from opensloth.recipes import grpo_rollout
+
+    global _HEARTBEAT
+    _HEARTBEAT = grpo_rollout.Heartbeat(grpo_rollout.link_rank(), grpo_rollout.link_peers(), _peer_lost).start()
+
+
+def _peer_lost(message: str) -> None:
+    """From the heartbeat thread: end this process as its own failure would (the launcher, or the peers
+    watching it under torchrun, then name the peer that was lost)."""
+    exc = RuntimeError(message)
+    write_error_file(int(os.environ.get("RANK", 0)), exc)
+    sys.stderr.write(f"Error: {message}. Ending this worker.\n")
+    sys.stderr.flush()
+    _exit(1, status=f"RuntimeError: {message}")
+
+
+def _exit(code: int, status: Optional[str] = None) -> None:
+    """os._exit(code), first releasing rank 0's output-dir lock under torchrun (os._exit runs no finally)
+    and telling the heartbeat's watchers how this process ended (`status`: its error, by default from
+    the code: 0 ok, 130 stopped)."""
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.finish(status or {0: "ok", 130: "stopped"}.get(code, f"exited with code {code}"))
     if _TORCHRUN_LOCK is not None:
         _TORCHRUN_LOCK.release()
     os._exit(code)
@@ -180,11 +205,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         if prepared is None or not prepared.is_dir():
             raise UserError(f"--prepared {prepared}: not a directory. Prepare the data first with "
                             f"`os-train data {args.recipe} ... --output-path DIR --num-workers N` and pass DIR.")
-        from opensloth.recipes.grpo_rollout import rollout_rank, run_rollout_worker
+        from opensloth.recipes import grpo_rollout
 
-        if rollout_rank() is not None:  # --rollout-devices: this process generates for the trainers
-            on_gpu = torch.cuda.is_available() and not cfg.grpo.rollout_devices.startswith("cpu")
-            run_rollout_worker(cfg, prepared, pick_device(on_gpu, 0))
+        if LAUNCHED_ENV not in os.environ:  # torchrun: OPENSLOTH_ROLE picks the rollout ranks
+            grpo_rollout.assign_torchrun_roles(cfg)
+        if grpo_rollout.in_rollout_layout():
+            start_heartbeat()
+        setup_logging(is_main=grpo_rollout.rollout_rank() is None and int(os.environ.get("RANK", 0)) == 0)
+        if grpo_rollout.rollout_rank() is not None:  # this process generates for the trainers
+            devices = cfg.grpo.rollout_devices or cfg.distributed.devices
+            on_gpu = torch.cuda.is_available() and not devices.startswith("cpu")
+            grpo_rollout.run_rollout_worker(cfg, prepared, pick_device(on_gpu, int(os.environ.get("LOCAL_RANK", 0))))
         else:
             if LAUNCHED_ENV not in os.environ:
                 check_torchrun_job(cfg, prepared)
@@ -204,6 +235,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if exc.code in (0, None):
             raise
         write_error_file(rank, exc)
+        if _HEARTBEAT is not None:
+            _HEARTBEAT.finish(f"exited with code {exc.code}")
         raise
     except BaseException as exc:  # noqa: BLE001 - report every failure to the launcher, then leave
         write_error_file(rank, exc)
@@ -214,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         # os._exit: skip process-group teardown and atexit hooks that may block on a dead peer.
-        _exit(2 if isinstance(exc, UserError) else 1)
+        _exit(2 if isinstance(exc, UserError) else 1, status=f"{type(exc).__name__}: {exc}")
     cleanup()
     sys.stdout.flush()
     sys.stderr.flush()

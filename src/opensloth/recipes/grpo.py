@@ -491,9 +491,11 @@ class GRPORecipe:
             for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
-        if g.rollout_devices:  # phases 1-4 on the rollout workers, which get the weights from here
-            from opensloth.recipes.grpo_rollout import TrainerLink
+        from opensloth.recipes.grpo_rollout import TrainerLink, in_rollout_layout
 
+        # Phases 1-4 on the rollout workers (--rollout-devices, or OPENSLOTH_ROLE=rollout ranks under
+        # torchrun), which get the weights from here.
+        if g.rollout_devices or in_rollout_layout():
             self.rollout_link = TrainerLink(cfg, ctx, self.params, start_step=self.start_step,
                                             total_steps=self.total_steps)
         # Everything loaded: only now the first writes into the output dir (a failed start leaves none).

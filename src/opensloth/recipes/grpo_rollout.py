@@ -5,7 +5,19 @@ one job: ranks 0..T-1 train, ranks T..T+R-1 roll out, and the launcher's failure
 worker to die ends the job, naming its rank; no process outlives it) covers both. The training workers
 keep their own process group (their all-reduces are exactly the colocated run's); a second gloo group,
 the *link*, joins all T+R ranks (link rank = job rank) for the hand-offs below. Its timeout is
---collective-timeout: a peer that stops answering fails the job instead of hanging it.
+--collective-timeout. Its store is served by the launcher, which outlives every worker.
+
+Under torchrun (several machines) the same roles come from OPENSLOTH_ROLE=rollout, set in the
+environment of the processes that roll out (e.g. on one node); `assign_torchrun_roles` trades every
+rank's role through torchrun's own store (served by its agent) and gives each process the environment
+the launcher would have: trainers are renumbered 0..T-1 in torchrun-rank order, rollout workers T..T+R-1.
+
+Liveness. Every process of the layout runs a `Heartbeat`: a thread that bumps its counter in the link's
+store every BEAT_SECONDS and watches the peers it depends on (a trainer: its rollout worker; a rollout
+worker: the trainers it serves and training rank 0, which sends the weights). A peer whose counter has
+not moved for LOST_AFTER_SECONDS (stopped, hung holding the interpreter, its machine gone) ends the job
+from the watcher, naming the peer; a peer that failed says so in the store, and its watchers end at once
+with its error. This holds under torchrun too, where no launcher of ours watches the processes.
 
 Rollout worker j produces for the training ranks r with r % R == j: for each it runs the recipe's own
 `GRPORecipe.produce` (the same shard, prompt sampler, engine, rewards and advantages as the colocated
@@ -42,9 +54,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,16 +69,47 @@ LINK_PORT_ENV = "OPENSLOTH_LINK_PORT"
 TRAIN_WORLD_ENV = "OPENSLOTH_TRAIN_WORLD"
 ROLLOUT_WORLD_ENV = "OPENSLOTH_ROLLOUT_WORLD"
 ROLLOUT_RANK_ENV = "OPENSLOTH_ROLLOUT_RANK"  # set in rollout workers only: their index j
+ROLE_ENV = "OPENSLOTH_ROLE"  # under torchrun, set by the user: "rollout" on the rollout ranks (default "train")
+
+BEAT_SECONDS = 1.0
+LOST_AFTER_SECONDS = 15.0  # well inside the issue's 30 s, with the launcher's 5 s stop grace; a GC pause is ms
 
 TAG_HEADER, TAG_WEIGHTS, TAG_RNG, TAG_SIZE, TAG_BATCH = 1, 2, 3, 4, 5
 
 
+def in_rollout_layout() -> bool:
+    """This process is part of a job with rollout workers (set up by the launcher or `assign_torchrun_roles`)."""
+    return TRAIN_WORLD_ENV in os.environ
+
+
+def rollout_rank() -> Optional[int]:
+    """This process's rollout index j when it is a rollout worker, else None."""
+    value = os.environ.get(ROLLOUT_RANK_ENV)
+    return None if value is None else int(value)
+
+
+def link_rank() -> int:
+    """This process's rank in the link: its training rank, or T + j for rollout worker j."""
+    j = rollout_rank()
+    return int(os.environ["RANK"]) if j is None else int(os.environ[TRAIN_WORLD_ENV]) + j
+
+
+def _link_store(timeout_s: float) -> tuple[Any, str]:
+    """A client of the link's store, served by os-train's launcher (OPENSLOTH_LINK_PORT) or, under
+    torchrun, by its agent (MASTER_ADDR:MASTER_PORT); and the key prefix of this (re)start of the job."""
+    if LINK_PORT_ENV in os.environ:
+        host, port = "127.0.0.1", int(os.environ[LINK_PORT_ENV])
+    else:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    return store, f"opensloth-rollout/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def open_link(link_rank: int, link_world: int, timeout_s: int) -> Any:
-    """The gloo group of every training and rollout rank (its store is served by link rank 0)."""
-    port = int(os.environ[LINK_PORT_ENV])
+    """The gloo group of every training and rollout rank."""
+    store, prefix = _link_store(timeout_s)
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", port, link_world, is_master=link_rank == 0, timeout=timeout)
-    return dist.ProcessGroupGloo(dist.PrefixStore("opensloth-rollout", store), link_rank, link_world, timeout)
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), link_rank, link_world, timeout)
 
 
 def _wait(work: Any, timeout_s: int, what: str) -> None:
@@ -111,9 +155,10 @@ class TrainerLink:
 
     def __init__(self, cfg: Any, ctx: WorkerContext, params: list[torch.nn.Parameter], *, start_step: int,
                  total_steps: int) -> None:
-        if TRAIN_WORLD_ENV not in os.environ:
-            raise UserError("--rollout-devices needs the os-train launcher, which starts the rollout workers; "
-                            "under torchrun leave it unset.")
+        if not in_rollout_layout():
+            raise UserError("--rollout-devices: no rollout workers were started for this process. os-train "
+                            "starts them; under torchrun leave --rollout-devices unset and set OPENSLOTH_ROLE=rollout "
+                            "on the rollout ranks (docs/multi_gpu.md).")
         self.cfg, self.ctx, self.params = cfg, ctx, params
         self.timeout = cfg.distributed.collective_timeout
         self.train_world = int(os.environ[TRAIN_WORLD_ENV])
@@ -274,7 +319,137 @@ def _to_cpu(produced: Any) -> None:
     produced.adv_meta = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in produced.adv_meta.items()}
 
 
-def rollout_rank() -> Optional[int]:
-    """This process's rollout index j when it is a rollout worker, else None."""
-    value = os.environ.get(ROLLOUT_RANK_ENV)
-    return None if value is None else int(value)
+
+def rollout_refusal(cfg: Any, on_gpu: bool) -> Optional[str]:
+    """Why the rollout workers cannot serve this config (None when they can). Both layouts check it:
+    the launcher before starting anything, `assign_torchrun_roles` under torchrun."""
+    g = cfg.grpo
+    refusals = {
+        g.rollout_engine == "vllm": "--rollout-engine vllm runs inside the training workers; the rollout "
+        "workers use the hf engine (pass --rollout-engine hf or auto)",
+        g.rollout_engine == "auto" and on_gpu: "--rollout-engine auto may pick vLLM on a GPU, which the rollout "
+        "workers do not run (pass --rollout-engine hf)",
+        g.reward_scaling == "batch": "--scale-rewards batch needs every worker's rewards of the step, which "
+        "no single rollout worker has (use group or none)",
+    }
+    return next((why for refused, why in refusals.items() if refused), None)
+
+
+def assign_torchrun_roles(cfg: Any) -> None:
+    """Under torchrun: the training and rollout ranks from every rank's OPENSLOTH_ROLE, traded through
+    torchrun's store; then this process's environment as os-train's launcher would set it (trainers:
+    RANK and WORLD_SIZE of the trainers' group, numbered in torchrun-rank order; rollout workers:
+    OPENSLOTH_ROLLOUT_RANK). Without rollout ranks it changes nothing.
+
+    Raises:
+        UserError: an unknown role; a rollout role outside a GRPO torchrun job; --rollout-devices
+            under torchrun; --max-staleness without rollout ranks; no training rank, more rollout
+            ranks than training ranks, or a config the rollout workers cannot serve.
+    """
+    role = os.environ.get(ROLE_ENV, "train").strip().lower()
+    if role not in ("train", "rollout"):
+        raise UserError(f"{ROLE_ENV}={os.environ[ROLE_ENV]!r}: expected train or rollout.")
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if cfg.recipe != "grpo" or world < 2 or not agent_store:
+        if role == "rollout":
+            raise UserError(f"{ROLE_ENV}=rollout: rollout ranks belong to a GRPO job started by torchrun, with "
+                            f"training ranks beside them (this is recipe {cfg.recipe}, WORLD_SIZE {world}"
+                            f"{'' if agent_store else ', not started by torchrun'}).")
+        return
+    g = cfg.grpo
+    if g.rollout_devices:
+        raise UserError(f"--rollout-devices {g.rollout_devices} is for os-train, which starts the rollout workers. "
+                        f"Under torchrun leave it unset and set {ROLE_ENV}=rollout on the ranks that roll out.")
+    store, prefix = _link_store(cfg.distributed.collective_timeout)
+    store.set(f"{prefix}/role/{rank}", role)
+    keys = [f"{prefix}/role/{r}" for r in range(world)]
+    store.wait(keys)
+    roles = [store.get(key).decode() for key in keys]
+    trainers = [r for r in range(world) if roles[r] == "train"]
+    rollouts = [r for r in range(world) if roles[r] == "rollout"]
+    if not rollouts:
+        if g.max_staleness:
+            raise UserError(f"--max-staleness {g.max_staleness} needs rollout workers: under torchrun set "
+                            f"{ROLE_ENV}=rollout on the ranks that roll out.")
+        return
+    if not trainers:
+        raise UserError(f"every torchrun rank has {ROLE_ENV}=rollout: no rank is left to train.")
+    if len(rollouts) > len(trainers):
+        raise UserError(f"{len(rollouts)} ranks with {ROLE_ENV}=rollout for {len(trainers)} training ranks; each "
+                        "rollout worker serves one or more training workers, so give at most as many.")
+    on_gpu = torch.cuda.is_available() and not cfg.distributed.devices.startswith("cpu")
+    why = rollout_refusal(cfg, on_gpu)
+    if why:
+        raise UserError(f"{ROLE_ENV}=rollout: {why}.")
+    os.environ.update({TRAIN_WORLD_ENV: str(len(trainers)), ROLLOUT_WORLD_ENV: str(len(rollouts)),
+                       "WORLD_SIZE": str(len(trainers))})
+    if role == "train":
+        os.environ["RANK"] = str(trainers.index(rank))
+    else:
+        os.environ[ROLLOUT_RANK_ENV] = str(rollouts.index(rank))
+
+
+def link_peers() -> dict[int, str]:
+    """The link ranks this process depends on, by name: a trainer's rollout worker; a rollout worker's
+    trainers and training rank 0 (the weights' sender)."""
+    train_world, rollout_world = int(os.environ[TRAIN_WORLD_ENV]), int(os.environ[ROLLOUT_WORLD_ENV])
+    j = rollout_rank()
+    if j is None:
+        source = train_world + int(os.environ["RANK"]) % rollout_world
+        return {source: f"rollout worker rank {source}"}
+    served = {r for r in range(train_world) if r % rollout_world == j} | {0}
+    return {r: f"training worker rank {r}" for r in sorted(served)}
+
+
+class Heartbeat:
+    """Liveness over the link's store (module docstring, "Liveness"): beats this rank's counter, watches
+    its peers' counters and exit records, and calls `on_lost(message)` (which must end the process) when
+    a peer failed or stopped answering. Started at process start, before any model loads; a peer is
+    watched from its first beat, so a slow start is not a hang.
+    """
+
+    def __init__(self, rank: int, peers: dict[int, str], on_lost: Callable[[str], None]) -> None:
+        self.rank, self.peers, self.on_lost = rank, dict(peers), on_lost
+        self.store, prefix = _link_store(LOST_AFTER_SECONDS)
+        self.prefix = f"{prefix}/heartbeat"
+        self.lock = threading.RLock()  # the thread and `finish` share one client (`on_lost` may finish)
+        self.thread = threading.Thread(target=self._run, name="opensloth-heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def finish(self, status: str) -> None:
+        """Record how this process ends ("ok", "stopped", or its error): its watchers stop watching, or
+        end with the error. Never raises (the process is leaving anyway)."""
+        try:
+            with self.lock:
+                self.store.set(f"{self.prefix}/exit/{self.rank}", status)
+        except Exception:  # noqa: BLE001 - the store is gone with the job
+            pass
+
+    def _run(self) -> None:
+        seen: dict[int, tuple[int, float]] = {}  # peer -> (last counter value, when it last moved)
+        while True:
+            try:
+                with self.lock:
+                    self.store.add(f"{self.prefix}/beat/{self.rank}", 1)
+                    for peer, name in list(self.peers.items()):
+                        exit_key = f"{self.prefix}/exit/{peer}"
+                        if self.store.check([exit_key]):
+                            status = self.store.get(exit_key).decode()
+                            del self.peers[peer]
+                            if status not in ("ok", "stopped"):
+                                self.on_lost(f"{name} failed: {status}")
+                            continue
+                        count, now = self.store.add(f"{self.prefix}/beat/{peer}", 0), time.monotonic()
+                        last = seen.get(peer)
+                        if count and (last is None or count != last[0]):
+                            seen[peer] = (count, now)
+                        elif last is not None and now - last[1] > LOST_AFTER_SECONDS:
+                            self.on_lost(f"{name} stopped answering: no heartbeat for {LOST_AFTER_SECONDS:.0f} s "
+                                         "(stopped, hung, or its machine is unreachable)")
+            except Exception as exc:  # noqa: BLE001 - the store itself is gone: so is the job
+                self.on_lost(f"the rollout link's store stopped answering: {type(exc).__name__}: {exc}")
+            time.sleep(BEAT_SECONDS)
