@@ -393,11 +393,12 @@ class GRPOConfig(Section):
     rollout_devices: Optional[str] = Field(
         None, description="Rollout workers on their own devices (GRPO, hf engine): cpu:N (N CPU processes) or GPU "
         "ids like 2,3, none of them in --devices. They sample prompts, generate, score and compute advantages "
-        "while the training workers train; weights are sent to them after each optimizer step. Default: off "
+        "while the training workers train; weights are sent to them after each optimizer step. Under torchrun "
+        "leave it unset and set OPENSLOTH_ROLE=rollout on the rollout ranks (docs/multi_gpu.md). Default: off "
         "(the training workers generate, as always).",
     )
     max_staleness: int = Field(
-        0, ge=0, description="With --rollout-devices: how many policy versions a batch may lag. 0: synchronous "
+        0, ge=0, description="With rollout workers (--rollout-devices): how many policy versions a batch may lag. 0: synchronous "
         "(reproduces the colocated run); K >= 1: the rollout workers generate up to K batches ahead, corrected "
         "by truncated importance sampling (--vllm-importance-sampling-*).",
     )
