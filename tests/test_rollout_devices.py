@@ -325,3 +325,27 @@ def test_torchrun_roles_are_checked_before_anything_starts(tiny_model_dir, tmp_p
         remote = resolve_config("grpo", None, {"model": str(tiny_model_dir), "rollout_devices": "cpu:1"})
         with pytest.raises(UserError, match="is for os-train"):
             assign_torchrun_roles(remote)
+
+
+@pytest.mark.parametrize("roles,option,message", [
+    ("rollout", [], "every torchrun rank has OPENSLOTH_ROLE=rollout: no rank is left to train"),
+    ("train", ["--max-staleness", "1"], "--max-staleness 1 needs rollout workers: under torchrun set OPENSLOTH_ROLE"),
+])
+def test_torchrun_role_mistakes_are_one_error(tiny_model_dir, prompts, tmp_path, roles, option, message):
+    """Found by trying: every rank told to roll out, and a staleness bound with nobody rolling out."""
+    import yaml
+
+    cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir), "dataset": str(prompts),
+                                        "output_dir": str(tmp_path / "out"), "devices": "cpu"})
+    if option:
+        cfg.grpo.max_staleness = int(option[1])
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": "", "OPENSLOTH_ROLE": roles})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "opensloth.launch.worker", "--recipe", "grpo", "--config", str(tmp_path / "grpo.yaml"),
+                             "--prepared", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"Error: {message}" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    assert tagged_processes(tag) == []
