@@ -349,3 +349,32 @@ def test_torchrun_role_mistakes_are_one_error(tiny_model_dir, prompts, tmp_path,
     assert f"Error: {message}" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
     assert tagged_processes(tag) == []
+
+
+def test_the_heartbeat_passes_a_peers_failure_on_and_lets_a_finished_peer_go(monkeypatch):
+    """Over a real TCPStore: a peer that records an error ends its watcher with that error within a beat
+    or two; a peer that finished ("ok") is no longer watched, so its silence is not a hang."""
+    import queue
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from opensloth.recipes.grpo_rollout import BEAT_SECONDS, LINK_PORT_ENV, Heartbeat
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    monkeypatch.setenv(LINK_PORT_ENV, str(server.port))
+    lost: queue.Queue = queue.Queue()
+    peers = {1: "rollout worker rank 1", 2: "rollout worker rank 2"}
+    watcher = Heartbeat(0, peers, lost.put).start()
+    finished, failing = Heartbeat(1, {}, lost.put).start(), Heartbeat(2, {}, lost.put).start()
+    time.sleep(3 * BEAT_SECONDS)  # every one has beaten: both peers are watched
+    finished.finish("ok")
+    time.sleep(3 * BEAT_SECONDS)
+    assert lost.empty()  # rank 1 left cleanly
+    failing.finish("RuntimeError: CUDA error: an illegal memory access was encountered")
+    message = lost.get(timeout=5 * BEAT_SECONDS)
+    assert message == "rollout worker rank 2 failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert watcher.peers == {}
+    for heartbeat in (watcher, finished, failing):
+        heartbeat.stop()
+    assert lost.empty()

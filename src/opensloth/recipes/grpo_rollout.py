@@ -414,24 +414,33 @@ class Heartbeat:
         self.store, prefix = _link_store(LOST_AFTER_SECONDS)
         self.prefix = f"{prefix}/heartbeat"
         self.lock = threading.RLock()  # the thread and `finish` share one client (`on_lost` may finish)
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="opensloth-heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
         self.thread.start()
         return self
 
+    def stop(self) -> None:
+        """Stop beating and watching (a worker never needs to: it exits; for tests)."""
+        self.stopped.set()
+        self.thread.join(timeout=4 * BEAT_SECONDS)
+
     def finish(self, status: str) -> None:
         """Record how this process ends ("ok", "stopped", or its error): its watchers stop watching, or
         end with the error. Never raises (the process is leaving anyway)."""
+        if not self.lock.acquire(timeout=2 * BEAT_SECONDS):  # the thread is stuck on a store that is gone
+            return
         try:
-            with self.lock:
-                self.store.set(f"{self.prefix}/exit/{self.rank}", status)
+            self.store.set(f"{self.prefix}/exit/{self.rank}", status)
         except Exception:  # noqa: BLE001 - the store is gone with the job
             pass
+        finally:
+            self.lock.release()
 
     def _run(self) -> None:
         seen: dict[int, tuple[int, float]] = {}  # peer -> (last counter value, when it last moved)
-        while True:
+        while not self.stopped.is_set():
             try:
                 with self.lock:
                     self.store.add(f"{self.prefix}/beat/{self.rank}", 1)
@@ -452,4 +461,4 @@ class Heartbeat:
                                          "(stopped, hung, or its machine is unreachable)")
             except Exception as exc:  # noqa: BLE001 - the store itself is gone: so is the job
                 self.on_lost(f"the rollout link's store stopped answering: {type(exc).__name__}: {exc}")
-            time.sleep(BEAT_SECONDS)
+            self.stopped.wait(BEAT_SECONDS)
