@@ -26,8 +26,8 @@ Sides, each in its own subprocess so that its peak memory is its own:
                   ours-hf); step, generation and update seconds from the run's metrics.jsonl, with the
                   median rollout/trainer_idle_fraction and rollout/rollout_idle_fraction and the ratio
                   step / ours-hf (the colocated 1-GPU run). Stop tokens are not suppressed there (the
-                  launcher has no option for it), but the random model's one EOS among 151,936 ids ends
-                  about 0.1 of the 64 completions per step early; tok/s counts the tokens generated. No
+                  launcher has no option for it), but with one EOS among 151,936 ids the random model
+                  ends, by estimate, about 0.1 of the 64 completions per step early; tok/s counts the tokens generated. No
                   peak memory: the GPU work happens in the launcher's worker processes. With --device
                   cpu (--tiny) the same sides run one training process and one rollout process on the
                   CPU (`--rollout-devices cpu:1`), which is how this code is checked without GPUs.
