@@ -18,6 +18,19 @@ Sides, each in its own subprocess so that its peak memory is its own:
     ours-unsloth  the same with the Unsloth backend (skipped when unsloth does not import)
     trl           TRL's GRPOTrainer, transformers generation + PEFT, bf16, its defaults otherwise
                   (gradient checkpointing on, dynamic KV cache)
+    ours-rollout-k0, ours-rollout-k1
+                  needs 2 GPUs (skipped, with one line saying so, when fewer are visible): training on
+                  GPU 0 (`--devices 0`), one rollout worker on GPU 1 (`--rollout-devices 1 --rollout-engine
+                  hf`) at --max-staleness 0 (they take turns) and 1 (GPU 1 generates the next batch while
+                  GPU 0 trains), through the launcher (`opensloth.launch.launch_training`, the options of
+                  ours-hf); step, generation and update seconds from the run's metrics.jsonl, with the
+                  median rollout/trainer_idle_fraction and rollout/rollout_idle_fraction and the ratio
+                  step / ours-hf (the colocated 1-GPU run). Stop tokens are not suppressed there (the
+                  launcher has no option for it), but with one EOS among 151,936 ids the random model
+                  ends, by estimate, about 0.1 of the 64 completions per step early; tok/s counts the tokens generated. No
+                  peak memory: the GPU work happens in the launcher's worker processes. With --device
+                  cpu (--tiny) the same sides run one training process and one rollout process on the
+                  CPU (`--rollout-devices cpu:1`), which is how this code is checked without GPUs.
 
 Per side: seconds per step (median of --steps after --warmup steps), completion tokens per second,
 peak GPU memory (torch.cuda.max_memory_allocated of that process), and for ours the generation
@@ -34,7 +47,8 @@ true LoRA backward is nearer 2N than 4N): it is the convention, comparable with 
 figure (0.61 s, ~93 TFLOP/s for one forward+backward). Peak: H100 bf16 dense 989 TFLOP/s
 (--peak-tflops).
 
-Ratios are ours / TRL (target: step time <= 0.1, memory <= 1.0).
+Ratios are ours / TRL (target: step time <= 0.1, memory <= 1.0), and for the rollout sides also
+step / ours-hf (step/hf).
 
 Run on the H100 (device tool), with the wheels from /work/shared/gpu/fetch-wheels.sh (run it in
 the project root first; it fills .whl-a/ and .whl-b/, both git-ignored), two calls back to back:
@@ -48,10 +62,14 @@ the project root first; it fills .whl-a/ and .whl-b/, both git-ignored), two cal
 
 (A device call may run 10 minutes: 3 timed steps after 2 warm-up steps keeps the four sides inside
 it, and --side-timeout stops one slow side from taking the others' time; the JSON is rewritten
-after every side.)
+after every side.) On a machine with 2 GPUs, the rollout-worker comparison alone, in one call:
+
+        python3 bench/gpu_grpo.py --sides ours-hf,ours-rollout-k0,ours-rollout-k1 --steps 3 \
+        --side-timeout 170 --out $OUT/gpu_grpo_rollout.json
 
 On the CPU, `python bench/gpu_grpo.py --tiny --steps 1` runs the same code with a tiny model
-(TRL is skipped there when its GRPOTrainer cannot run: TRL < 1.16 crashes on CPU torch).
+(TRL is skipped there when its GRPOTrainer cannot run: TRL < 1.16 crashes on CPU torch); the
+rollout sides then run on the CPU as said above.
 """
 
 from __future__ import annotations
@@ -72,7 +90,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from grpo_vs_trl import digit_share_reward  # noqa: E402 (a sibling script, after the path insert)
 
-SIDES = ("ours-hf", "trl", "ours-hf-lean", "ours-vllm", "ours-unsloth")  # the key comparison first
+SIDES = ("ours-hf", "trl", "ours-hf-lean", "ours-vllm", "ours-unsloth", "ours-rollout-k0", "ours-rollout-k1")
+ROLLOUT_SIDES = {"ours-rollout-k0": 0, "ours-rollout-k1": 1}  # side -> --max-staleness
 LORA_R, BETA, LR, SEED = 16, 0.04, 1e-5, 0
 
 
@@ -157,6 +176,12 @@ def median_after_warmup(times: list[float], warmup: int) -> float:
 
 def skip_reason(side: str, device) -> str | None:
     """Why `side` cannot run in this environment, or None."""
+    if side in ROLLOUT_SIDES and device.type == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count < 2:
+            return (f"needs 2 GPUs (training on GPU 0, rollout worker on GPU 1), {count} visible")
     if side == "ours-vllm":
         from opensloth.rollout import _vllm_status
 
@@ -189,6 +214,24 @@ def force_full_length(engine, new_tokens: int) -> None:
         vllm.SamplingParams = functools.partial(vllm.SamplingParams, min_tokens=new_tokens)
 
 
+def ours_overrides(model_dir: Path, data: Path, out: Path, w: Workload, steps: int, warmup: int, backend: str,
+                   engine: str, devices: str) -> dict:
+    """The options of our side (what `os-train grpo` would be given), shared by every layout."""
+    n_seq = w.prompts * w.group
+    return {
+        "model": str(model_dir), "backend": backend, "rollout_engine": engine, "dtype": w.dtype,
+        "dataset": str(data), "format": "prompt-answer", "chat_template": "model",
+        "cache_dir": str(out / "cache"), "output_dir": str(out / "run"), "overwrite": True,
+        "devices": devices, "rewards": ["digit_share_reward"],
+        "reward_modules": [str(BENCH_DIR / "grpo_vs_trl.py")], "group_size": w.group,
+        "rollout_batch_size": w.prompts, "max_new_tokens": w.new_tokens, "temperature": 1.0,
+        "per_device_train_batch_size": w.micro_batch, "gradient_accumulation_steps": n_seq // w.micro_batch,
+        "lora_r": LORA_R, "lora_alpha": 2 * LORA_R, "beta": BETA, "learning_rate": LR,
+        "loss_type": "grpo_clip", "loss_agg": "token_mean", "max_steps": warmup + steps, "seed": SEED,
+        "print_sample_every": 0, "report_to": ["none"], "max_grad_norm": 1.0,
+    }
+
+
 def run_ours(side: str, model_dir: Path, data: Path, out: Path, w: Workload, steps: int, warmup: int,
              device_name: str) -> dict:
     import torch
@@ -203,18 +246,8 @@ def run_ours(side: str, model_dir: Path, data: Path, out: Path, w: Workload, ste
     backend, engine = {"ours-hf": ("hf", "hf"), "ours-hf-lean": ("hf", "hf"), "ours-vllm": ("hf", "vllm"),
                        "ours-unsloth": ("unsloth", "hf")}[side]
     n_seq = w.prompts * w.group
-    cfg = resolve_config("grpo", None, {
-        "model": str(model_dir), "backend": backend, "rollout_engine": engine, "dtype": w.dtype,
-        "dataset": str(data), "format": "prompt-answer", "chat_template": "model",
-        "cache_dir": str(out / "cache"), "output_dir": str(out / "run"), "overwrite": True,
-        "devices": "cpu" if device.type == "cpu" else "0", "rewards": ["digit_share_reward"],
-        "reward_modules": [str(BENCH_DIR / "grpo_vs_trl.py")], "group_size": w.group,
-        "rollout_batch_size": w.prompts, "max_new_tokens": w.new_tokens, "temperature": 1.0,
-        "per_device_train_batch_size": w.micro_batch, "gradient_accumulation_steps": n_seq // w.micro_batch,
-        "lora_r": LORA_R, "lora_alpha": 2 * LORA_R, "beta": BETA, "learning_rate": LR,
-        "loss_type": "grpo_clip", "loss_agg": "token_mean", "max_steps": warmup + steps, "seed": SEED,
-        "print_sample_every": 0, "report_to": ["none"], "max_grad_norm": 1.0,
-    })
+    cfg = resolve_config("grpo", None, ours_overrides(model_dir, data, out, w, steps, warmup, backend, engine,
+                                                      "cpu" if device.type == "cpu" else "0"))
     prepared = prepare_grpo_dataset(cfg, load_tokenizer(str(model_dir)), 1)
     ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device=device, prepared_data_path=Path(prepared.path))
 
@@ -274,6 +307,47 @@ def run_ours(side: str, model_dir: Path, data: Path, out: Path, w: Workload, ste
         "all_step_s": step_s,
         "engine": recipe.engine.name,
         "backend": backend,
+    }
+
+
+def run_ours_rollout(side: str, model_dir: Path, data: Path, out: Path, w: Workload, steps: int, warmup: int,
+                     device_name: str) -> dict:
+    """Training on GPU 0 (`--devices 0`), one rollout worker on GPU 1 (`--rollout-devices 1
+    --rollout-engine hf --max-staleness K`), through the launcher (the workers are its processes);
+    on the CPU (--device cpu) one training process and one rollout process (`--rollout-devices cpu:1`).
+    The step figures come from the run's metrics.jsonl."""
+    from opensloth.config import resolve_config
+    from opensloth.launch import launch_training
+
+    on_cpu = device_name == "cpu"
+    overrides = ours_overrides(model_dir, data, out, w, steps, warmup, "hf", "hf", "cpu" if on_cpu else "0")
+    overrides.update(rollout_devices="cpu:1" if on_cpu else "1", max_staleness=ROLLOUT_SIDES[side],
+                     logging_steps=1)
+    start = time.perf_counter()
+    launch_training(resolve_config("grpo", None, overrides), dry_run=False)
+    wall_s = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step_time" in r]
+    if len(rows) != warmup + steps:
+        raise RuntimeError(f"metrics.jsonl has {len(rows)} step rows, expected {warmup + steps}")
+    n_seq = w.prompts * w.group
+    step_med = median_after_warmup([r["step_time"] for r in rows], warmup)
+    completion_tokens = statistics.mean(r["completions/mean_length"] * n_seq for r in rows)
+    return {
+        "step_s": step_med,
+        "generation_s": median_after_warmup([r["generation_time"] for r in rows], warmup),  # the rollout worker's
+        "update_s": median_after_warmup([r["update_time"] for r in rows], warmup),
+        "completion_tokens_per_step": completion_tokens,
+        "completion_tokens_per_s": completion_tokens / step_med,
+        "trainer_idle_fraction": median_after_warmup([r["rollout/trainer_idle_fraction"] for r in rows], warmup),
+        "rollout_idle_fraction": median_after_warmup([r["rollout/rollout_idle_fraction"] for r in rows], warmup),
+        "staleness_mean": rows[-1]["rollout/staleness_mean"],
+        "samples_dropped": rows[-1]["rollout/samples_dropped"],
+        "weight_sync_s": median_after_warmup([r["rollout/weight_sync_seconds"] for r in rows], warmup),
+        "wall_s": wall_s,
+        "all_step_s": [r["step_time"] for r in rows],
+        "layout": "cpu + cpu:1" if on_cpu else "GPU 0 trains, GPU 1 rolls out",
+        "max_staleness": ROLLOUT_SIDES[side],
     }
 
 
@@ -349,11 +423,13 @@ def worker(side: str, model_dir: Path, data: Path, out: Path, w: Workload, steps
     reason = skip_reason(side, torch.device(device_name))
     if reason:
         return {"skipped": reason}
-    if device_name != "cpu":
+    in_process = side not in ROLLOUT_SIDES  # the rollout sides' GPU work happens in the launcher's workers
+    if device_name != "cpu" and in_process:
         torch.cuda.reset_peak_memory_stats()
-    runner = run_trl if side == "trl" else functools.partial(run_ours, side)
+    runner = (run_trl if side == "trl" else functools.partial(run_ours_rollout, side) if side in ROLLOUT_SIDES
+              else functools.partial(run_ours, side))
     result = runner(model_dir, data, out, w, steps, warmup, device_name)
-    if device_name != "cpu":
+    if device_name != "cpu" and in_process:
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
@@ -381,7 +457,10 @@ def run_side(side: str, python: str, root: Path, args: argparse.Namespace) -> di
 def add_ratios(results: dict[str, dict], peak_tflops: float) -> None:
     """Ours / TRL for step time and memory, throughput x, and update-phase MFU (in place)."""
     trl = results.get("trl", {})
+    colocated = results.get("ours-hf", {})
     for side, r in results.items():
+        if side in ROLLOUT_SIDES and "step_s" in r and "step_s" in colocated:
+            r["step_ratio_vs_colocated"] = r["step_s"] / colocated["step_s"]
         if "update_tflops" in r and peak_tflops > 0:
             r["update_mfu"] = r["update_tflops"] / peak_tflops
         if side == "trl" or "step_s" not in r or "step_s" not in trl:
@@ -397,18 +476,19 @@ def format_table(results: dict[str, dict]) -> str:
         width = int(fmt.split(".")[0])
         return format(r[key], fmt) if key in r else "-".rjust(width)
 
-    head = f"{'side':<13} {'s/step':>8} {'gen s':>7} {'upd s':>7} {'tok/s':>9} {'GiB':>6} {'MFU upd':>8} " \
-           f"{'step/TRL':>9} {'mem/TRL':>8}"
+    head = f"{'side':<15} {'s/step':>8} {'gen s':>7} {'upd s':>7} {'tok/s':>9} {'GiB':>6} {'MFU upd':>8} " \
+           f"{'step/TRL':>9} {'mem/TRL':>8} {'step/hf':>8} {'tr idle':>8} {'ro idle':>8}"
     lines = [head, "-" * len(head)]
     for side, r in results.items():
         if "skipped" in r or "failed" in r:
-            lines.append(f"{side:<13} {'skipped: ' + r['skipped'] if 'skipped' in r else 'FAILED: ' + r['failed']}")
+            lines.append(f"{side:<15} {'skipped: ' + r['skipped'] if 'skipped' in r else 'FAILED: ' + r['failed']}")
             continue
         lines.append(
-            f"{side:<13} {cell(r, 'step_s', '8.3f')} {cell(r, 'generation_s', '7.3f')} {cell(r, 'update_s', '7.3f')} "
+            f"{side:<15} {cell(r, 'step_s', '8.3f')} {cell(r, 'generation_s', '7.3f')} {cell(r, 'update_s', '7.3f')} "
             f"{cell(r, 'completion_tokens_per_s', '9.0f')} {cell(r, 'peak_memory_gib', '6.2f')} "
             f"{cell(r, 'update_mfu', '8.1%')} {cell(r, 'step_ratio_vs_trl', '9.3f')} "
-            f"{cell(r, 'memory_ratio_vs_trl', '8.2f')}"
+            f"{cell(r, 'memory_ratio_vs_trl', '8.2f')} {cell(r, 'step_ratio_vs_colocated', '8.3f')} "
+            f"{cell(r, 'trainer_idle_fraction', '8.2f')} {cell(r, 'rollout_idle_fraction', '8.2f')}"
         )
     return "\n".join(lines)
 
@@ -453,7 +533,8 @@ def main() -> None:
         build_workload(root, w)
         for side in sides:
             python = args.trl_python if side == "trl" else sys.executable
-            results[side] = run_side(side, python, root, args)
+            reason = skip_reason(side, torch.device(args.device)) if side in ROLLOUT_SIDES else None
+            results[side] = {"skipped": reason} if reason else run_side(side, python, root, args)
             print(f"{side}: " + json.dumps({k: v for k, v in results[side].items() if k != "all_step_s"}),
                   flush=True)
             add_ratios(results, args.peak_tflops if args.device != "cpu" else 0.0)

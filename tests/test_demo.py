@@ -63,3 +63,32 @@ def test_os_demo_refuses_non_empty_output_dir(tmp_path):
     assert proc.returncode == 2
     assert "--overwrite" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_demo_max_staleness_moves_only_the_grpo_rollouts_to_a_cpu_worker(tmp_path):
+    from opensloth.config import resolve_config
+    from opensloth.demo import DemoSettings, grpo_overrides
+    from opensloth.launch import resolve_rollout_devices
+
+    common = {"devices": "cpu", "seed": 0, "cache_dir": str(tmp_path / "cache"), "overwrite": True}
+    paths = (tmp_path / "sft_model", tmp_path / "dapo.jsonl", tmp_path / "grpo_model")
+    colocated = grpo_overrides(DemoSettings(), common, *paths)
+    staleness_1 = grpo_overrides(DemoSettings(max_staleness=1), common, *paths)
+    assert "rollout_devices" not in colocated and "max_staleness" not in colocated
+    rest = {k: v for k, v in staleness_1.items() if k not in ("rollout_devices", "max_staleness")}
+    assert rest == colocated  # everything else identical
+    cfg = resolve_config("grpo", None, staleness_1)
+    assert (cfg.grpo.rollout_devices, cfg.grpo.max_staleness) == ("cpu:1", 1)
+    assert resolve_rollout_devices(cfg, ["cpu"]) == ["cpu"]  # the launcher accepts the layout
+    assert resolve_rollout_devices(resolve_config("grpo", None, colocated), ["cpu"]) == []
+    k0 = resolve_config("grpo", None, grpo_overrides(DemoSettings(max_staleness=0), common, *paths))
+    assert (k0.grpo.rollout_devices, k0.grpo.max_staleness) == ("cpu:1", 0)  # 0 is a layout, not "off"
+
+
+def test_os_demo_refuses_a_negative_max_staleness(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.main import app; app()", "demo",
+                           "--output-dir", str(tmp_path / "demo"), "--max-staleness", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--max-staleness" in proc.stderr
+    assert not (tmp_path / "demo").exists()

@@ -3,6 +3,7 @@
 Everything that needs CUDA skips cleanly without it (the Unsloth tests also skip when unsloth
 does not import). The benchmark's --tiny mode runs on the CPU too, so the GPU benchmark's code
 (workload build, forced completion length, phase timings, FLOPs count) is tested here.
+The rollout-worker sides (ours-rollout-k0/k1) run as cpu + cpu:1 here; their 2-GPU layout is not tested.
 The static-cache vs dynamic-cache greedy equality of the hf engine lives in test_rollout_hf.py.
 """
 
@@ -206,3 +207,36 @@ def test_tiny_bench_runs_our_side_on_the_cpu(tmp_path):
 def test_tiny_bench_on_the_gpu_reports_memory_and_mfu(tmp_path):
     r = check_tiny_result(run_tiny_bench(tmp_path, "cuda:0"))
     assert r["peak_memory_gib"] > 0 and 0 < r["update_mfu"] < 1
+
+
+def test_rollout_sides_need_two_gpus_and_say_so():
+    from gpu_grpo import ROLLOUT_SIDES, skip_reason
+
+    count = torch.cuda.device_count()
+    for side in ROLLOUT_SIDES:
+        reason = skip_reason(side, torch.device("cuda"))
+        if count >= 2:
+            assert reason is None
+        else:
+            assert reason == f"needs 2 GPUs (training on GPU 0, rollout worker on GPU 1), {count} visible"
+        assert skip_reason(side, torch.device("cpu")) is None  # on the CPU: cpu + cpu:1
+
+
+@pytest.mark.slow
+def test_tiny_bench_rollout_side_on_the_cpu_reports_idle_fractions_and_the_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_grpo.py"), "--tiny", "--steps", "2",
+                           "--warmup", "1", "--sides", "ours-hf,ours-rollout-k1", "--device", "cpu", "--out",
+                           str(out)], check=False, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    r = results["ours-rollout-k1"]
+    assert "failed" not in r and "skipped" not in r, r
+    assert len(r["all_step_s"]) == 3 and r["layout"] == "cpu + cpu:1" and r["max_staleness"] == 1
+    assert r["step_ratio_vs_colocated"] == pytest.approx(r["step_s"] / results["ours-hf"]["step_s"])
+    assert 0 <= r["trainer_idle_fraction"] < 1 and 0 <= r["rollout_idle_fraction"] < 1
+    assert r["staleness_mean"] == pytest.approx(2 / 3)  # batch 1 from the start (0 old), then 1 behind
+    assert r["samples_dropped"] == 0
+    assert "peak_memory_gib" not in r
+    assert "ours-rollout-k1" in proc.stdout and "step/hf" in proc.stdout  # the table has the side and its ratio

@@ -8,7 +8,9 @@ hub datasets (`opensloth.data.synthetic`), then runs the same code paths as the 
     2. os-train grpo --format dapo-math --task math                (LoRA on the SFT model)
     3. os eval on held-out problems, before and after each stage
 
-and prints a table of format rate and answer accuracy.
+and prints a table of format rate and answer accuracy. `os demo --max-staleness K` runs stage 2 with one
+rollout worker process on the CPU (`--rollout-devices cpu:1 --max-staleness K`; everything else the
+same): it generates while the trainer trains, at most K policy versions behind.
 
 Like most SFT data written by people or by other models, the demo's worked solutions contain a
 systematic mistake: most subtraction answers are off by one (`sft_mistake_rate`). SFT imitates
@@ -58,6 +60,9 @@ class DemoSettings:
     # sequence about 70 tokens instead of 200 (the reasoning template's default prompt is long).
     system_prompt: str = "Think, then answer."
     sft_mistake_rate: float = 0.6  # share of SFT subtraction rows whose answer is one too high
+    # GRPO with one rollout worker process on the CPU (`--rollout-devices cpu:1`) that generates up to
+    # this many policy versions ahead while the trainer trains; None: the colocated run.
+    max_staleness: Optional[int] = None
 
 
 def add_teacher_mistakes(rows: list[dict[str, str]], rate: float, seed: int) -> list[dict[str, str]]:
@@ -109,6 +114,20 @@ def _evaluate(model_dir: Path, data_file: Path, settings: DemoSettings, out_file
     return {"format_rate": sum(exact) / len(exact), "accuracy": result.summary["pass@1"]}
 
 
+def grpo_overrides(s: DemoSettings, common: dict[str, Any], sft_dir: Path, grpo_file: Path,
+                   grpo_dir: Path) -> dict[str, Any]:
+    """The demo's `os-train grpo` options; with `s.max_staleness` set, one CPU rollout worker too."""
+    overrides = {**common, "model": str(sft_dir), "dataset": str(grpo_file), "format": "dapo-math",
+                 "task": "math", "max_steps": s.grpo_steps, "rollout_batch_size": s.grpo_prompts_per_step,
+                 "group_size": s.grpo_group_size, "learning_rate": s.grpo_learning_rate,
+                 "max_new_tokens": s.max_new_tokens, "beta": 0.0, "temperature": 1.0,
+                 "per_device_train_batch_size": s.grpo_prompts_per_step * s.grpo_group_size,
+                 "print_sample_every": 0, "prompt_length_percentile": 1.0, "output_dir": str(grpo_dir)}
+    if s.max_staleness is not None:
+        overrides.update(rollout_devices="cpu:1", max_staleness=s.max_staleness)
+    return overrides
+
+
 def run_demo(output_dir: Path, settings: Optional[DemoSettings] = None, overwrite: bool = False) -> DemoResult:
     """Build, SFT, GRPO, evaluate; returns the before/after rows (also printed as a table)."""
     from opensloth.data.synthetic import make_arithmetic_rows, write_rows
@@ -147,14 +166,11 @@ def run_demo(output_dir: Path, settings: Optional[DemoSettings] = None, overwrit
                    "learning_rate": s.sft_learning_rate, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine",
                    "max_seq_length": 256, "output_dir": str(sft_dir)})
 
-    console.print("[bold]2.[/] GRPO: os-train grpo --format dapo-math --task math (LoRA on the SFT model)")
     grpo_dir = output_dir / "grpo_model"
-    _train("grpo", {**common, "model": str(sft_dir), "dataset": str(grpo_file), "format": "dapo-math",
-                    "task": "math", "max_steps": s.grpo_steps, "rollout_batch_size": s.grpo_prompts_per_step,
-                    "group_size": s.grpo_group_size, "learning_rate": s.grpo_learning_rate,
-                    "max_new_tokens": s.max_new_tokens, "beta": 0.0, "temperature": 1.0,
-                    "per_device_train_batch_size": s.grpo_prompts_per_step * s.grpo_group_size,
-                    "print_sample_every": 0, "prompt_length_percentile": 1.0, "output_dir": str(grpo_dir)})
+    grpo = grpo_overrides(s, common, sft_dir, grpo_file, grpo_dir)
+    layout = "" if s.max_staleness is None else f" --rollout-devices cpu:1 --max-staleness {s.max_staleness}"
+    console.print(f"[bold]2.[/] GRPO: os-train grpo --format dapo-math --task math{layout} (LoRA on the SFT model)")
+    _train("grpo", grpo)
 
     console.print("[bold]3.[/] Evaluating on held-out problems (greedy)")
     result = DemoResult(output_dir=output_dir)

@@ -77,11 +77,16 @@ def demo(
     output_dir: Path = typer.Option(Path("outputs/demo"), "--output-dir", "-o", help="Where the demo writes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous demo in --output-dir."),
     seed: int = typer.Option(0, "--seed", help="Seed for the model, the data and training."),
+    max_staleness: Optional[int] = typer.Option(
+        None, "--max-staleness", min=0, metavar="K", show_default="off: the trainer generates its own batches",
+        help="Run the GRPO stage with one rollout worker process on the CPU (--rollout-devices cpu:1) that "
+        "generates and scores batches while the trainer trains, each at most K policy versions behind the "
+        "one it trains, corrected by truncated importance sampling (0: synchronous, taking turns)."),
 ) -> None:
     """Offline demo on the CPU: build a tiny model, SFT it on the format, GRPO it on the answers, compare."""
     from opensloth.demo import DemoSettings, run_demo
 
-    run_demo(output_dir, DemoSettings(seed=seed), overwrite=overwrite)
+    run_demo(output_dir, DemoSettings(seed=seed, max_staleness=max_staleness), overwrite=overwrite)
 
 
 # eval, generate, export, plot (cli/use.py).
