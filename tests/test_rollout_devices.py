@@ -137,16 +137,19 @@ def test_k0_reproduces_the_colocated_run_and_resumes(tiny_model_dir, prompts, tm
     assert tagged_processes(tag) == []
 
 
-def test_k1_trains_two_workers_from_one_rollout_worker(tiny_model_dir, prompts, tmp_path):
-    tag, out = uuid.uuid4().hex, tmp_path / "k1"
-    result = os_train(grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu:2", "--max-steps", "3",
-                                "--rollout-devices", "cpu:1", "--max-staleness", "1"), tag)
+@pytest.mark.parametrize("k", [1, 2])
+def test_k_ahead_trains_two_workers_from_one_rollout_worker(tiny_model_dir, prompts, tmp_path, k):
+    tag, out = uuid.uuid4().hex, tmp_path / f"k{k}"
+    result = os_train(grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu:2", "--max-steps", "4",
+                                "--rollout-devices", "cpu:1", "--max-staleness", str(k)), tag)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = rows(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2, 3]
-    # Batch 1 from version 0 (fresh), batches 2 and 3 one version behind.
-    assert [m["rollout/staleness"] for m in metrics] == [0.0, 1.0, 1.0]
-    assert metrics[-1]["rollout/staleness_mean"] == pytest.approx(2 / 3)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # Batch m from version max(0, m - 1 - K): K = 1: 0, 1, 1, 1 behind; K = 2: 0, 1, 2, 2 (batches 2 and 3
+    # both made from the start, so up to 2 x (K + 1) hand-overs to the two trainers are pending at once).
+    expected = [float(min(m - 1, k)) for m in (1, 2, 3, 4)]
+    assert [m["rollout/staleness"] for m in metrics] == expected
+    assert metrics[-1]["rollout/staleness_mean"] == pytest.approx(sum(expected) / 4)
     assert all(m["rollout/samples_dropped"] == 0 for m in metrics)
     for key in ("rollout/trainer_idle_fraction", "rollout/rollout_idle_fraction"):
         assert all(0 <= m[key] <= 1 for m in metrics), key

@@ -117,10 +117,13 @@ def _wait(work: Any, timeout_s: int, what: str) -> None:
         raise RuntimeError(f"rollout link: {what} did not complete within {timeout_s} s")
 
 
-def send_object(link: Any, obj: Any, dst: int, timeout_s: int) -> None:
+def post_object(link: Any, obj: Any, dst: int) -> tuple[Any, ...]:
+    """Start sending `obj` (pickled) to `dst` without waiting for it to be received; returns the pending
+    works and the tensors they read (keep them alive until the works complete). Gloo delivers the posted
+    sends of one tag to one peer in order, so several may be pending at once."""
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    _wait(link.send([torch.tensor([payload.numel()], dtype=torch.int64)], dst, TAG_SIZE), timeout_s, "a send")
-    _wait(link.send([payload], dst, TAG_BATCH), timeout_s, "a send")
+    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    return link.send([size], dst, TAG_SIZE), link.send([payload], dst, TAG_BATCH), size, payload
 
 
 def recv_object(link: Any, src: int, timeout_s: int) -> Any:
@@ -284,6 +287,10 @@ def _serve(cfg: Any, prepared: Any, device: torch.device) -> None:
         rng[r] = state
         for _ in range(start_step - 1):  # the sampler's position, as a resumed trainer replays its own
             next(producers[r].sampler)
+    # Batches handed over but not yet taken: at most K + 1 per trainer (batch m waits for version
+    # m - 1 - K, which exists only once the trainer has taken batch m - 1 - K and trained on it), so with
+    # K >= 2 batches n+1 .. n+K are all generated while batch n trains.
+    in_flight: list[tuple[Any, ...]] = []
     cycle_start, idle = time.perf_counter(), 0.0
     for step in range(start_step, first.total_steps + 1):
         wait_start = time.perf_counter()
@@ -305,9 +312,11 @@ def _serve(cfg: Any, prepared: Any, device: torch.device) -> None:
             now = time.perf_counter()
             produced.rollout_idle_fraction = idle / max(now - cycle_start, 1e-9)
             cycle_start, idle = now, 0.0
-            send_start = time.perf_counter()
-            send_object(link, produced, r, timeout)
-            idle += time.perf_counter() - send_start  # waiting for the trainer to take it
+            in_flight = [sent for sent in in_flight if not (sent[0].is_completed() and sent[1].is_completed())]
+            in_flight.append(post_object(link, produced, r))
+    for sent in in_flight:  # the last batches, until their trainers have taken them
+        _wait(sent[0], timeout, "handing a batch over")
+        _wait(sent[1], timeout, "handing a batch over")
 
 
 def _to_cpu(produced: Any) -> None:
