@@ -190,3 +190,42 @@ def test_truncation_and_advantages_equal_trl(parity):
                                             scale_std=recipe.global_reward_std(batch["rewards"])
                                             if scale == "batch" else None)[0]
             torch.testing.assert_close(ours, trl["advantages"][(key, scale)], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_one_update_reuses_its_forward_as_pi_old_against_a_sampler(tiny_model_dir, tmp_path, mode):
+    """With a sampler's log-probs (vLLM, a rollout worker) and one update per batch, pi_old is the update's
+    own forward (no second pass): the loss, the gradients and the mismatch metric equal those computed
+    from a separate no-grad forward, as TRL computes old_per_token_logps."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from opensloth.grpo.core import compute_sampler_logprob_diff
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    model = load_policy(tiny_model_dir, tmp_path / "adapter")
+    raw = make_batch([T, 3, 5, 2], eos_rows=[1, 2, 3], seed=2)
+    recipe = make_recipe(model, {"loss_type": "grpo", "vllm_importance_sampling_mode": mode}, 2, 2)
+    batch = to_batch(raw, raw["completion_mask"])
+    with torch.no_grad():
+        separate = recipe.log_probs(batch, model, with_entropy=False)[0]
+    batch.sampler_log_probs = separate + 0.2 * torch.randn(separate.shape, generator=torch.Generator().manual_seed(4))
+
+    results = []
+    for old in (None, separate):
+        batch.old_log_probs = old
+        recipe.sampler_diffs = []
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = recipe.accumulate_gradients(batch)
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads, recipe.sampler_mismatch(batch)))
+    (loss_reused, grads_reused, mismatch_reused), (loss_separate, grads_separate, mismatch_separate) = results
+    assert abs(loss_reused - loss_separate) < 1e-6 and loss_reused != 0
+    for name, grad in grads_separate.items():
+        torch.testing.assert_close(grads_reused[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert mismatch_reused == pytest.approx(mismatch_separate, abs=1e-6)
+    expected = compute_sampler_logprob_diff(separate, batch.sampler_log_probs, batch.completion_mask)
+    assert mismatch_reused["rollout/logprob_diff_max"] == pytest.approx(float(expected.max()), abs=1e-6)

@@ -422,6 +422,7 @@ class GRPORecipe:
         self.ref_model, self.ref_adapter = None, None  # the KL reference, chosen in setup()
         self.share_prompts = False  # set in setup() from the backend
         self.rollout_link = None  # --rollout-devices: where phases 1-4 come from (opensloth.recipes.grpo_rollout)
+        self.sampler_diffs: list[torch.Tensor] = []  # |log pi_old - log mu| per micro-batch, when pi_old is its forward
         self.stopped = False
 
     # -- setup ---------------------------------------------------------------------------------
@@ -881,7 +882,7 @@ class GRPORecipe:
         reference_start = time.perf_counter()
         self.add_old_and_reference_log_probs(batch, off_policy=num_updates > 1)
         reference_time = time.perf_counter() - reference_start
-        mismatch = self.sampler_mismatch(batch) if batch.sampler_log_probs is not None else {}
+        self.sampler_diffs = []
 
         # TRL's dapo normalises by the rollout batch's tokens (every worker's) per optimizer step of a pass.
         rollout_tokens = all_reduce_scalars([float(batch.completion_mask.sum())], op="sum")[0]
@@ -891,20 +892,22 @@ class GRPORecipe:
             for part in split_evenly(len(batch), num_minibatches):
                 stats.add(self.optimizer_step_on(batch.select(order[part].to(batch.input_ids.device)),
                                                  rollout_tokens_per_update=rollout_tokens / num_minibatches))
+        mismatch = self.sampler_mismatch(batch) if batch.sampler_log_probs is not None else {}
         return stats.reduce(with_kl=g.beta > 0) | mismatch | {"reference_time": reference_time}
 
     @torch.no_grad()
     def add_old_and_reference_log_probs(self, batch: Batch, off_policy: bool) -> None:
         """Set batch.old_log_probs and batch.ref_log_probs, (B, T) each, where the update reads them.
 
-        pi_old is computed when the batch is updated more than once (`off_policy`) and the loss takes a
-        ratio (its spec's uses_old_log_probs), or when a separate sampler's log-probs came with the batch
-        (vLLM: its importance weights compare them with ours); otherwise the update takes
-        old = current.detach() (rho = 1). pi_ref is computed when beta > 0 (see reference_log_probs).
+        pi_old is computed when the batch is updated more than once (`off_policy`) and either the loss
+        takes a ratio (its spec's uses_old_log_probs) or a separate sampler's log-probs came with the batch
+        (vLLM, a rollout worker: the importance weights compare them with pi_old). Otherwise the update
+        takes old = current.detach(): with one update the weights have not moved, so that is pi_old
+        without a second forward (rho = 1). pi_ref is computed when beta > 0 (see reference_log_probs).
         """
         if not len(batch):
             return
-        if (off_policy and self.policy_loss.uses_old_log_probs) or batch.sampler_log_probs is not None:
+        if off_policy and (self.policy_loss.uses_old_log_probs or batch.sampler_log_probs is not None):
             batch.old_log_probs = self.log_probs(batch, self.model, with_entropy=False)[0]
         if self.cfg.grpo.beta > 0:
             batch.ref_log_probs = self.reference_log_probs(batch)
@@ -984,9 +987,11 @@ class GRPORecipe:
             mask = micro.completion_mask
             old = micro.old_log_probs if micro.old_log_probs is not None else log_probs.detach()
             is_weights = None
-            if micro.sampler_log_probs is not None and g.vllm_importance_sampling:  # vLLM sampler correction
+            if micro.sampler_log_probs is not None and micro.old_log_probs is None:  # pi_old is this forward
+                self.sampler_diffs.append(compute_sampler_logprob_diff(old, micro.sampler_log_probs, mask))
+            if micro.sampler_log_probs is not None and g.vllm_importance_sampling:  # sampler correction
                 is_weights = compute_vllm_is_weights(
-                    micro.old_log_probs, micro.sampler_log_probs, mask, g.vllm_importance_sampling_mode,
+                    old, micro.sampler_log_probs, mask, g.vllm_importance_sampling_mode,
                     g.vllm_importance_sampling_cap, g.vllm_importance_sampling_clip_min)
             entropy_mask = None
             if by_entropy:
@@ -1055,11 +1060,11 @@ class GRPORecipe:
         Every worker calls this (its batch may be empty after --filter-zero-std) so the collectives
         match; the results are the same on every worker.
         """
-        if len(batch):
+        if len(batch) and batch.old_log_probs is not None:
             diff = compute_sampler_logprob_diff(batch.old_log_probs, batch.sampler_log_probs,
                                                 batch.completion_mask)  # (tokens,)
-        else:
-            diff = torch.zeros(0)
+        else:  # one update: its forward gave pi_old, micro-batch by micro-batch (accumulate_gradients)
+            diff = torch.cat(self.sampler_diffs) if self.sampler_diffs else torch.zeros(0)
         total, count = all_reduce_scalars([float(diff.sum()), float(diff.numel())], op="sum")
         largest = all_reduce_scalars([float(diff.max()) if diff.numel() else 0.0], op="max")[0]
         return {"rollout/logprob_diff_mean": total / max(count, 1.0), "rollout/logprob_diff_max": largest}
