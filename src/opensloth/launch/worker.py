@@ -4,7 +4,9 @@ One process per device. It reads its place in the job from the torchrun variable
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the same command runs under our own
 launcher and under `torchrun --nproc_per_node N -m opensloth.launch.worker ...` (several
 machines: see docs/multi_gpu.md). It pins its device, joins the process group and calls
-`opensloth.recipes.<recipe>.run(cfg, ctx)`.
+`opensloth.recipes.<recipe>.run(cfg, ctx)`. In a GRPO job with rollout workers (--rollout-devices, or
+OPENSLOTH_ROLE=rollout on some torchrun ranks) a rollout process runs
+`opensloth.recipes.grpo_rollout.run_rollout_worker` instead, and every process beats a heartbeat.
 
 On failure it writes a small JSON error file (path in $OPENSLOTH_ERROR_FILE, set by our
 launcher) so the parent can name the failing rank and its error, then exits at once without
