@@ -96,13 +96,15 @@ def test_bad_rollout_devices_are_refused_before_anything_starts(tiny_model_dir, 
 
     assert "overlaps --devices" in refused([0, 1], rollout_devices="1,2", rollout_engine="hf")
     assert "no GPU with id 7" in refused([0, 1], rollout_devices="7", rollout_engine="hf")
-    assert "rollout-engine vllm" in refused([0], rollout_devices="3", rollout_engine="vllm")
-    assert "may pick vLLM" in refused([0], rollout_devices="3")
     assert "scale-rewards batch" in refused(["cpu"], rollout_devices="cpu:1", scale_rewards="batch")
     assert "at most as many" in refused(["cpu"], rollout_devices="cpu:2")
     assert "needs --rollout-devices" in refused(["cpu"], max_staleness=1)
-    cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir), "rollout_devices": "2,3", "rollout_engine": "hf"})
-    assert resolve_rollout_devices(cfg, [0, 1], gpu_count=4) == [2, 3]
+    assert "--launcher tmux does not start rollout workers" in refused(["cpu"], rollout_devices="cpu:1",
+                                                                       launcher="tmux")
+    for engine in ("hf", "vllm", "auto"):  # the rollout workers run the engine (tests/test_rollout_vllm.py)
+        cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir), "rollout_devices": "2,3",
+                                            "rollout_engine": engine})
+        assert resolve_rollout_devices(cfg, [0, 1], gpu_count=4) == [2, 3]
     # Through the CLI: one Error line, nothing written.
     out = tmp_path / "out"
     result = os_train(["grpo", "--model", str(tiny_model_dir), "--devices", "cpu", "--rollout-devices", "cpu:0",

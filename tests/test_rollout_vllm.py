@@ -428,3 +428,34 @@ def test_auto_takes_hf_on_the_cpu_even_with_vllm_installed(vllm_model_dir):
     model = AutoModelForCausalLM.from_pretrained(vllm_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
     assert isinstance(get_rollout_engine("auto", model, tokenizer, "cpu"), HFRolloutEngine)
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_rollout_worker_with_the_vllm_engine(vllm_model_dir, tmp_path):
+    """--rollout-devices with --rollout-engine vllm: one vLLM engine in the rollout worker, shared by the two
+    training workers it serves (which build none); at K = 1 vLLM's own log-probs are the behaviour policy's."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(10) for b in range(10)))
+    out = tmp_path / "run"
+    args = ["grpo", "--model", str(vllm_model_dir), "--dataset", str(data), "--format", "prompt-answer",
+            "--output-dir", str(out), "--devices", "cpu:2", "--rollout-devices", "cpu:1", "--max-staleness", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--rewards", "length_penalty", "--group-size", "4",
+            "--rollout-batch-size", "4", "--max-new-tokens", "12", "--lora-r", "4", "--learning-rate", "0.05",
+            "--max-steps", "3", "--report-to", "none", "--print-sample-every", "0", "--rollout-engine", "vllm"]
+    proc = subprocess.run([sys.executable, "-c", "from opensloth.cli.train import app; app()", *args],
+                          check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/staleness"] for r in steps] == [0.0, 1.0, 1.0]
+    assert all("prefill_time" not in r for r in steps)  # vLLM generated (the hf engine reports prefill/decode)
+    assert steps[0]["rollout/logprob_diff_max"] < 1e-3  # fresh: vLLM's float32 log-probs are the trainer's
+    assert steps[1]["rollout/logprob_diff_max"] > 1e-3  # one version behind: the importance weights work
+    assert (out / "adapter_model.safetensors").is_file()

@@ -391,7 +391,7 @@ class GRPOConfig(Section):
         "auto", description="Generation engine. auto: vllm on a GPU if installed and usable, else hf."
     )
     rollout_devices: Optional[str] = Field(
-        None, description="Rollout workers on their own devices (GRPO, hf engine): cpu:N (N CPU processes) or GPU "
+        None, description="Rollout workers on their own devices (GRPO; they run --rollout-engine): cpu:N (N CPU processes) or GPU "
         "ids like 2,3, none of them in --devices. They sample prompts, generate, score and compute advantages "
         "while the training workers train; weights are sent to them after each optimizer step. Under torchrun "
         "leave it unset and set OPENSLOTH_ROLE=rollout on the rollout ranks (docs/multi_gpu.md). Default: off "

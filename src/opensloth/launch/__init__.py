@@ -119,7 +119,7 @@ def resolve_rollout_devices(cfg: RunConfig, devices: list[Device], gpu_count: Op
                         "training workers, so give at most as many.")
     from opensloth.recipes.grpo_rollout import rollout_refusal
 
-    why = rollout_refusal(cfg, on_gpu=rollouts[0] != "cpu")
+    why = rollout_refusal(cfg)
     if why is None and cfg.distributed.launcher == "tmux":
         why = "--launcher tmux does not start rollout workers (use --launcher process)"
     if why:

@@ -466,7 +466,13 @@ class GRPORecipe:
             self.optimizer, lambda s: schedule_lr(s, total_updates, warmup, t.lr_scheduler_type)
         )
 
-        self.engine = get_rollout_engine(g.rollout_engine, self.model, self.tokenizer, ctx.device, cfg)
+        from opensloth.recipes.grpo_rollout import TrainerLink, in_rollout_layout
+
+        # With rollout workers the trainer generates only for --eval-steps: the hf engine, so a vLLM
+        # engine (--rollout-engine vllm) runs on the rollout devices alone.
+        remote = bool(g.rollout_devices) or in_rollout_layout()
+        self.engine = get_rollout_engine("hf" if remote else g.rollout_engine, self.model, self.tokenizer,
+                                         ctx.device, cfg)
 
         from opensloth.tracking import Alarm
 
@@ -492,11 +498,9 @@ class GRPORecipe:
             for _ in range(saved["step"]):  # the sampler is deterministic: replay it to the same position
                 next(self.sampler)
             logger.info("Resumed from %s at step %d", resume_from, self.start_step)
-        from opensloth.recipes.grpo_rollout import TrainerLink, in_rollout_layout
-
         # Phases 1-4 on the rollout workers (--rollout-devices, or OPENSLOTH_ROLE=rollout ranks under
         # torchrun), which get the weights from here.
-        if g.rollout_devices or in_rollout_layout():
+        if remote:
             self.rollout_link = TrainerLink(cfg, ctx, self.params, start_step=self.start_step,
                                             total_steps=self.total_steps)
         # Everything loaded: only now the first writes into the output dir (a failed start leaves none).

@@ -301,8 +301,8 @@ def _serve(cfg: Any, prepared: Any, device: torch.device) -> None:
             torch.set_rng_state(rng[r])
             produced = producers[r].produce(step)
             rng[r] = torch.get_rng_state()
-            if k > 0:  # the behaviour policy's log-probs, for the trainer's importance weights
-                ro = produced.rollout
+            ro = produced.rollout
+            if k > 0 and ro.sampler_log_probs is None:  # the behaviour policy's log-probs (vLLM reports its own)
                 batch = Batch(input_ids=ro.input_ids.to(device), attention_mask=ro.attention_mask.to(device),
                               completion_mask=ro.completion_mask.to(device), advantages=produced.advantages)
                 with torch.no_grad():
@@ -329,19 +329,13 @@ def _to_cpu(produced: Any) -> None:
 
 
 
-def rollout_refusal(cfg: Any, on_gpu: bool) -> Optional[str]:
+def rollout_refusal(cfg: Any) -> Optional[str]:
     """Why the rollout workers cannot serve this config (None when they can). Both layouts check it:
     the launcher before starting anything, `assign_torchrun_roles` under torchrun."""
-    g = cfg.grpo
-    refusals = {
-        g.rollout_engine == "vllm": "--rollout-engine vllm runs inside the training workers; the rollout "
-        "workers use the hf engine (pass --rollout-engine hf or auto)",
-        g.rollout_engine == "auto" and on_gpu: "--rollout-engine auto may pick vLLM on a GPU, which the rollout "
-        "workers do not run (pass --rollout-engine hf)",
-        g.reward_scaling == "batch": "--scale-rewards batch needs every worker's rewards of the step, which "
-        "no single rollout worker has (use group or none)",
-    }
-    return next((why for refused, why in refusals.items() if refused), None)
+    if cfg.grpo.reward_scaling == "batch":
+        return ("--scale-rewards batch needs every worker's rewards of the step, which no single rollout worker "
+                "has (use group or none)")
+    return None
 
 
 def assign_torchrun_roles(cfg: Any) -> None:
@@ -387,8 +381,7 @@ def assign_torchrun_roles(cfg: Any) -> None:
     if len(rollouts) > len(trainers):
         raise UserError(f"{len(rollouts)} ranks with {ROLE_ENV}=rollout for {len(trainers)} training ranks; each "
                         "rollout worker serves one or more training workers, so give at most as many.")
-    on_gpu = torch.cuda.is_available() and not cfg.distributed.devices.startswith("cpu")
-    why = rollout_refusal(cfg, on_gpu)
+    why = rollout_refusal(cfg)
     if why:
         raise UserError(f"{ROLE_ENV}=rollout: {why}.")
     os.environ.update({TRAIN_WORLD_ENV: str(len(trainers)), ROLLOUT_WORLD_ENV: str(len(rollouts)),
