@@ -70,15 +70,17 @@ def os_train(args: list[str], tag: str, timeout: float = 300, **env: str) -> sub
     return run_group([sys.executable, "-c", CLI, *args], tagged_env(tag, **env), timeout)
 
 
-def tagged_processes(tag: str) -> list[int]:
-    """Live processes (not zombies) whose environment carries `tag`."""
+def tagged_processes(tag: str, variable: str = "") -> list[int]:
+    """Live processes (not zombies) whose environment carries `tag` (and sets `variable`, when given,
+    e.g. "OPENSLOTH_ROLLOUT_RANK=")."""
     found = []
     needle = f"{TAG_ENV}={tag}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+            env = (entry / "environ").read_bytes().split(b"\0")
+            if needle not in env or (variable and not any(v.startswith(variable.encode()) for v in env)):
                 continue
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:

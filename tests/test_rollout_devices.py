@@ -24,10 +24,10 @@ from opensloth.config import resolve_config
 from opensloth.errors import UserError
 from opensloth.launch import resolve_rollout_devices
 from opensloth.recipes.grpo_rollout import LOST_AFTER_SECONDS
+from test_launch_multiworker import TAG_ENV, tagged_processes  # the process tagging both files use
 
 pytestmark = pytest.mark.slow
 
-TAG_ENV = "OPENSLOTH_TEST_TAG"
 CLI = "from opensloth.cli.train import app; app()"
 
 
@@ -52,23 +52,6 @@ def os_train(args: list[str], tag: str, timeout: float = 120, **env_extra: str) 
     env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""}, **env_extra)
     return subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def tagged_processes(tag: str, needle: str = "") -> list[int]:
-    """Live processes whose environment carries `tag` (and `needle`, when given)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"{TAG_ENV}={tag}".encode() in env and state != "Z" and (
-                not needle or any(v.startswith(needle.encode()) for v in env)):
-            found.append(int(entry.name))
-    return found
 
 
 def rows(path: Path) -> list[dict]:
