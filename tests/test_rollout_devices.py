@@ -247,12 +247,32 @@ def test_a_hung_peer_ends_the_job_within_30_s(tiny_model_dir, prompts, tmp_path,
     assert tagged_processes(tag) == []
 
 
+def torchrun_two_nodes(config: Path, env: dict, *extra: str) -> tuple[list[int], list[str]]:
+    """Two torchrun "nodes" of one process each on localhost: node 0 rolls out, node 1 trains.
+    Returns their exit codes and outputs."""
+    from opensloth.launch.procs import free_port
+
+    port, nodes = free_port(), []
+    for node_rank, role in ((0, "rollout"), (1, "train")):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "-m", "opensloth.launch.worker", "--recipe", "grpo", "--config", str(config), *extra]
+        nodes.append(subprocess.Popen(command, env=dict(env, OPENSLOTH_ROLE=role, CUDA_VISIBLE_DEVICES=""),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    return [node.returncode for node in nodes], logs
+
+
 def test_the_torchrun_two_node_layout_reproduces_the_colocated_run(tiny_model_dir, prompts, tmp_path):
     """Two torchrun "nodes" on localhost: node 0 rolls out (OPENSLOTH_ROLE=rollout, so torchrun rank 0 is the
     rollout worker), node 1 trains (torchrun rank 1 becomes training rank 0). At K = 0 it is the colocated run."""
     import yaml
-
-    from opensloth.launch.procs import free_port
 
     tag = uuid.uuid4().hex
     colocated, prepared, out = tmp_path / "colocated", tmp_path / "prepared", tmp_path / "torchrun"
@@ -268,22 +288,8 @@ def test_the_torchrun_two_node_layout_reproduces_the_colocated_run(tiny_model_di
     config["data"]["dataset"], config["training"]["output_dir"] = str(prepared), str(out)
     (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(config))
 
-    port = free_port()
-    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": "", **threads})
-    nodes = []
-    for node_rank, role in ((0, "rollout"), (1, "train")):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
-                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                   "-m", "opensloth.launch.worker", "--recipe", "grpo", "--config", str(tmp_path / "grpo.yaml")]
-        nodes.append(subprocess.Popen(command, env=dict(env, OPENSLOTH_ROLE=role), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    codes, logs = torchrun_two_nodes(tmp_path / "grpo.yaml", dict(os.environ, **{TAG_ENV: tag, **threads}))
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert_same_run(colocated, out, [1, 2, 3])
     assert [m["rollout/staleness"] for m in rows(out / "metrics.jsonl")] == [0.0, 0.0, 0.0]
     assert (out / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
@@ -366,3 +372,27 @@ def test_the_heartbeat_passes_a_peers_failure_on_and_lets_a_finished_peer_go(mon
     for heartbeat in (watcher, finished, failing):
         heartbeat.stop()
     assert lost.empty()
+
+
+def test_under_torchrun_a_trainer_error_reaches_the_rollout_node(tiny_model_dir, prompts, tmp_path):
+    """Found by trying: data prepared for trainers + rollout workers (2 shards) with one trainer. The trainer
+    stops with the count to use; the rollout worker on the other node, which torchrun alone would leave
+    waiting, ends within seconds carrying that error (the heartbeat's exit record)."""
+    import yaml
+
+    tag, prepared = uuid.uuid4().hex, tmp_path / "prepared"
+    data_args = grpo_args(tiny_model_dir, prompts, tmp_path / "unused")
+    data_args[0:1] = ["data", "grpo"]
+    assert os_train([*data_args, "--output-path", str(prepared), "--num-workers", "2"], tag).returncode == 0
+    cfg = resolve_config("grpo", None, {"model": str(tiny_model_dir), "dataset": str(prepared), "devices": "cpu",
+                                        "rewards": ["length_penalty"], "output_dir": str(tmp_path / "out")})
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    start = time.monotonic()
+    codes, (rollout_log, train_log) = torchrun_two_nodes(tmp_path / "grpo.yaml", dict(os.environ, **{TAG_ENV: tag}))
+    assert codes[0] != 0 and codes[1] != 0 and time.monotonic() - start < 120
+    assert "was prepared for 2 workers but this run has 1" in train_log, train_log[-3000:]
+    assert "Count the training ranks only: the 1 rank with OPENSLOTH_ROLE=rollout" in train_log
+    assert "Error: training worker rank 0 failed: UserError: --dataset" in rollout_log, rollout_log[-3000:]
+    assert not (tmp_path / "out").exists()
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []

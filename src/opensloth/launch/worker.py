@@ -37,7 +37,7 @@ import torch
 
 from opensloth.config import RunConfig, resolve_config
 from opensloth.distributed import WorkerContext, cleanup, init_distributed, pick_device, setup_logging
-from opensloth.errors import TrainingStopped, UserError
+from opensloth.errors import TrainingStopped, UserError, plural
 from opensloth.launch.procs import ERROR_FILE_ENV, LAUNCHED_ENV, PARENT_PID_ENV
 
 FAULT_ENV = "OPENSLOTH_FAULT_INJECT"
@@ -141,7 +141,16 @@ def check_torchrun_job(cfg: RunConfig, prepared: Path) -> None:
     from opensloth.rundir import RunLock, check_resume
 
     global _TORCHRUN_LOCK
-    check_shards(load_prepared(prepared), int(os.environ.get("WORLD_SIZE", 1)))
+    try:
+        check_shards(load_prepared(prepared), int(os.environ.get("WORLD_SIZE", 1)))
+    except UserError as exc:
+        from opensloth.recipes.grpo_rollout import ROLE_ENV, ROLLOUT_WORLD_ENV
+
+        if ROLLOUT_WORLD_ENV not in os.environ:
+            raise
+        rollouts = int(os.environ[ROLLOUT_WORLD_ENV])
+        raise UserError(f"{exc} Count the training ranks only: the {plural(rollouts, 'rank')} with {ROLE_ENV}=rollout "
+                        "read the trainers' shards.") from None
     if int(os.environ.get("RANK", 0)) == 0:
         _TORCHRUN_LOCK = RunLock(cfg.training.output_dir).acquire()  # released by _exit
         note = _TORCHRUN_LOCK.stale_note()
