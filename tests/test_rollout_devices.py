@@ -54,6 +54,23 @@ def os_train(args: list[str], tag: str, timeout: float = 120, **env_extra: str) 
                           timeout=timeout)
 
 
+def start_past_step_1(args: list[str], tag: str, out: Path) -> subprocess.Popen:
+    """`os-train` in a session of its own, returned once it has logged step 1 to out/metrics.jsonl (so its
+    workers are all up); killed, with the test failed, if it exits or takes more than 90 s first."""
+    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 90
+    try:
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
+            time.sleep(0.2)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
+
+
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -148,15 +165,9 @@ def test_k_ahead_trains_two_workers_from_one_rollout_worker(tiny_model_dir, prom
 
 def test_a_killed_rollout_worker_ends_the_job(tiny_model_dir, prompts, tmp_path):
     tag, out = uuid.uuid4().hex, tmp_path / "killed"
-    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
-    proc = subprocess.Popen([sys.executable, "-c", CLI, *grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu",
-                                                                   "--max-steps", "500", "--rollout-devices", "cpu:1")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_past_step_1(grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu", "--max-steps", "500",
+                                       "--rollout-devices", "cpu:1"), tag, out)
     try:
-        deadline = time.monotonic() + 90
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
-            time.sleep(0.2)
         (victim,) = tagged_processes(tag, "OPENSLOTH_ROLLOUT_RANK=")
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
@@ -173,16 +184,10 @@ def test_a_killed_rollout_worker_ends_the_job(tiny_model_dir, prompts, tmp_path)
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues_with_rollout_workers(tiny_model_dir, prompts, tmp_path):
     tag, out = uuid.uuid4().hex, tmp_path / "stopped"
-    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
     args = grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu", "--rollout-devices", "cpu:1",
                      "--max-staleness", "1")
-    proc = subprocess.Popen([sys.executable, "-c", CLI, *args, "--max-steps", "500"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_past_step_1([*args, "--max-steps", "500"], tag, out)
     try:
-        deadline = time.monotonic() + 90
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
-            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)  # what the launcher does on Ctrl-C too
         _, err = proc.communicate(timeout=60)
     finally:
@@ -222,15 +227,9 @@ def test_a_hung_peer_ends_the_job_within_30_s(tiny_model_dir, prompts, tmp_path,
     """SIGSTOP (a process that no longer runs, as a hang holding the interpreter or a lost machine looks):
     the peers watching its heartbeat end the job, naming it, long before --collective-timeout (600 s)."""
     tag, out = uuid.uuid4().hex, tmp_path / f"hung_{victim}"
-    env = dict(os.environ, **{TAG_ENV: tag, "CUDA_VISIBLE_DEVICES": ""})
-    proc = subprocess.Popen([sys.executable, "-c", CLI, *grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu",
-                                                                   "--max-steps", "500", "--rollout-devices", "cpu:1")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_past_step_1(grpo_args(tiny_model_dir, prompts, out, "--devices", "cpu", "--max-steps", "500",
+                                       "--rollout-devices", "cpu:1"), tag, out)
     try:
-        deadline = time.monotonic() + 90
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-            assert proc.poll() is None and time.monotonic() < deadline, "the run never got to step 1"
-            time.sleep(0.2)
         rollout = tagged_processes(tag, "OPENSLOTH_ROLLOUT_RANK=")
         workers = tagged_processes(tag, "OPENSLOTH_ERROR_FILE=")
         (target,) = rollout if victim == "rollout" else sorted(set(workers) - set(rollout))

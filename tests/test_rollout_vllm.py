@@ -56,6 +56,15 @@ def test_kv_cache_bytes_counts_layers_heads_and_tokens():
 # ---------------------------------------------------------------- engine fixtures
 
 
+def write_sums(path):
+    """The 100 prompt-answer rows a+b= (a, b < 10) the CLI tests train on, as JSONL at `path`."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(10) for b in range(10)))
+    return path
+
+
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory):
     from opensloth.models.tiny import build_tiny_model
@@ -344,9 +353,7 @@ def test_grpo_cli_with_vllm_engine_raises_reward(vllm_model_dir, tmp_path):
     import subprocess
     import sys
 
-    data = tmp_path / "add.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                            for a in range(10) for b in range(10)))
+    data = write_sums(tmp_path / "add.jsonl")
     module = tmp_path / "letters.py"
     module.write_text(LETTERS_REWARD)
     out = tmp_path / "run"
@@ -395,9 +402,7 @@ def test_grpo_two_workers_with_vllm_engine(vllm_model_dir, tmp_path):
     import subprocess
     import sys
 
-    data = tmp_path / "add.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                            for a in range(10) for b in range(10)))
+    data = write_sums(tmp_path / "add.jsonl")
     out = tmp_path / "run"
     args = ["grpo", "--model", str(vllm_model_dir), "--dataset", str(data), "--format", "prompt-answer",
             "--output-dir", str(out), "--devices", "cpu:2", "--cache-dir", str(tmp_path / "cache"),
@@ -439,9 +444,7 @@ def test_rollout_worker_with_the_vllm_engine(vllm_model_dir, tmp_path):
     import subprocess
     import sys
 
-    data = tmp_path / "add.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                            for a in range(10) for b in range(10)))
+    data = write_sums(tmp_path / "add.jsonl")
     out = tmp_path / "run"
     args = ["grpo", "--model", str(vllm_model_dir), "--dataset", str(data), "--format", "prompt-answer",
             "--output-dir", str(out), "--devices", "cpu:2", "--rollout-devices", "cpu:1", "--max-staleness", "1",
